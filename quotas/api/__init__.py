@@ -1,0 +1,1 @@
+"""REST endpoints of the app (DRF): the caller's budget, the plans, a user's budget (staff)."""

@@ -1,0 +1,63 @@
+"""Budget endpoints. Thin: every figure comes from ``quotas.services``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.shortcuts import get_object_or_404
+from rest_framework import generics, permissions
+from rest_framework.exceptions import APIException
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from quotas import services
+from quotas.api.serializers import BudgetSerializer, PlanSerializer
+from quotas.exceptions import ConfigurationError
+from quotas.models import Plan
+
+__all__ = ["MyBudgetView", "PlanListView", "UserBudgetView"]
+
+
+class NoPlan(APIException):
+    status_code = 409
+    default_code = "no_plan"
+
+
+def _budget_response(user: Any) -> Response:
+    try:
+        budget = services.budget_for(user)
+    except ConfigurationError as exc:
+        raise NoPlan(str(exc)) from exc
+    return Response(BudgetSerializer(budget).data)
+
+
+class MyBudgetView(APIView):
+    """``GET me/``: the caller's plan, limit, usage and reset time."""
+
+    permission_classes = [permissions.IsAuthenticated]
+
+    def get(self, request: Request) -> Response:
+        return _budget_response(request.user)
+
+
+class UserBudgetView(APIView):
+    """``GET users/<id>/``: any user's budget, for staff only (others get 403)."""
+
+    permission_classes = [permissions.IsAdminUser]
+
+    def get(self, request: Request, user_id: int) -> Response:
+        user = get_object_or_404(get_user_model(), pk=user_id)
+        return _budget_response(user)
+
+
+class PlanListView(generics.ListAPIView):
+    """``GET plans/``: the active plans and their public limits."""
+
+    permission_classes = [permissions.AllowAny]
+    serializer_class = PlanSerializer
+    pagination_class = None
+
+    def get_queryset(self) -> Any:
+        return Plan.objects.active()

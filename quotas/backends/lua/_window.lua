@@ -1,0 +1,123 @@
+-- Shared helpers, prepended to every script of this folder when it is registered.
+--
+-- A window is one Redis hash per user and limit:
+--   <bucket index> -> tokens charged in that bucket (bucket index = floor(ms / bucket_ms))
+--   t   -> running total of the live buckets
+--   o   -> oldest bucket index that may still hold tokens (cursor for incremental expiry)
+--   n   -> newest bucket index charged
+-- The token window hash also holds:
+--   e   -> epoch: set when the window is created or rebuilt from the ledger; a window without
+--          one was never built (or Redis lost it), so the caller must rebuild it first
+--   cfg -> the user's limits "tokens,rpm,concurrency,max_per_request,plan_slug" (0 = none)
+--   rv  -> tokens held by reservations not yet settled
+-- Every script uses the Redis server clock (TIME) unless ARGV[1] overrides it (tests only).
+-- Common ARGV: [1] now ms override or "", [2] window ms, [3] bucket ms,
+--              [4] request window ms, [5] request bucket ms.
+-- Common KEYS: [1] token window hash, [2] request window hash, [3] pending zset
+--              (reservation id -> deadline ms), [4] reservations hash (id -> record),
+--              [5] expired outbox hash (id -> record).
+
+local function clock(override)
+  if override ~= '' then return tonumber(override) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Opens a window at `now`: drops the buckets that left it (amortised O(1): each bucket is
+-- dropped once, and the cursor never scans past the newest bucket charged).
+local function open_window(key, now, window_ms, bucket_ms)
+  local nb = math.floor(window_ms / bucket_ms)
+  local cur = math.floor(now / bucket_ms)
+  local w = {key = key, nb = nb, bms = bucket_ms, ttl = window_ms + bucket_ms,
+             cur = cur, first = cur - nb + 1}
+  local vals = redis.call('HMGET', key, 't', 'o', 'n')
+  local total = tonumber(vals[1]) or 0
+  local oldest = tonumber(vals[2])
+  w.newest = tonumber(vals[3])
+  if oldest and oldest < w.first then
+    local stop = w.first - 1
+    if w.newest and w.newest < stop then stop = w.newest end
+    for b = oldest, stop do
+      local v = redis.call('HGET', key, b)
+      if v then
+        total = total - tonumber(v)
+        redis.call('HDEL', key, b)
+      end
+    end
+    if total < 0 then total = 0 end
+    redis.call('HSET', key, 'o', w.first, 't', total)
+  end
+  w.total = total
+  return w
+end
+
+-- Adds tokens to the current bucket (negative amounts never take a bucket below zero).
+local function charge(w, tokens)
+  redis.call('HINCRBY', w.key, w.cur, tokens)
+  w.total = w.total + tokens
+  if not w.newest or w.newest < w.cur then w.newest = w.cur end
+  redis.call('HSET', w.key, 't', w.total, 'n', w.newest)
+  redis.call('HSETNX', w.key, 'o', w.first)
+  redis.call('PEXPIRE', w.key, w.ttl)
+end
+
+-- Milliseconds until `need` more fits under `limit`: the moment enough counted tokens have
+-- left the window. Bucket b is live while now < (b + nb) * bms.
+local function wait_ms(w, need, limit, now)
+  local excess = w.total + need - limit
+  if excess <= 0 then return 0 end
+  local last = w.newest or w.cur
+  local freed = 0
+  for b = w.first, last do
+    local v = tonumber(redis.call('HGET', w.key, b))
+    if v then
+      freed = freed + v
+      if freed >= excess then return (b + w.nb) * w.bms - now end
+    end
+  end
+  return (last + w.nb) * w.bms - now
+end
+
+-- Milliseconds until every counted token has left the window.
+local function reset_ms(w, now)
+  if w.total <= 0 or not w.newest then return 0 end
+  local ms = (w.newest + w.nb) * w.bms - now
+  if ms < 0 then return 0 end
+  return ms
+end
+
+local function parse_cfg(cfg)
+  local tokens, rpm, conc, cap, slug = string.match(cfg, '^(%d+),(%d+),(%d+),(%d+),(.*)$')
+  return {tokens = tonumber(tokens), rpm = tonumber(rpm), conc = tonumber(conc),
+          cap = tonumber(cap), slug = slug}
+end
+
+-- Loads the user's limits. When the caller passes them (ARGV cfg), stores them; when the
+-- window has no epoch, it was lost or never built: seed it from the ledger figures the caller
+-- passed (pairs of bucket index, tokens) and stamp the caller's new epoch.
+-- Returns the parsed config, or nil and whether the window has an epoch.
+local function load_cfg(key, now, window_ms, bucket_ms, cfg_arg, epoch_arg, seed_from)
+  if cfg_arg == '' then
+    local stored = redis.call('HGET', key, 'cfg')
+    if stored then return parse_cfg(stored) end
+    return nil, redis.call('HEXISTS', key, 'e')
+  end
+  if redis.call('HEXISTS', key, 'e') == 0 then
+    local first = math.floor(now / bucket_ms) - math.floor(window_ms / bucket_ms) + 1
+    local total, oldest, newest = 0, nil, nil
+    for i = seed_from, #ARGV, 2 do
+      local b, v = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+      if b >= first and v > 0 then
+        redis.call('HINCRBY', key, b, v)
+        total = total + v
+        if not oldest or b < oldest then oldest = b end
+        if not newest or b > newest then newest = b end
+      end
+    end
+    redis.call('HSET', key, 'e', epoch_arg, 't', total, 'o', oldest or first)
+    if newest then redis.call('HSET', key, 'n', newest) end
+  end
+  redis.call('HSET', key, 'cfg', cfg_arg)
+  redis.call('PEXPIRE', key, window_ms + bucket_ms)
+  return parse_cfg(cfg_arg)
+end

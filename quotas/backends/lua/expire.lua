@@ -1,0 +1,24 @@
+-- expire: move reservations whose deadline passed into the expired outbox. They stay charged
+-- at their estimate; their concurrency slot is released. The caller writes one ledger row per
+-- outbox entry and then deletes the entry (HDEL), so a crash in between loses nothing.
+-- KEYS and ARGV[1..5]: see _window.lua. ARGV[6] most reservations to move.
+-- Returns a flat list: id, record ("bucket:estimate:reserved at ms:model"), id, record, ...
+local now = clock(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
+local out = {}
+for _, rid in ipairs(ids) do
+  local rec = redis.call('HGET', KEYS[4], rid)
+  redis.call('ZREM', KEYS[3], rid)
+  if rec then
+    redis.call('HDEL', KEYS[4], rid)
+    redis.call('HSET', KEYS[5], rid, rec)
+    local estimate = tonumber(string.match(rec, '^%-?%d+:(%d+):'))
+    if redis.call('HINCRBY', KEYS[1], 'rv', -estimate) < 0 then
+      redis.call('HSET', KEYS[1], 'rv', 0)
+    end
+    out[#out + 1] = rid
+    out[#out + 1] = rec
+  end
+end
+if #out > 0 then redis.call('PEXPIRE', KEYS[5], 7 * 24 * 3600 * 1000) end
+return out

@@ -1,0 +1,63 @@
+-- reserve: check and charge every limit that applies, all or nothing.
+-- KEYS and ARGV[1..5]: see _window.lua.
+-- ARGV[6] reservation id, ARGV[7] tokens (integer >= 0), ARGV[8] reservation TTL ms,
+-- ARGV[9] config "tokens,rpm,concurrency,max_per_request,plan_slug" or "" (use the stored one),
+-- ARGV[10] epoch to stamp if the window is (re)built, ARGV[11] model name (kept with the
+-- reservation for its ledger row), ARGV[12..] seed pairs: bucket, tokens.
+-- Returns {status, limit, remaining, reset ms, retry-after ms, reserved, rpm limit,
+--          rpm remaining, epoch, plan slug, max per request, bucket index, now ms}
+-- status: 1 allowed; 0 over tokens; 2 over requests per minute; 3 over concurrency;
+--         4 over the per-request cap; 5 over the whole budget; 6 duplicate reservation id;
+--         -1 no config stored: {-1, window has epoch (1/0)}. Rejections charge nothing.
+local now = clock(ARGV[1])
+local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
+local rid, tokens, ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+local cfg, has_epoch = load_cfg(KEYS[1], now, window_ms, bucket_ms, ARGV[9], ARGV[10], 12)
+if not cfg then return {-1, has_epoch} end
+
+local w = open_window(KEYS[1], now, window_ms, bucket_ms)
+local q = nil
+local status, retry, rpm_remaining = 1, 0, -1
+if cfg.rpm > 0 then
+  q = open_window(KEYS[2], now, tonumber(ARGV[4]), tonumber(ARGV[5]))
+  rpm_remaining = cfg.rpm - q.total
+end
+
+if redis.call('HEXISTS', KEYS[4], rid) == 1 then
+  status = 6
+elseif cfg.cap > 0 and tokens > cfg.cap then
+  status = 4
+elseif tokens > cfg.tokens then
+  status = 5
+else
+  if w.total + tokens > cfg.tokens then
+    status = 0
+    retry = wait_ms(w, tokens, cfg.tokens, now)
+  end
+  if q and q.total + 1 > cfg.rpm then
+    if status == 1 then status = 2 end
+    retry = math.max(retry, wait_ms(q, 1, cfg.rpm, now))
+  end
+  if cfg.conc > 0 and redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') >= cfg.conc then
+    if status == 1 then status = 3 end
+    -- A slot frees when another request finishes, which no clock can tell: a short hint.
+    retry = math.max(retry, 1000)
+  end
+end
+
+local reserved = tonumber(redis.call('HGET', KEYS[1], 'rv')) or 0
+local epoch = redis.call('HGET', KEYS[1], 'e') or ''
+if status == 1 then
+  charge(w, tokens)
+  if q then
+    charge(q, 1)
+    rpm_remaining = rpm_remaining - 1
+  end
+  reserved = redis.call('HINCRBY', KEYS[1], 'rv', tokens)
+  redis.call('ZADD', KEYS[3], now + ttl, rid)
+  redis.call('HSET', KEYS[4], rid, w.cur .. ':' .. tokens .. ':' .. now .. ':' .. ARGV[11])
+  redis.call('PEXPIRE', KEYS[3], ttl + window_ms)
+  redis.call('PEXPIRE', KEYS[4], ttl + window_ms)
+end
+return {status, cfg.tokens, cfg.tokens - w.total, reset_ms(w, now), retry, reserved,
+        cfg.rpm, rpm_remaining, epoch, cfg.slug, cfg.cap, w.cur, now}

@@ -1,0 +1,63 @@
+-- settle: apply actual - estimate to the bucket the reservation was charged to, release its
+-- concurrency slot, forget it. Idempotent: an unknown reservation id changes nothing.
+-- KEYS and ARGV[1..5]: see _window.lua.
+-- ARGV[6] reservation id, ARGV[7] actual tokens (integer >= 0; -1: the estimate stands),
+-- ARGV[8] the epoch the reservation was made in ("" when unknown: never charge anew).
+-- Returns {status, tokens applied to the window, estimate, reserved at ms, limit, remaining,
+--          reset ms, actual tokens, model}
+-- status: 1 settled; 0 unknown id (already settled or expired); 2 the window was rebuilt
+-- since the reservation (Redis lost it): the actual usage is charged to the current bucket;
+-- 3 the window is not built yet: nothing charged, the ledger row will seed it.
+local now = clock(ARGV[1])
+local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
+local rid, actual = ARGV[6], tonumber(ARGV[7])
+local rec = redis.call('HGET', KEYS[4], rid)
+local w = open_window(KEYS[1], now, window_ms, bucket_ms)
+local cfg_raw = redis.call('HGET', KEYS[1], 'cfg')
+local limit = 0
+if cfg_raw then limit = parse_cfg(cfg_raw).tokens end
+
+if not rec then
+  -- Unknown id: a repeated settle (same epoch, or the caller does not know it) changes nothing.
+  -- Otherwise Redis lost the reservation; a known actual figure is still charged (status 2) or
+  -- left for the ledger row to seed the window when it is rebuilt (status 3).
+  local epoch = redis.call('HGET', KEYS[1], 'e')
+  local status = 0
+  if actual >= 0 and ARGV[8] ~= '' then
+    if not epoch then
+      status = 3
+    elseif epoch ~= ARGV[8] then
+      status = 2
+      charge(w, actual)
+    end
+  end
+  local charged = 0
+  if status == 2 then charged = actual end
+  return {status, charged, 0, now, limit, limit - w.total, reset_ms(w, now),
+          math.max(actual, 0), ''}
+end
+
+local bucket, estimate, created, model = string.match(rec, '^(%-?%d+):(%d+):(%d+):(.*)$')
+bucket, estimate, created = tonumber(bucket), tonumber(estimate), tonumber(created)
+if actual < 0 then actual = estimate end
+local applied = 0
+if bucket >= w.first then
+  -- A bucket still in the window takes the difference, so refunds and extra charges age out
+  -- when the original usage does. A bucket already gone takes nothing.
+  local before = tonumber(redis.call('HGET', KEYS[1], bucket)) or 0
+  local after = math.max(before + actual - estimate, 0)
+  applied = after - before
+  if after == 0 then
+    redis.call('HDEL', KEYS[1], bucket)
+  else
+    redis.call('HSET', KEYS[1], bucket, after)
+  end
+  w.total = math.max(w.total + applied, 0)
+  redis.call('HSET', KEYS[1], 't', w.total)
+end
+redis.call('HDEL', KEYS[4], rid)
+redis.call('ZREM', KEYS[3], rid)
+if redis.call('HINCRBY', KEYS[1], 'rv', -estimate) < 0 then
+  redis.call('HSET', KEYS[1], 'rv', 0)
+end
+return {1, applied, estimate, created, limit, limit - w.total, reset_ms(w, now), actual, model}

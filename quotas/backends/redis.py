@@ -1,0 +1,231 @@
+"""The Redis store of the sliding windows. Framework-free: give it a ``redis.Redis`` client.
+
+Every operation is one Lua script, one round trip, atomic. Every Redis error is raised as
+``quotas.exceptions.StoreUnavailable``, so the failure policy is decided in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, TypeVar
+
+from redis import Redis
+from redis.commands.core import Script
+from redis.exceptions import RedisError
+
+from quotas.core.types import Limits, ReserveResult, SettleResult, Snapshot, WindowSpec
+from quotas.exceptions import StoreUnavailable
+
+__all__ = ["ExpiredReservation", "RedisWindowStore"]
+
+T = TypeVar("T")
+KEY_SUFFIXES = ("w", "q", "p", "r", "x")
+
+
+@cache
+def script_source(name: str) -> str:
+    """The script's text with the shared helpers prepended (read once per process)."""
+    lua = resources.files("quotas.backends") / "lua"
+    return (lua / "_window.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True)
+class ExpiredReservation:
+    """A reservation that reached its TTL unsettled, waiting in the outbox for its ledger row."""
+
+    scope: str
+    reservation_id: str
+    bucket: int
+    estimate: int
+    reserved_at_ms: int
+    model: str
+
+
+class RedisWindowStore:
+    """Sliding-window token and request budgets, one hash of buckets per quota key."""
+
+    def __init__(self, client: Redis, *, prefix: str, spec: WindowSpec) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.spec = spec
+        self._scripts: dict[str, Script] = {}
+
+    # -- keys ----------------------------------------------------------------------------
+    def keys(self, scope: str) -> list[str]:
+        """All keys of one quota key; the ``{hash tag}`` keeps them in one cluster slot."""
+        return [f"{self.prefix}:{{{scope}}}:{suffix}" for suffix in KEY_SUFFIXES]
+
+    def _common(self, now_ms: int | None) -> list[Any]:
+        spec = self.spec
+        override = "" if now_ms is None else str(int(now_ms))
+        return [override, spec.window_ms, spec.bucket_ms, spec.rpm_window_ms, spec.rpm_bucket_ms]
+
+    def _run(self, name: str, scope: str, args: Sequence[Any], now_ms: int | None) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = self.client.register_script(script_source(name))
+        return self._call(script, keys=self.keys(scope), args=[*self._common(now_ms), *args])
+
+    @staticmethod
+    def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis error: {exc}") from exc
+
+    # -- operations ----------------------------------------------------------------------
+    def reserve(
+        self,
+        scope: str,
+        reservation_id: str,
+        tokens: int,
+        *,
+        ttl_ms: int,
+        limits: Limits | None = None,
+        epoch: str = "",
+        model: str = "",
+        seed: Sequence[tuple[int, int]] = (),
+        now_ms: int | None = None,
+    ) -> ReserveResult:
+        """Charge ``tokens`` (and one request) if every limit allows; else charge nothing.
+
+        Without ``limits`` the stored ones are used; when none are stored the result's status
+        is ``NEEDS_CONFIG`` and the caller retries with ``limits`` (plus ``epoch`` and ``seed``
+        when ``window_has_epoch`` is false: the window must be rebuilt from the ledger).
+        """
+        cfg = limits.encode() if limits else ""
+        pairs = [value for pair in seed for value in pair]
+        raw = self._run(
+            "reserve",
+            scope,
+            [reservation_id, int(tokens), ttl_ms, cfg, epoch, model, *pairs],
+            now_ms,
+        )
+        return ReserveResult.from_script(raw)
+
+    def settle(
+        self,
+        scope: str,
+        reservation_id: str,
+        actual_tokens: int | None,
+        *,
+        epoch: str,
+        now_ms: int | None = None,
+    ) -> SettleResult:
+        """Apply ``actual - estimate`` to the reservation's bucket; idempotent by id.
+
+        ``actual_tokens=None`` keeps the estimate. ``epoch=""`` (settling by id alone) never
+        charges a reservation Redis no longer knows.
+        """
+        actual = -1 if actual_tokens is None else int(actual_tokens)
+        raw = self._run("settle", scope, [reservation_id, actual, epoch], now_ms)
+        return SettleResult.from_script(raw)
+
+    def peek(
+        self,
+        scope: str,
+        *,
+        limits: Limits | None = None,
+        epoch: str = "",
+        seed: Sequence[tuple[int, int]] = (),
+        now_ms: int | None = None,
+    ) -> Snapshot | bool:
+        """The budget snapshot, or whether the window has an epoch when no config is stored."""
+        cfg = limits.encode() if limits else ""
+        pairs = [value for pair in seed for value in pair]
+        raw = self._run("peek", scope, [cfg, epoch, *pairs], now_ms)
+        if int(raw[0]) == -1:
+            return bool(int(raw[1]))
+        return Snapshot.from_script(raw)
+
+    def expire(
+        self, scope: str, *, batch: int = 500, now_ms: int | None = None
+    ) -> list[ExpiredReservation]:
+        """Move reservations past their deadline to the outbox and return the outbox."""
+        self._run("expire", scope, [batch], now_ms)
+        return self.expired_outbox(scope)
+
+    def expired_outbox(self, scope: str) -> list[ExpiredReservation]:
+        """Expired reservations whose ledger rows are not yet acknowledged."""
+        raw = self._call(self.client.hgetall, self.keys(scope)[4])
+        return [self._expired(scope, rid, rec) for rid, rec in raw.items()]
+
+    def ack_expired(self, scope: str, reservation_ids: Sequence[str]) -> None:
+        """Forget outbox entries once their ledger rows are written."""
+        if reservation_ids:
+            self._call(self.client.hdel, self.keys(scope)[4], *reservation_ids)
+
+    def reset(self, scope: str) -> None:
+        """Give the whole budget back now (keeps the epoch and the stored limits)."""
+        self._run("reset", scope, [], None)
+
+    def forget_limits(self, scopes: Sequence[str]) -> None:
+        """Drop stored limits so the next request reloads them from the database."""
+        pipe = self.client.pipeline(transaction=False)
+        for scope in scopes:
+            pipe.hdel(self.keys(scope)[0], "cfg")
+        self._call(pipe.execute)
+
+    def forget_all_limits(self, batch: int = 1000) -> int:
+        """Drop the stored limits of every quota key (a plan changed). Returns the keys seen."""
+        seen = 0
+        for chunk in self._chunks(self.iter_window_keys(), batch):
+            pipe = self.client.pipeline(transaction=False)
+            for key in chunk:
+                pipe.hdel(key, "cfg")
+            self._call(pipe.execute)
+            seen += len(chunk)
+        return seen
+
+    def iter_window_keys(self) -> Iterator[str]:
+        """Every token window hash, by SCAN (never KEYS): for background jobs only."""
+        pattern = f"{self.prefix}:{{*}}:w"
+        try:
+            for key in self.client.scan_iter(match=pattern, count=1000, _type="HASH"):
+                yield key.decode() if isinstance(key, bytes) else key
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis error: {exc}") from exc
+
+    def iter_scopes(self, suffix: str) -> Iterator[str]:
+        """Quota keys that have a key with this suffix (e.g. ``"p"``: pending reservations)."""
+        start, end = len(self.prefix) + 2, -(len(suffix) + 2)
+        pattern = f"{self.prefix}:{{*}}:{suffix}"
+        try:
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                text = key.decode() if isinstance(key, bytes) else key
+                yield text[start:end]
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis error: {exc}") from exc
+
+    def memory_usage(self, scope: str) -> int:
+        """Bytes Redis uses for every key of one quota key (``MEMORY USAGE``)."""
+        total = 0
+        for key in self.keys(scope):
+            total += self._call(self.client.memory_usage, key, samples=0) or 0
+        return total
+
+    def ping(self) -> bool:
+        return bool(self._call(self.client.ping))
+
+    @staticmethod
+    def _expired(scope: str, rid: bytes | str, rec: bytes | str) -> ExpiredReservation:
+        rid_text = rid.decode() if isinstance(rid, bytes) else rid
+        text = rec.decode() if isinstance(rec, bytes) else rec
+        bucket, estimate, reserved_at, model = text.split(":", 3)
+        return ExpiredReservation(
+            scope, rid_text, int(bucket), int(estimate), int(reserved_at), model
+        )
+
+    @staticmethod
+    def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
+        chunk: list[str] = []
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk

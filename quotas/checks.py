@@ -1,0 +1,96 @@
+"""System checks for misconfiguration, with stable ids.
+
+quotas.E001  QUOTAS["CACHE_ALIAS"] names no cache in CACHES.
+quotas.E002  That cache is not a django-redis cache (the windows need shared, atomic Redis).
+quotas.E003  WINDOW_SECONDS / BUCKET_SECONDS / RPM_BUCKET_SECONDS are not a valid geometry.
+quotas.E004  FAILURE_POLICY is neither "open" nor "closed".
+quotas.E005  A numeric setting is out of range.
+quotas.E006  Unknown keys in QUOTAS (likely a typo).
+quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
+             reservations are never settled and are charged at their estimate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+
+from quotas.conf import DEFAULTS, quota_settings
+from quotas.core.types import WindowSpec
+
+E001_MSG = "QUOTAS['CACHE_ALIAS'] = {alias!r} is not a cache in CACHES."
+E001_HINT = "Add a django-redis cache under that alias, or point CACHE_ALIAS at one."
+E002_MSG = "The cache {alias!r} ({backend}) is not a django-redis cache."
+E002_HINT = (
+    "Quota windows must live in one Redis shared by every process; use "
+    "'django_redis.cache.RedisCache'."
+)
+E003_HINT = "Use e.g. WINDOW_SECONDS=3600, BUCKET_SECONDS=60, RPM_BUCKET_SECONDS=1."
+E004_MSG = "QUOTAS['FAILURE_POLICY'] must be 'open' or 'closed', not {value!r}."
+E005_MSG = "QUOTAS[{key!r}] must be {rule}, not {value!r}."
+E006_MSG = "Unknown QUOTAS settings: {keys}."
+E006_HINT = "The known settings are listed in the README's settings reference."
+W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
+W001_HINT = (
+    "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
+    "the actual usage; without it every request is charged its full estimate when it expires."
+)
+
+NUMERIC_RULES: dict[str, tuple[str, Any]] = {
+    "RESERVATION_TTL_SECONDS": ("a positive number", lambda v: v > 0),
+    "BREAKER_FAILURES": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "BREAKER_RESET_SECONDS": ("a positive number", lambda v: v > 0),
+    "ALERT_THRESHOLD": ("a number between 0 and 1", lambda v: 0 <= v <= 1),
+    "DEFAULT_OUTPUT_TOKENS": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "MAX_BODY_BYTES": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+}
+
+
+@register(Tags.caches, "quotas")
+def check_cache(**kwargs: Any) -> list[CheckMessage]:
+    alias = quota_settings.CACHE_ALIAS
+    cache = settings.CACHES.get(alias)
+    if cache is None:
+        return [Error(E001_MSG.format(alias=alias), hint=E001_HINT, id="quotas.E001")]
+    backend = cache.get("BACKEND", "")
+    if not backend.startswith("django_redis."):
+        msg = E002_MSG.format(alias=alias, backend=backend)
+        return [Error(msg, hint=E002_HINT, id="quotas.E002")]
+    return []
+
+
+@register("quotas")
+def check_settings(**kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    values = quota_settings.as_dict()
+    try:
+        WindowSpec.from_seconds(
+            values["WINDOW_SECONDS"], values["BUCKET_SECONDS"], values["RPM_BUCKET_SECONDS"]
+        )
+    except (TypeError, ValueError) as exc:
+        errors.append(Error(str(exc), hint=E003_HINT, id="quotas.E003"))
+    if values["FAILURE_POLICY"] not in ("open", "closed"):
+        msg = E004_MSG.format(value=values["FAILURE_POLICY"])
+        errors.append(Error(msg, id="quotas.E004"))
+    for key, (rule, ok) in NUMERIC_RULES.items():
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+            msg = E005_MSG.format(key=key, rule=rule, value=value)
+            errors.append(Error(msg, id="quotas.E005"))
+    unknown = sorted(set(quota_settings.user_settings) - set(DEFAULTS))
+    if unknown:
+        msg = E006_MSG.format(keys=", ".join(unknown))
+        errors.append(Error(msg, hint=E006_HINT, id="quotas.E006"))
+    return errors
+
+
+@register("quotas")
+def check_middleware(**kwargs: Any) -> list[CheckMessage]:
+    rest = getattr(settings, "REST_FRAMEWORK", {}) or {}
+    throttles = rest.get("DEFAULT_THROTTLE_CLASSES", [])
+    uses_throttle = any("TokenQuotaThrottle" in str(path) for path in throttles)
+    if uses_throttle and "quotas.middleware.QuotaMiddleware" not in settings.MIDDLEWARE:
+        return [Warning(W001_MSG, hint=W001_HINT, id="quotas.W001")]
+    return []

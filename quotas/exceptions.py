@@ -1,0 +1,64 @@
+"""Exceptions raised by the quota engine. Framework-free: no Django, DRF or Celery."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "QuotaError",
+    "QuotaExceeded",
+    "RequestTooLarge",
+    "StoreUnavailable",
+]
+
+
+class QuotaError(Exception):
+    """Base class of every error this app raises."""
+
+
+class QuotaExceeded(QuotaError):
+    """The request fits the plan but not right now: retry after ``retry_after`` seconds.
+
+    ``limit`` and ``remaining`` are token figures for the window that refused; ``scope`` says
+    which limit refused (``"tokens"``, ``"requests"`` or ``"concurrency"``).
+    """
+
+    def __init__(
+        self,
+        *,
+        limit: int,
+        remaining: int,
+        requested: int,
+        retry_after: float,
+        scope: str = "tokens",
+        reset_seconds: float = 0.0,
+    ) -> None:
+        self.limit = limit
+        self.remaining = remaining
+        self.requested = requested
+        self.retry_after = retry_after
+        self.scope = scope
+        self.reset_seconds = reset_seconds
+        super().__init__(
+            f"Rate limit exceeded for {scope}: requested {requested}, "
+            f"{remaining} of {limit} remaining; retry after {retry_after:.3f}s."
+        )
+
+
+class RequestTooLarge(QuotaError):
+    """The request can never fit: it is over the per-request cap or over the whole budget."""
+
+    def __init__(self, *, limit: int, requested: int, reason: str) -> None:
+        self.limit = limit
+        self.requested = requested
+        self.reason = reason
+        super().__init__(
+            f"Request too large: {requested} tokens requested, {reason} is {limit} tokens."
+        )
+
+
+class StoreUnavailable(QuotaError):
+    """The quota store (Redis) could not be reached or answered with an error."""
+
+
+class ConfigurationError(QuotaError):
+    """The quota configuration cannot decide for this user (e.g. no plan and no default plan)."""

@@ -1,0 +1,552 @@
+"""The public Python API: ``reserve``, ``settle``, ``refund``, ``budget_for``.
+
+Host code that calls an LLM outside a view (a Celery task, a script) uses these directly::
+
+    reservation = services.reserve(user, estimate.total, model="gpt-4o")
+    response = call_llm(...)
+    services.settle(reservation, prompt_tokens=..., completion_tokens=...)
+
+Steady state: one Redis round trip and no database query per ``reserve``. The user's limits
+live in their window hash; a plan or quota edit drops them, and the next request reloads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+from django.db import transaction
+from django.db.models import Sum
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from quotas.conf import quota_settings
+from quotas.core.breaker import BreakerState, CircuitBreaker
+from quotas.core.estimate import Estimate
+from quotas.core.types import Limits, ReserveResult, ReserveStatus, Snapshot, WindowSpec
+from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
+from quotas.models import Plan, UsageRecord, UserQuota
+from quotas.signals import budget_threshold_crossed, quota_exceeded, usage_settled
+
+__all__ = [
+    "Reservation",
+    "budget_for",
+    "estimate",
+    "get_store",
+    "limits_for",
+    "refund",
+    "reserve",
+    "reset_window",
+    "settle",
+]
+
+logger = logging.getLogger("quotas")
+
+User = AbstractBaseUser | AnonymousUser
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Tokens held for one request until it is settled.
+
+    ``remaining`` and ``reset_seconds`` describe the user's budget right after this
+    reservation; ``degraded`` is true when Redis was unavailable and the request was let
+    through under the fail-open policy (its usage still goes to the ledger).
+    """
+
+    id: str
+    scope: str
+    user_id: int | None
+    model: str
+    estimated_tokens: int
+    limit: int
+    remaining: int
+    reset_seconds: float
+    reserved_at_ms: int
+    epoch: str = ""
+    requests_limit: int = 0
+    requests_remaining: int = -1
+    plan_slug: str = ""
+    degraded: bool = False
+
+
+# -- runtime: the store and the breaker, one per process ----------------------------------
+_runtime: dict[str, Any] = {}
+
+
+def reset_runtime() -> None:
+    """Forget the per-process store and breaker (settings changed)."""
+    _runtime.clear()
+
+
+def window_spec() -> WindowSpec:
+    return WindowSpec.from_seconds(
+        quota_settings.WINDOW_SECONDS, quota_settings.BUCKET_SECONDS,
+        quota_settings.RPM_BUCKET_SECONDS,
+    )
+
+
+def get_store() -> Any:
+    """The process's ``RedisWindowStore`` on the configured django-redis alias."""
+    store = _runtime.get("store")
+    if store is None:
+        from django_redis import get_redis_connection
+
+        from quotas.backends.redis import RedisWindowStore
+
+        client = get_redis_connection(quota_settings.CACHE_ALIAS)
+        store = RedisWindowStore(client, prefix=quota_settings.KEY_PREFIX, spec=window_spec())
+        _runtime["store"] = store
+    return store
+
+
+def get_breaker() -> CircuitBreaker:
+    breaker = _runtime.get("breaker")
+    if breaker is None:
+        breaker = _runtime["breaker"] = CircuitBreaker(
+            failures=quota_settings.BREAKER_FAILURES,
+            reset_after=quota_settings.BREAKER_RESET_SECONDS,
+            on_change=_log_breaker_change,
+        )
+    return breaker
+
+
+def _log_breaker_change(old: BreakerState, new: BreakerState) -> None:
+    # One line per state change, not one per request.
+    log = logger.info if new is BreakerState.CLOSED else logger.warning
+    log("quotas: Redis circuit breaker %s -> %s", old.value, new.value)
+
+
+def _guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call the store through the breaker; an open breaker fails at once."""
+    breaker = get_breaker()
+    if not breaker.allow():
+        raise StoreUnavailable("Redis circuit breaker is open.")
+    try:
+        result = fn(*args, **kwargs)
+    except StoreUnavailable:
+        breaker.record_failure()
+        raise
+    breaker.record_success()
+    return result
+
+
+# -- who and how much -----------------------------------------------------------------------
+def scope_for(user: User | None, client_address: str | None = None) -> str:
+    """The quota key: the user's primary key, or ``anon-<address>`` for anonymous clients."""
+    if user is not None and user.is_authenticated:
+        return str(user.pk)
+    if not client_address:
+        raise ConfigurationError("An anonymous request needs a client address for its quota.")
+    return f"anon-{client_address}"
+
+
+def _limits_from_plan(plan: Plan, override: int | None = None) -> Limits:
+    return Limits(
+        tokens_per_window=override or plan.tokens_per_hour,
+        plan_slug=plan.slug,
+        plan_name=plan.name,
+        max_tokens_per_request=plan.max_tokens_per_request,
+        requests_per_minute=plan.requests_per_minute,
+        max_concurrent_requests=plan.max_concurrent_requests,
+        default_output_tokens=plan.default_output_tokens,
+    )
+
+
+def limits_for(user: User | None) -> Limits:
+    """Effective limits: the user's override, else their plan, else the default plan.
+
+    Raises ``ConfigurationError`` when no plan applies (never a silent "unlimited").
+    """
+    if user is None or not user.is_authenticated:
+        return _anonymous_limits()
+    quota = UserQuota.objects.select_related("plan").filter(user_id=user.pk).first()
+    plan = quota.plan if quota and quota.plan and quota.plan.is_active else None
+    plan = plan or Plan.objects.filter(is_default=True, is_active=True).first()
+    if plan is None:
+        raise ConfigurationError(
+            f"User {user.pk} has no plan and no default plan is set: mark one active plan "
+            "as the default, or give the user a plan."
+        )
+    return _limits_from_plan(plan, quota.tokens_per_hour_override if quota else None)
+
+
+def _anonymous_limits() -> Limits:
+    slug = quota_settings.ANONYMOUS_PLAN
+    plan = Plan.objects.filter(slug=slug, is_active=True).first() if slug else None
+    if plan is None:
+        raise ConfigurationError(
+            f"QUOTAS['ANONYMOUS_PLAN'] names no active plan ({slug!r})."
+        )
+    return _limits_from_plan(plan)
+
+
+def estimate(body: Any, user: User | None = None, *, limits: Limits | None = None) -> Estimate:
+    """Estimate a request body with the configured estimator (``QUOTAS["ESTIMATOR"]``).
+
+    The output allowance for bodies that name no ``max_tokens`` is the plan's default when
+    ``limits`` are given, else ``QUOTAS["DEFAULT_OUTPUT_TOKENS"]``.
+    """
+    estimator = import_string(quota_settings.ESTIMATOR)
+    default_output = limits.default_output_tokens if limits else None
+    return estimator(
+        body,
+        default_output_tokens=default_output or quota_settings.DEFAULT_OUTPUT_TOKENS,
+        fallback_encoding=quota_settings.FALLBACK_ENCODING,
+        allow_download=quota_settings.ALLOW_ENCODING_DOWNLOAD,
+    )
+
+
+def ledger_seed(scope: str, spec: WindowSpec, now_ms: int) -> list[tuple[int, int]]:
+    """Tokens per bucket over the last window, from the ledger (to rebuild a lost window)."""
+    since = datetime.fromtimestamp((now_ms - spec.window_ms) / 1000, tz=UTC)
+    totals: dict[int, int] = {}
+    rows = UsageRecord.objects.filter(scope=scope, created_at__gt=since)
+    for created_at, tokens in rows.values_list("created_at", "actual_tokens").iterator():
+        bucket = spec.bucket_of(int(created_at.timestamp() * 1000))
+        totals[bucket] = totals.get(bucket, 0) + tokens
+    return sorted(totals.items())
+
+
+def _now_ms() -> int:
+    return int(timezone.now().timestamp() * 1000)
+
+
+# -- reserve --------------------------------------------------------------------------------
+def reserve(
+    user: User | None,
+    tokens: int,
+    *,
+    model: str = "",
+    request_id: str | None = None,
+    client_address: str | None = None,
+) -> Reservation:
+    """Hold ``tokens`` of the user's budget for one LLM call, atomically across every limit.
+
+    Raises ``QuotaExceeded`` (retry later), ``RequestTooLarge`` (never fits), or
+    ``StoreUnavailable`` when Redis is down and ``QUOTAS["FAILURE_POLICY"]`` is ``"closed"``.
+    """
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}.")
+    scope = scope_for(user, client_address)
+    rid = f"{scope}/{request_id or uuid.uuid4().hex}"
+    try:
+        result = _guarded(_reserve_in_store, user, scope, rid, tokens, model)
+    except StoreUnavailable:
+        if quota_settings.FAILURE_POLICY == "closed":
+            raise
+        return _degraded_reservation(user, scope, rid, tokens, model)
+    return _decide(user, scope, rid, tokens, model, result)
+
+
+def _reserve_in_store(
+    user: User | None, scope: str, rid: str, tokens: int, model: str
+) -> ReserveResult:
+    store = get_store()
+    ttl_ms = int(quota_settings.RESERVATION_TTL_SECONDS * 1000)
+    result = store.reserve(scope, rid, tokens, ttl_ms=ttl_ms, model=model)
+    if result.status is ReserveStatus.NEEDS_CONFIG:
+        # Limits not cached (first request, or a plan changed), maybe the window is lost too.
+        limits, seed, epoch = _config_for(user, scope, rebuild=not result.window_has_epoch)
+        result = store.reserve(scope, rid, tokens, ttl_ms=ttl_ms, limits=limits, epoch=epoch,
+                               model=model, seed=seed)
+    return result
+
+
+def _config_for(
+    user: User | None, scope: str, *, rebuild: bool
+) -> tuple[Limits, list[tuple[int, int]], str]:
+    limits = limits_for(user)
+    seed = ledger_seed(scope, window_spec(), _now_ms()) if rebuild else []
+    if rebuild and seed:
+        logger.info("quotas: rebuilt the window of %s from the ledger", scope)
+    return limits, seed, uuid.uuid4().hex[:8]
+
+
+def _decide(
+    user: User | None, scope: str, rid: str, tokens: int, model: str, result: ReserveResult
+) -> Reservation:
+    if result.status is ReserveStatus.ALLOWED:
+        _maybe_alert(user, scope, tokens, result)
+        return Reservation(
+            id=rid, scope=scope, user_id=_user_id(user), model=model, estimated_tokens=tokens,
+            limit=result.limit, remaining=result.remaining, reset_seconds=result.reset_seconds,
+            reserved_at_ms=result.now_ms, epoch=result.epoch,
+            requests_limit=result.requests_limit, requests_remaining=result.requests_remaining,
+            plan_slug=result.plan_slug,
+        )
+    if result.status is ReserveStatus.DUPLICATE_ID:
+        raise ValueError(f"Reservation {rid!r} already exists: request ids must be unique.")
+    exc = _rejection(tokens, result)
+    quota_exceeded.send(sender=Reservation, user=user, scope=scope, exception=exc)
+    raise exc
+
+
+def _rejection(tokens: int, result: ReserveResult) -> QuotaExceeded | RequestTooLarge:
+    if result.status is ReserveStatus.OVER_REQUEST_CAP:
+        return RequestTooLarge(limit=result.max_tokens_per_request, requested=tokens,
+                               reason="the per-request cap")
+    if result.status is ReserveStatus.OVER_BUDGET:
+        return RequestTooLarge(limit=result.limit, requested=tokens,
+                               reason="the whole budget")
+    scope = {ReserveStatus.OVER_REQUESTS: "requests",
+             ReserveStatus.OVER_CONCURRENCY: "concurrency"}.get(result.status, "tokens")
+    return QuotaExceeded(limit=result.limit, remaining=max(result.remaining, 0),
+                         requested=tokens, retry_after=result.retry_after, scope=scope,
+                         reset_seconds=result.reset_seconds)
+
+
+def _maybe_alert(user: User | None, scope: str, tokens: int, result: ReserveResult) -> None:
+    threshold = quota_settings.ALERT_THRESHOLD
+    used = result.limit - result.remaining
+    mark = threshold * result.limit
+    if threshold and used - tokens < mark <= used:
+        budget_threshold_crossed.send(sender=Reservation, user=user, scope=scope, used=used,
+                                      limit=result.limit, threshold=threshold)
+
+
+def _degraded_reservation(
+    user: User | None, scope: str, rid: str, tokens: int, model: str
+) -> Reservation:
+    """Fail-open: serve without Redis. The per-request cap still holds (it needs no Redis)."""
+    limits = limits_for(user)
+    cap = limits.max_tokens_per_request
+    if cap and tokens > cap:
+        raise RequestTooLarge(limit=cap, requested=tokens, reason="the per-request cap")
+    if tokens > limits.tokens_per_window:
+        raise RequestTooLarge(limit=limits.tokens_per_window, requested=tokens,
+                              reason="the whole budget")
+    return Reservation(
+        id=rid, scope=scope, user_id=_user_id(user), model=model, estimated_tokens=tokens,
+        limit=limits.tokens_per_window, remaining=limits.tokens_per_window, reset_seconds=0.0,
+        reserved_at_ms=_now_ms(), plan_slug=limits.plan_slug, degraded=True,
+    )
+
+
+def _user_id(user: User | None) -> int | None:
+    return user.pk if user is not None and user.is_authenticated else None
+
+
+# -- settle ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settlement:
+    """What a settle did. ``settled_now`` is false for a repeated settle (nothing changed);
+    ``remaining`` is ``None`` when Redis could not be reached (the ledger still has the row)."""
+
+    reservation_id: str
+    estimated_tokens: int
+    actual_tokens: int
+    applied_tokens: int
+    settled_now: bool
+    remaining: int | None
+
+
+def settle(
+    reservation_or_id: Reservation | str,
+    *,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    total_tokens: int | None = None,
+    status: str = UsageRecord.Status.SETTLED,
+) -> Settlement:
+    """Replace the estimate with the actual usage; idempotent by reservation id.
+
+    Give ``total_tokens``, or ``prompt_tokens`` and/or ``completion_tokens``; with none of
+    them the estimate stands. The difference goes to the bucket the reservation was charged
+    to. The ledger row is written by a Celery task after the current transaction commits (or
+    directly when the broker cannot take it).
+    """
+    reservation = _as_reservation(reservation_or_id)
+    actual = _actual_tokens(prompt_tokens, completion_tokens, total_tokens)
+    if reservation.degraded:
+        status = UsageRecord.Status.DEGRADED
+        outcome = Settlement(reservation.id, reservation.estimated_tokens,
+                             reservation.estimated_tokens if actual is None else actual, 0,
+                             True, None)
+    else:
+        outcome, reservation = _settle_in_store(reservation, actual)
+    if outcome.settled_now:
+        send_to_ledger(usage_payload(reservation, outcome.actual_tokens, prompt_tokens,
+                                     completion_tokens, status))
+        usage_settled.send(sender=Reservation, user_id=reservation.user_id,
+                           scope=reservation.scope, reservation_id=reservation.id,
+                           estimated_tokens=outcome.estimated_tokens,
+                           actual_tokens=outcome.actual_tokens)
+    return outcome
+
+
+def refund(reservation_or_id: Reservation | str) -> Settlement:
+    """Give back the whole reservation: the LLM call failed and nothing was used."""
+    return settle(reservation_or_id, total_tokens=0, status=UsageRecord.Status.REFUNDED)
+
+
+def _settle_in_store(
+    reservation: Reservation, actual: int | None
+) -> tuple[Settlement, Reservation]:
+    try:
+        result = _guarded(get_store().settle, reservation.scope, reservation.id, actual,
+                          epoch=reservation.epoch)
+    except StoreUnavailable:
+        # The ledger row is still written; the window keeps the estimate until the audit
+        # task repairs it or it ages out.
+        logger.warning("quotas: Redis unavailable while settling %s; ledger only",
+                       reservation.id)
+        used = reservation.estimated_tokens if actual is None else actual
+        return Settlement(reservation.id, reservation.estimated_tokens, used, 0, True,
+                          None), reservation
+    if result.status == 1:
+        # Redis knows the reservation best (settling by id alone knows nothing else).
+        reservation = replace(reservation, estimated_tokens=result.estimate,
+                              reserved_at_ms=result.reserved_at_ms,
+                              model=reservation.model or result.model)
+    outcome = Settlement(reservation.id, reservation.estimated_tokens, result.actual,
+                         result.applied, result.settled_now, result.remaining)
+    return outcome, reservation
+
+
+def _as_reservation(reservation_or_id: Reservation | str) -> Reservation:
+    if isinstance(reservation_or_id, Reservation):
+        return reservation_or_id
+    scope, sep, _ = str(reservation_or_id).partition("/")
+    if not sep or not scope:
+        raise ValueError(f"Not a reservation id: {reservation_or_id!r}.")
+    # Settling by id alone: Redis holds the estimate, bucket and model. An empty epoch tells
+    # the script never to charge an id it does not know.
+    return Reservation(id=str(reservation_or_id), scope=scope,
+                       user_id=int(scope) if scope.isdigit() else None, model="",
+                       estimated_tokens=0, limit=0, remaining=0, reset_seconds=0.0,
+                       reserved_at_ms=_now_ms())
+
+
+def _actual_tokens(prompt: int | None, completion: int | None, total: int | None) -> int | None:
+    for name, value in (("prompt_tokens", prompt), ("completion_tokens", completion),
+                        ("total_tokens", total)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+    if total is not None:
+        return total
+    if prompt is not None or completion is not None:
+        return (prompt or 0) + (completion or 0)
+    return None
+
+
+# -- the ledger -----------------------------------------------------------------------------
+def usage_payload(
+    reservation: Reservation, actual: int, prompt: int | None, completion: int | None,
+    status: str,
+) -> dict[str, Any]:
+    """The primitives a ledger row is made from (what the Celery task receives)."""
+    return {
+        "request_id": reservation.id,
+        "scope": reservation.scope,
+        "user_id": reservation.user_id,
+        "model": reservation.model,
+        "estimated_tokens": reservation.estimated_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "actual_tokens": actual,
+        "status": str(status),
+        "reserved_at_ms": reservation.reserved_at_ms,
+        "settled_at_ms": _now_ms(),
+    }
+
+
+def record_usage(payload: dict[str, Any]) -> bool:
+    """Write one ledger row; a repeated payload (same ``request_id``) changes nothing.
+
+    Returns whether a row was created.
+    """
+    defaults = dict(payload)
+    request_id = defaults.pop("request_id")
+    reserved_at = defaults.pop("reserved_at_ms")
+    settled_at = defaults.pop("settled_at_ms", None)
+    defaults["created_at"] = datetime.fromtimestamp(reserved_at / 1000, tz=UTC)
+    defaults["settled_at"] = (
+        datetime.fromtimestamp(settled_at / 1000, tz=UTC) if settled_at else None
+    )
+    _, created = UsageRecord.objects.get_or_create(request_id=request_id, defaults=defaults)
+    return created
+
+
+def send_to_ledger(payload: dict[str, Any]) -> None:
+    """Queue the ledger row after the current transaction commits; write it directly when the
+    broker cannot take the task, so no usage is ever lost."""
+    transaction.on_commit(lambda: _enqueue_or_write(payload))
+
+
+def _enqueue_or_write(payload: dict[str, Any]) -> None:
+    from quotas.tasks import record_usage_task
+
+    try:
+        record_usage_task.apply_async(args=[payload], retry=False)
+    except Exception:  # the broker is down or refused: write the row ourselves
+        logger.warning("quotas: broker unavailable; writing usage %s directly",
+                       payload["request_id"])
+        record_usage(payload)
+
+
+# -- snapshots and admin actions ------------------------------------------------------------
+def budget_for(user: User) -> dict[str, Any]:
+    """The caller's budget as ``GET /quotas/me/`` shows it (``used`` includes ``reserved``)."""
+    limits = limits_for(user)
+    scope = scope_for(user)
+    try:
+        snapshot = _guarded(_peek, user, scope, limits)
+    except StoreUnavailable:
+        return _budget_dict(limits, None)
+    return _budget_dict(limits, snapshot)
+
+
+def _peek(user: User, scope: str, limits: Limits) -> Snapshot:
+    store = get_store()
+    snapshot = store.peek(scope)
+    if isinstance(snapshot, Snapshot) and snapshot.plan_slug == limits.plan_slug:
+        return snapshot
+    rebuild = snapshot is False
+    _, seed, epoch = _config_for(user, scope, rebuild=rebuild) if rebuild else (None, [], "")
+    result = store.peek(scope, limits=limits, epoch=epoch or uuid.uuid4().hex[:8], seed=seed)
+    assert isinstance(result, Snapshot)
+    return result
+
+
+def _budget_dict(limits: Limits, snapshot: Snapshot | None) -> dict[str, Any]:
+    spec = window_spec()
+    base = {
+        "plan": {"slug": limits.plan_slug, "name": limits.plan_name},
+        "window_seconds": spec.window_seconds,
+        "limit": limits.tokens_per_window,
+        "max_tokens_per_request": limits.max_tokens_per_request,
+        "requests_per_minute": limits.requests_per_minute,
+        "max_concurrent_requests": limits.max_concurrent_requests,
+    }
+    if snapshot is None:
+        return {**base, "used": None, "reserved": None, "remaining": None,
+                "reset_seconds": None, "requests_used": None, "in_flight": None,
+                "degraded": True}
+    return {**base, "used": snapshot.used, "reserved": snapshot.reserved,
+            "remaining": snapshot.remaining, "reset_seconds": snapshot.reset_seconds,
+            "requests_used": snapshot.requests_used if limits.requests_per_minute else None,
+            "in_flight": snapshot.in_flight, "degraded": False}
+
+
+def reset_window(user: User) -> None:
+    """Give the user's whole budget back now (admin action)."""
+    get_store().reset(scope_for(user))
+
+
+def forget_limits_of(user_ids: list[int] | None) -> None:
+    """Make the next request of these users (all users when ``None``) reload their limits."""
+    try:
+        store = get_store()
+        if user_ids is None:
+            store.forget_all_limits()
+        else:
+            store.forget_limits([str(pk) for pk in user_ids])
+    except StoreUnavailable:
+        logger.warning("quotas: Redis unavailable; limits will reload when their keys expire")

@@ -1,0 +1,13 @@
+"""URLs of the app; a host mounts them with ``path("quotas/", include("quotas.urls"))``."""
+
+from django.urls import path
+
+from quotas.api.views import MyBudgetView, PlanListView, UserBudgetView
+
+app_name = "quotas"
+
+urlpatterns = [
+    path("me/", MyBudgetView.as_view(), name="me"),
+    path("plans/", PlanListView.as_view(), name="plans"),
+    path("users/<int:user_id>/", UserBudgetView.as_view(), name="user-budget"),
+]
