@@ -43,7 +43,6 @@ NUMERIC_RULES: dict[str, tuple[str, Any]] = {
     "BREAKER_FAILURES": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
     "BREAKER_RESET_SECONDS": ("a positive number", lambda v: v > 0),
     "ALERT_THRESHOLD": ("a number between 0 and 1", lambda v: 0 <= v <= 1),
-    "DEFAULT_OUTPUT_TOKENS": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
     "MAX_BODY_BYTES": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
 }
 

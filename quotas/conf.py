@@ -41,8 +41,6 @@ DEFAULTS: dict[str, Any] = {
     # Let tiktoken download encodings that are not available locally (off: never reach the
     # network from a request).
     "ALLOW_ENCODING_DOWNLOAD": False,
-    # Output allowance when the request names none and no plan says otherwise.
-    "DEFAULT_OUTPUT_TOKENS": 256,
     # Response header families: "seed" (X-RateLimit-*), "openai" (x-ratelimit-*-tokens),
     # "ietf" (RateLimit-Policy / RateLimit).
     "HEADERS": ("seed", "openai", "ietf"),

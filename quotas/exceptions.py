@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from quotas.core.types import QuotaState
+
 __all__ = [
     "ConfigurationError",
     "QuotaError",
@@ -31,8 +36,10 @@ class QuotaExceeded(QuotaError):
         retry_after: float,
         scope: str = "tokens",
         reset_seconds: float = 0.0,
+        state: QuotaState | None = None,
     ) -> None:
         self.limit = limit
+        self.state = state
         self.remaining = remaining
         self.requested = requested
         self.retry_after = retry_after
@@ -47,8 +54,11 @@ class QuotaExceeded(QuotaError):
 class RequestTooLarge(QuotaError):
     """The request can never fit: it is over the per-request cap or over the whole budget."""
 
-    def __init__(self, *, limit: int, requested: int, reason: str) -> None:
+    def __init__(
+        self, *, limit: int, requested: int, reason: str, state: QuotaState | None = None
+    ) -> None:
         self.limit = limit
+        self.state = state
         self.requested = requested
         self.reason = reason
         super().__init__(

@@ -55,7 +55,10 @@ class Plan(models.Model):
             ),
             models.CheckConstraint(
                 condition=Q(max_tokens_per_request__isnull=True)
-                | Q(max_tokens_per_request__gte=1, max_tokens_per_request__lte=F("tokens_per_hour")),
+                | Q(
+                    max_tokens_per_request__gte=1,
+                    max_tokens_per_request__lte=F("tokens_per_hour"),
+                ),
                 name="quotas_plan_request_cap_within_budget",
             ),
             models.CheckConstraint(

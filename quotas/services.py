@@ -14,21 +14,27 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
 from django.db import transaction
-from django.db.models import Sum
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from quotas.conf import quota_settings
 from quotas.core.breaker import BreakerState, CircuitBreaker
 from quotas.core.estimate import Estimate
-from quotas.core.types import Limits, ReserveResult, ReserveStatus, Snapshot, WindowSpec
+from quotas.core.types import (
+    Limits,
+    QuotaState,
+    ReserveResult,
+    ReserveStatus,
+    Snapshot,
+    WindowSpec,
+)
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.models import Plan, UsageRecord, UserQuota
 from quotas.signals import budget_threshold_crossed, quota_exceeded, usage_settled
@@ -73,6 +79,7 @@ class Reservation:
     requests_remaining: int = -1
     plan_slug: str = ""
     degraded: bool = False
+    state: QuotaState | None = None
 
 
 # -- runtime: the store and the breaker, one per process ----------------------------------
@@ -86,7 +93,8 @@ def reset_runtime() -> None:
 
 def window_spec() -> WindowSpec:
     return WindowSpec.from_seconds(
-        quota_settings.WINDOW_SECONDS, quota_settings.BUCKET_SECONDS,
+        quota_settings.WINDOW_SECONDS,
+        quota_settings.BUCKET_SECONDS,
         quota_settings.RPM_BUCKET_SECONDS,
     )
 
@@ -180,23 +188,18 @@ def _anonymous_limits() -> Limits:
     slug = quota_settings.ANONYMOUS_PLAN
     plan = Plan.objects.filter(slug=slug, is_active=True).first() if slug else None
     if plan is None:
-        raise ConfigurationError(
-            f"QUOTAS['ANONYMOUS_PLAN'] names no active plan ({slug!r})."
-        )
+        raise ConfigurationError(f"QUOTAS['ANONYMOUS_PLAN'] names no active plan ({slug!r}).")
     return _limits_from_plan(plan)
 
 
-def estimate(body: Any, user: User | None = None, *, limits: Limits | None = None) -> Estimate:
+def estimate(body: Any) -> Estimate:
     """Estimate a request body with the configured estimator (``QUOTAS["ESTIMATOR"]``).
 
-    The output allowance for bodies that name no ``max_tokens`` is the plan's default when
-    ``limits`` are given, else ``QUOTAS["DEFAULT_OUTPUT_TOKENS"]``.
+    Raises ``quotas.core.estimate.InvalidRequest`` (a ``ValueError``) naming the bad field.
     """
     estimator = import_string(quota_settings.ESTIMATOR)
-    default_output = limits.default_output_tokens if limits else None
     return estimator(
         body,
-        default_output_tokens=default_output or quota_settings.DEFAULT_OUTPUT_TOKENS,
         fallback_encoding=quota_settings.FALLBACK_ENCODING,
         allow_download=quota_settings.ALLOW_ENCODING_DOWNLOAD,
     )
@@ -225,9 +228,12 @@ def reserve(
     model: str = "",
     request_id: str | None = None,
     client_address: str | None = None,
+    add_default_output: bool = False,
 ) -> Reservation:
     """Hold ``tokens`` of the user's budget for one LLM call, atomically across every limit.
 
+    ``add_default_output`` adds the plan's default output allowance to ``tokens`` (for a
+    request that names no ``max_tokens``). Anonymous clients need ``client_address``.
     Raises ``QuotaExceeded`` (retry later), ``RequestTooLarge`` (never fits), or
     ``StoreUnavailable`` when Redis is down and ``QUOTAS["FAILURE_POLICY"]`` is ``"closed"``.
     """
@@ -236,25 +242,36 @@ def reserve(
     scope = scope_for(user, client_address)
     rid = f"{scope}/{request_id or uuid.uuid4().hex}"
     try:
-        result = _guarded(_reserve_in_store, user, scope, rid, tokens, model)
+        result = _guarded(_reserve_in_store, user, scope, rid, tokens, model, add_default_output)
     except StoreUnavailable:
         if quota_settings.FAILURE_POLICY == "closed":
             raise
-        return _degraded_reservation(user, scope, rid, tokens, model)
-    return _decide(user, scope, rid, tokens, model, result)
+        return _degraded_reservation(user, scope, rid, tokens, model, add_default_output)
+    return _decide(user, scope, rid, model, result)
 
 
 def _reserve_in_store(
-    user: User | None, scope: str, rid: str, tokens: int, model: str
+    user: User | None, scope: str, rid: str, tokens: int, model: str, add_output: bool
 ) -> ReserveResult:
     store = get_store()
     ttl_ms = int(quota_settings.RESERVATION_TTL_SECONDS * 1000)
-    result = store.reserve(scope, rid, tokens, ttl_ms=ttl_ms, model=model)
+    result = store.reserve(
+        scope, rid, tokens, ttl_ms=ttl_ms, model=model, add_default_output=add_output
+    )
     if result.status is ReserveStatus.NEEDS_CONFIG:
         # Limits not cached (first request, or a plan changed), maybe the window is lost too.
         limits, seed, epoch = _config_for(user, scope, rebuild=not result.window_has_epoch)
-        result = store.reserve(scope, rid, tokens, ttl_ms=ttl_ms, limits=limits, epoch=epoch,
-                               model=model, seed=seed)
+        result = store.reserve(
+            scope,
+            rid,
+            tokens,
+            ttl_ms=ttl_ms,
+            limits=limits,
+            epoch=epoch,
+            model=model,
+            add_default_output=add_output,
+            seed=seed,
+        )
     return result
 
 
@@ -269,36 +286,62 @@ def _config_for(
 
 
 def _decide(
-    user: User | None, scope: str, rid: str, tokens: int, model: str, result: ReserveResult
+    user: User | None, scope: str, rid: str, model: str, result: ReserveResult
 ) -> Reservation:
+    tokens = result.tokens
+    state = result.state(window_spec().window_seconds)
     if result.status is ReserveStatus.ALLOWED:
         _maybe_alert(user, scope, tokens, result)
         return Reservation(
-            id=rid, scope=scope, user_id=_user_id(user), model=model, estimated_tokens=tokens,
-            limit=result.limit, remaining=result.remaining, reset_seconds=result.reset_seconds,
-            reserved_at_ms=result.now_ms, epoch=result.epoch,
-            requests_limit=result.requests_limit, requests_remaining=result.requests_remaining,
+            id=rid,
+            scope=scope,
+            user_id=_user_id(user),
+            model=model,
+            estimated_tokens=tokens,
+            limit=result.limit,
+            remaining=result.remaining,
+            reset_seconds=result.reset_seconds,
+            reserved_at_ms=result.now_ms,
+            epoch=result.epoch,
+            requests_limit=result.requests_limit,
+            requests_remaining=result.requests_remaining,
             plan_slug=result.plan_slug,
+            state=state,
         )
     if result.status is ReserveStatus.DUPLICATE_ID:
         raise ValueError(f"Reservation {rid!r} already exists: request ids must be unique.")
-    exc = _rejection(tokens, result)
+    exc = _rejection(tokens, result, state)
     quota_exceeded.send(sender=Reservation, user=user, scope=scope, exception=exc)
     raise exc
 
 
-def _rejection(tokens: int, result: ReserveResult) -> QuotaExceeded | RequestTooLarge:
+def _rejection(
+    tokens: int, result: ReserveResult, state: QuotaState
+) -> QuotaExceeded | RequestTooLarge:
     if result.status is ReserveStatus.OVER_REQUEST_CAP:
-        return RequestTooLarge(limit=result.max_tokens_per_request, requested=tokens,
-                               reason="the per-request cap")
+        return RequestTooLarge(
+            limit=result.max_tokens_per_request,
+            requested=tokens,
+            reason="the per-request cap",
+            state=state,
+        )
     if result.status is ReserveStatus.OVER_BUDGET:
-        return RequestTooLarge(limit=result.limit, requested=tokens,
-                               reason="the whole budget")
-    scope = {ReserveStatus.OVER_REQUESTS: "requests",
-             ReserveStatus.OVER_CONCURRENCY: "concurrency"}.get(result.status, "tokens")
-    return QuotaExceeded(limit=result.limit, remaining=max(result.remaining, 0),
-                         requested=tokens, retry_after=result.retry_after, scope=scope,
-                         reset_seconds=result.reset_seconds)
+        return RequestTooLarge(
+            limit=result.limit, requested=tokens, reason="the whole budget", state=state
+        )
+    scope = {
+        ReserveStatus.OVER_REQUESTS: "requests",
+        ReserveStatus.OVER_CONCURRENCY: "concurrency",
+    }.get(result.status, "tokens")
+    return QuotaExceeded(
+        limit=result.limit,
+        remaining=max(result.remaining, 0),
+        requested=tokens,
+        retry_after=result.retry_after,
+        scope=scope,
+        reset_seconds=result.reset_seconds,
+        state=state,
+    )
 
 
 def _maybe_alert(user: User | None, scope: str, tokens: int, result: ReserveResult) -> None:
@@ -306,25 +349,44 @@ def _maybe_alert(user: User | None, scope: str, tokens: int, result: ReserveResu
     used = result.limit - result.remaining
     mark = threshold * result.limit
     if threshold and used - tokens < mark <= used:
-        budget_threshold_crossed.send(sender=Reservation, user=user, scope=scope, used=used,
-                                      limit=result.limit, threshold=threshold)
+        budget_threshold_crossed.send(
+            sender=Reservation,
+            user=user,
+            scope=scope,
+            used=used,
+            limit=result.limit,
+            threshold=threshold,
+        )
 
 
 def _degraded_reservation(
-    user: User | None, scope: str, rid: str, tokens: int, model: str
+    user: User | None, scope: str, rid: str, tokens: int, model: str, add_output: bool
 ) -> Reservation:
     """Fail-open: serve without Redis. The per-request cap still holds (it needs no Redis)."""
     limits = limits_for(user)
+    tokens += limits.default_output_tokens if add_output else 0
     cap = limits.max_tokens_per_request
     if cap and tokens > cap:
         raise RequestTooLarge(limit=cap, requested=tokens, reason="the per-request cap")
     if tokens > limits.tokens_per_window:
-        raise RequestTooLarge(limit=limits.tokens_per_window, requested=tokens,
-                              reason="the whole budget")
+        raise RequestTooLarge(
+            limit=limits.tokens_per_window, requested=tokens, reason="the whole budget"
+        )
     return Reservation(
-        id=rid, scope=scope, user_id=_user_id(user), model=model, estimated_tokens=tokens,
-        limit=limits.tokens_per_window, remaining=limits.tokens_per_window, reset_seconds=0.0,
-        reserved_at_ms=_now_ms(), plan_slug=limits.plan_slug, degraded=True,
+        id=rid,
+        scope=scope,
+        user_id=_user_id(user),
+        model=model,
+        estimated_tokens=tokens,
+        limit=limits.tokens_per_window,
+        remaining=limits.tokens_per_window,
+        reset_seconds=0.0,
+        reserved_at_ms=_now_ms(),
+        plan_slug=limits.plan_slug,
+        degraded=True,
+        state=QuotaState(
+            limits.tokens_per_window, 0, 0.0, window_spec().window_seconds, degraded=True
+        ),
     )
 
 
@@ -365,18 +427,30 @@ def settle(
     actual = _actual_tokens(prompt_tokens, completion_tokens, total_tokens)
     if reservation.degraded:
         status = UsageRecord.Status.DEGRADED
-        outcome = Settlement(reservation.id, reservation.estimated_tokens,
-                             reservation.estimated_tokens if actual is None else actual, 0,
-                             True, None)
+        outcome = Settlement(
+            reservation.id,
+            reservation.estimated_tokens,
+            reservation.estimated_tokens if actual is None else actual,
+            0,
+            True,
+            None,
+        )
     else:
         outcome, reservation = _settle_in_store(reservation, actual)
     if outcome.settled_now:
-        send_to_ledger(usage_payload(reservation, outcome.actual_tokens, prompt_tokens,
-                                     completion_tokens, status))
-        usage_settled.send(sender=Reservation, user_id=reservation.user_id,
-                           scope=reservation.scope, reservation_id=reservation.id,
-                           estimated_tokens=outcome.estimated_tokens,
-                           actual_tokens=outcome.actual_tokens)
+        send_to_ledger(
+            usage_payload(
+                reservation, outcome.actual_tokens, prompt_tokens, completion_tokens, status
+            )
+        )
+        usage_settled.send(
+            sender=Reservation,
+            user_id=reservation.user_id,
+            scope=reservation.scope,
+            reservation_id=reservation.id,
+            estimated_tokens=outcome.estimated_tokens,
+            actual_tokens=outcome.actual_tokens,
+        )
     return outcome
 
 
@@ -389,23 +463,33 @@ def _settle_in_store(
     reservation: Reservation, actual: int | None
 ) -> tuple[Settlement, Reservation]:
     try:
-        result = _guarded(get_store().settle, reservation.scope, reservation.id, actual,
-                          epoch=reservation.epoch)
+        result = _guarded(
+            get_store().settle, reservation.scope, reservation.id, actual, epoch=reservation.epoch
+        )
     except StoreUnavailable:
         # The ledger row is still written; the window keeps the estimate until the audit
         # task repairs it or it ages out.
-        logger.warning("quotas: Redis unavailable while settling %s; ledger only",
-                       reservation.id)
+        logger.warning("quotas: Redis unavailable while settling %s; ledger only", reservation.id)
         used = reservation.estimated_tokens if actual is None else actual
-        return Settlement(reservation.id, reservation.estimated_tokens, used, 0, True,
-                          None), reservation
+        return Settlement(
+            reservation.id, reservation.estimated_tokens, used, 0, True, None
+        ), reservation
     if result.status == 1:
         # Redis knows the reservation best (settling by id alone knows nothing else).
-        reservation = replace(reservation, estimated_tokens=result.estimate,
-                              reserved_at_ms=result.reserved_at_ms,
-                              model=reservation.model or result.model)
-    outcome = Settlement(reservation.id, reservation.estimated_tokens, result.actual,
-                         result.applied, result.settled_now, result.remaining)
+        reservation = replace(
+            reservation,
+            estimated_tokens=result.estimate,
+            reserved_at_ms=result.reserved_at_ms,
+            model=reservation.model or result.model,
+        )
+    outcome = Settlement(
+        reservation.id,
+        reservation.estimated_tokens,
+        result.actual,
+        result.applied,
+        result.settled_now,
+        result.remaining,
+    )
     return outcome, reservation
 
 
@@ -417,17 +501,28 @@ def _as_reservation(reservation_or_id: Reservation | str) -> Reservation:
         raise ValueError(f"Not a reservation id: {reservation_or_id!r}.")
     # Settling by id alone: Redis holds the estimate, bucket and model. An empty epoch tells
     # the script never to charge an id it does not know.
-    return Reservation(id=str(reservation_or_id), scope=scope,
-                       user_id=int(scope) if scope.isdigit() else None, model="",
-                       estimated_tokens=0, limit=0, remaining=0, reset_seconds=0.0,
-                       reserved_at_ms=_now_ms())
+    return Reservation(
+        id=str(reservation_or_id),
+        scope=scope,
+        user_id=int(scope) if scope.isdigit() else None,
+        model="",
+        estimated_tokens=0,
+        limit=0,
+        remaining=0,
+        reset_seconds=0.0,
+        reserved_at_ms=_now_ms(),
+    )
 
 
 def _actual_tokens(prompt: int | None, completion: int | None, total: int | None) -> int | None:
-    for name, value in (("prompt_tokens", prompt), ("completion_tokens", completion),
-                        ("total_tokens", total)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 0):
+    for name, value in (
+        ("prompt_tokens", prompt),
+        ("completion_tokens", completion),
+        ("total_tokens", total),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
     if total is not None:
         return total
@@ -438,7 +533,10 @@ def _actual_tokens(prompt: int | None, completion: int | None, total: int | None
 
 # -- the ledger -----------------------------------------------------------------------------
 def usage_payload(
-    reservation: Reservation, actual: int, prompt: int | None, completion: int | None,
+    reservation: Reservation,
+    actual: int,
+    prompt: int | None,
+    completion: int | None,
     status: str,
 ) -> dict[str, Any]:
     """The primitives a ledger row is made from (what the Celery task receives)."""
@@ -486,8 +584,9 @@ def _enqueue_or_write(payload: dict[str, Any]) -> None:
     try:
         record_usage_task.apply_async(args=[payload], retry=False)
     except Exception:  # the broker is down or refused: write the row ourselves
-        logger.warning("quotas: broker unavailable; writing usage %s directly",
-                       payload["request_id"])
+        logger.warning(
+            "quotas: broker unavailable; writing usage %s directly", payload["request_id"]
+        )
         record_usage(payload)
 
 
@@ -526,13 +625,26 @@ def _budget_dict(limits: Limits, snapshot: Snapshot | None) -> dict[str, Any]:
         "max_concurrent_requests": limits.max_concurrent_requests,
     }
     if snapshot is None:
-        return {**base, "used": None, "reserved": None, "remaining": None,
-                "reset_seconds": None, "requests_used": None, "in_flight": None,
-                "degraded": True}
-    return {**base, "used": snapshot.used, "reserved": snapshot.reserved,
-            "remaining": snapshot.remaining, "reset_seconds": snapshot.reset_seconds,
-            "requests_used": snapshot.requests_used if limits.requests_per_minute else None,
-            "in_flight": snapshot.in_flight, "degraded": False}
+        return {
+            **base,
+            "used": None,
+            "reserved": None,
+            "remaining": None,
+            "reset_seconds": None,
+            "requests_used": None,
+            "in_flight": None,
+            "degraded": True,
+        }
+    return {
+        **base,
+        "used": snapshot.used,
+        "reserved": snapshot.reserved,
+        "remaining": snapshot.remaining,
+        "reset_seconds": snapshot.reset_seconds,
+        "requests_used": snapshot.requests_used if limits.requests_per_minute else None,
+        "in_flight": snapshot.in_flight,
+        "degraded": False,
+    }
 
 
 def reset_window(user: User) -> None:

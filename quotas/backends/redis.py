@@ -87,6 +87,7 @@ class RedisWindowStore:
         limits: Limits | None = None,
         epoch: str = "",
         model: str = "",
+        add_default_output: bool = False,
         seed: Sequence[tuple[int, int]] = (),
         now_ms: int | None = None,
     ) -> ReserveResult:
@@ -95,13 +96,24 @@ class RedisWindowStore:
         Without ``limits`` the stored ones are used; when none are stored the result's status
         is ``NEEDS_CONFIG`` and the caller retries with ``limits`` (plus ``epoch`` and ``seed``
         when ``window_has_epoch`` is false: the window must be rebuilt from the ledger).
+        ``add_default_output`` adds the plan's default output allowance to ``tokens`` (the
+        request named no ``max_tokens``); the result's ``tokens`` is what was requested.
         """
         cfg = limits.encode() if limits else ""
         pairs = [value for pair in seed for value in pair]
         raw = self._run(
             "reserve",
             scope,
-            [reservation_id, int(tokens), ttl_ms, cfg, epoch, model, *pairs],
+            [
+                reservation_id,
+                int(tokens),
+                ttl_ms,
+                cfg,
+                epoch,
+                model,
+                "1" if add_default_output else "0",
+                *pairs,
+            ],
             now_ms,
         )
         return ReserveResult.from_script(raw)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 
 __all__ = ["BreakerState", "CircuitBreaker"]
 
 
-class BreakerState(str, Enum):
+class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half-open"
@@ -45,7 +45,8 @@ class CircuitBreaker:
         with self._lock:
             if self.state is BreakerState.CLOSED:
                 return True
-            if self.state is BreakerState.OPEN and self.clock() - self._opened_at >= self.reset_after:
+            waited = self.clock() - self._opened_at
+            if self.state is BreakerState.OPEN and waited >= self.reset_after:
                 self._move(BreakerState.HALF_OPEN)
                 return True
             return False

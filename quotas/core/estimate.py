@@ -1,7 +1,7 @@
 """Token estimates of OpenAI-style requests, made before the LLM call. Framework-free.
 
 An estimate is the prompt counted with tiktoken plus the output allowance: the request's
-``max_completion_tokens`` / ``max_tokens``, or the plan's default when it names none.
+``max_completion_tokens`` / ``max_tokens``, or (``output_tokens=None``) the plan's default.
 """
 
 from __future__ import annotations
@@ -21,15 +21,20 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class Estimate:
-    """Tokens to reserve: ``prompt_tokens + output_tokens``."""
+    """Tokens to reserve: ``prompt_tokens + output_tokens``.
+
+    ``output_tokens`` is ``None`` when the request names no output limit: the plan's default
+    output allowance applies (added where the plan is known, inside the reserve script).
+    """
 
     model: str
     prompt_tokens: int
-    output_tokens: int
+    output_tokens: int | None
 
     @property
-    def total(self) -> int:
-        return self.prompt_tokens + self.output_tokens
+    def named_tokens(self) -> int:
+        """Prompt plus the output limit the request named (if any)."""
+        return self.prompt_tokens + (self.output_tokens or 0)
 
 
 def positive_int_or_none(body: Mapping[str, Any], field: str) -> int | None:
@@ -77,7 +82,6 @@ def prompt_tokens(body: Mapping[str, Any], model: str, *, fallback: str, downloa
 def estimate_request(
     body: Any,
     *,
-    default_output_tokens: int,
     fallback_encoding: str = "cl100k_base",
     allow_download: bool = False,
 ) -> Estimate:
@@ -90,4 +94,4 @@ def estimate_request(
     prompt = prompt_tokens(body, model, fallback=fallback_encoding, download=allow_download)
     output = positive_int_or_none(body, "max_completion_tokens")
     max_tokens = positive_int_or_none(body, "max_tokens")
-    return Estimate(model, prompt, output or max_tokens or default_output_tokens)
+    return Estimate(model, prompt, output or max_tokens)

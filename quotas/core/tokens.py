@@ -83,7 +83,9 @@ def _resolve(name: str, fallback: str, allow_download: bool) -> tiktoken.Encodin
             raise
         logger.warning(
             "tiktoken encoding %r is not available (%s); counting with %r instead.",
-            name, exc, fallback,
+            name,
+            exc,
+            fallback,
         )
         return _loaded(fallback, allow_download)
 

@@ -6,7 +6,16 @@ import math
 from dataclasses import dataclass
 from enum import IntEnum
 
-__all__ = ["Limits", "ReserveStatus", "ReserveResult", "SettleResult", "Snapshot", "WindowSpec"]
+__all__ = [
+    "Limits",
+    "QuotaState",
+    "ReserveResult",
+    "ReserveStatus",
+    "SettleResult",
+    "Snapshot",
+    "WindowSpec",
+    "ceil_seconds",
+]
 
 
 @dataclass(frozen=True)
@@ -19,9 +28,7 @@ class WindowSpec:
     rpm_bucket_ms: int = 1_000
 
     @classmethod
-    def from_seconds(
-        cls, window: float, bucket: float, rpm_bucket: float = 1.0
-    ) -> WindowSpec:
+    def from_seconds(cls, window: float, bucket: float, rpm_bucket: float = 1.0) -> WindowSpec:
         window_ms, bucket_ms = round(window * 1000), round(bucket * 1000)
         if bucket_ms <= 0 or window_ms < bucket_ms or window_ms % bucket_ms:
             raise ValueError(
@@ -40,6 +47,23 @@ class WindowSpec:
     def bucket_of(self, epoch_ms: int) -> int:
         """Index of the bucket that holds a moment (ms since the Unix epoch)."""
         return epoch_ms // self.bucket_ms
+
+
+@dataclass(frozen=True)
+class QuotaState:
+    """What a client is told about its budget: token figures, and request figures when a
+    requests-per-minute limit applies (``requests_limit`` 0: none). ``retry_after`` is set on
+    rejections only."""
+
+    limit: int
+    remaining: int
+    reset_seconds: float
+    window_seconds: float
+    retry_after: float = 0.0
+    requests_limit: int = 0
+    requests_remaining: int = 0
+    requests_reset_seconds: float = 0.0
+    degraded: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,7 @@ class Limits:
                 str(self.requests_per_minute or 0),
                 str(self.max_concurrent_requests or 0),
                 str(self.max_tokens_per_request or 0),
+                str(self.default_output_tokens),
                 self.plan_slug,
             ]
         )
@@ -99,6 +124,8 @@ class ReserveResult:
     max_tokens_per_request: int = 0
     bucket: int = 0
     now_ms: int = 0
+    tokens: int = 0
+    requests_reset_seconds: float = 0.0
     window_has_epoch: bool = True
 
     @property
@@ -124,6 +151,21 @@ class ReserveResult:
             max_tokens_per_request=int(raw[10]),
             bucket=int(raw[11]),
             now_ms=int(raw[12]),
+            tokens=int(raw[13]),
+            requests_reset_seconds=_seconds(int(raw[14])),
+        )
+
+    def state(self, window_seconds: float) -> QuotaState:
+        """The figures response headers show for this decision."""
+        return QuotaState(
+            limit=self.limit,
+            remaining=self.remaining,
+            reset_seconds=self.reset_seconds,
+            window_seconds=window_seconds,
+            retry_after=0.0 if self.allowed else self.retry_after,
+            requests_limit=self.requests_limit,
+            requests_remaining=self.requests_remaining,
+            requests_reset_seconds=self.requests_reset_seconds,
         )
 
 
@@ -150,8 +192,9 @@ class SettleResult:
     @classmethod
     def from_script(cls, raw: list) -> SettleResult:
         values = [int(v) for v in raw[:8]]
-        return cls(*values[:6], reset_seconds=_seconds(values[6]), actual=values[7],
-                   model=_text(raw[8]))
+        return cls(
+            *values[:6], reset_seconds=_seconds(values[6]), actual=values[7], model=_text(raw[8])
+        )
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -17,57 +16,224 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='Plan',
+            name="Plan",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100)),
-                ('slug', models.SlugField(unique=True)),
-                ('tier', models.PositiveSmallIntegerField(default=0, help_text='Ordering of plans, cheapest first.')),
-                ('tokens_per_hour', models.PositiveBigIntegerField(validators=[django.core.validators.MinValueValidator(1)])),
-                ('max_tokens_per_request', models.PositiveBigIntegerField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(1)])),
-                ('requests_per_minute', models.PositiveIntegerField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(1)])),
-                ('max_concurrent_requests', models.PositiveIntegerField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(1)])),
-                ('default_output_tokens', models.PositiveIntegerField(default=256, help_text='Output allowance reserved when a request names no max_tokens.', validators=[django.core.validators.MinValueValidator(1)])),
-                ('is_default', models.BooleanField(default=False)),
-                ('is_active', models.BooleanField(default=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100)),
+                ("slug", models.SlugField(unique=True)),
+                (
+                    "tier",
+                    models.PositiveSmallIntegerField(
+                        default=0, help_text="Ordering of plans, cheapest first."
+                    ),
+                ),
+                (
+                    "tokens_per_hour",
+                    models.PositiveBigIntegerField(
+                        validators=[django.core.validators.MinValueValidator(1)]
+                    ),
+                ),
+                (
+                    "max_tokens_per_request",
+                    models.PositiveBigIntegerField(
+                        blank=True,
+                        null=True,
+                        validators=[django.core.validators.MinValueValidator(1)],
+                    ),
+                ),
+                (
+                    "requests_per_minute",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        null=True,
+                        validators=[django.core.validators.MinValueValidator(1)],
+                    ),
+                ),
+                (
+                    "max_concurrent_requests",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        null=True,
+                        validators=[django.core.validators.MinValueValidator(1)],
+                    ),
+                ),
+                (
+                    "default_output_tokens",
+                    models.PositiveIntegerField(
+                        default=256,
+                        help_text="Output allowance reserved when a request names no max_tokens.",
+                        validators=[django.core.validators.MinValueValidator(1)],
+                    ),
+                ),
+                ("is_default", models.BooleanField(default=False)),
+                ("is_active", models.BooleanField(default=True)),
             ],
             options={
-                'ordering': ['tier', 'tokens_per_hour', 'slug'],
-                'constraints': [models.CheckConstraint(condition=models.Q(('tokens_per_hour__gte', 1)), name='quotas_plan_tokens_positive'), models.CheckConstraint(condition=models.Q(('max_tokens_per_request__isnull', True), models.Q(('max_tokens_per_request__gte', 1), ('max_tokens_per_request__lte', models.F('tokens_per_hour'))), _connector='OR'), name='quotas_plan_request_cap_within_budget'), models.CheckConstraint(condition=models.Q(('requests_per_minute__isnull', True), ('requests_per_minute__gte', 1), _connector='OR'), name='quotas_plan_rpm_positive'), models.CheckConstraint(condition=models.Q(('max_concurrent_requests__isnull', True), ('max_concurrent_requests__gte', 1), _connector='OR'), name='quotas_plan_concurrency_positive'), models.UniqueConstraint(condition=models.Q(('is_default', True)), fields=('is_default',), name='quotas_plan_single_default', violation_error_message='Only one plan can be the default plan.')],
+                "ordering": ["tier", "tokens_per_hour", "slug"],
+                "constraints": [
+                    models.CheckConstraint(
+                        condition=models.Q(("tokens_per_hour__gte", 1)),
+                        name="quotas_plan_tokens_positive",
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(
+                            ("max_tokens_per_request__isnull", True),
+                            models.Q(
+                                ("max_tokens_per_request__gte", 1),
+                                ("max_tokens_per_request__lte", models.F("tokens_per_hour")),
+                            ),
+                            _connector="OR",
+                        ),
+                        name="quotas_plan_request_cap_within_budget",
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(
+                            ("requests_per_minute__isnull", True),
+                            ("requests_per_minute__gte", 1),
+                            _connector="OR",
+                        ),
+                        name="quotas_plan_rpm_positive",
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(
+                            ("max_concurrent_requests__isnull", True),
+                            ("max_concurrent_requests__gte", 1),
+                            _connector="OR",
+                        ),
+                        name="quotas_plan_concurrency_positive",
+                    ),
+                    models.UniqueConstraint(
+                        condition=models.Q(("is_default", True)),
+                        fields=("is_default",),
+                        name="quotas_plan_single_default",
+                        violation_error_message="Only one plan can be the default plan.",
+                    ),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='UsageRecord',
+            name="UsageRecord",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('request_id', models.CharField(max_length=200, unique=True)),
-                ('scope', models.CharField(db_index=True, help_text='The quota key: a user id or an anonymous key.', max_length=200)),
-                ('model', models.CharField(blank=True, default='', max_length=200)),
-                ('estimated_tokens', models.PositiveBigIntegerField(default=0)),
-                ('prompt_tokens', models.PositiveBigIntegerField(blank=True, null=True)),
-                ('completion_tokens', models.PositiveBigIntegerField(blank=True, null=True)),
-                ('actual_tokens', models.PositiveBigIntegerField(default=0)),
-                ('difference', models.GeneratedField(db_persist=True, expression=django.db.models.expressions.CombinedExpression(models.F('actual_tokens'), '-', models.F('estimated_tokens')), output_field=models.BigIntegerField())),
-                ('status', models.CharField(choices=[('settled', 'Settled'), ('expired', 'Expired (charged at estimate)'), ('refunded', 'Refunded (request failed)'), ('degraded', 'Recorded while Redis was unavailable')], db_index=True, max_length=16)),
-                ('created_at', models.DateTimeField(db_index=True, help_text='When the tokens were reserved.')),
-                ('settled_at', models.DateTimeField(blank=True, null=True)),
-                ('user', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='token_usage', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("request_id", models.CharField(max_length=200, unique=True)),
+                (
+                    "scope",
+                    models.CharField(
+                        db_index=True,
+                        help_text="The quota key: a user id or an anonymous key.",
+                        max_length=200,
+                    ),
+                ),
+                ("model", models.CharField(blank=True, default="", max_length=200)),
+                ("estimated_tokens", models.PositiveBigIntegerField(default=0)),
+                ("prompt_tokens", models.PositiveBigIntegerField(blank=True, null=True)),
+                ("completion_tokens", models.PositiveBigIntegerField(blank=True, null=True)),
+                ("actual_tokens", models.PositiveBigIntegerField(default=0)),
+                (
+                    "difference",
+                    models.GeneratedField(
+                        db_persist=True,
+                        expression=django.db.models.expressions.CombinedExpression(
+                            models.F("actual_tokens"), "-", models.F("estimated_tokens")
+                        ),
+                        output_field=models.BigIntegerField(),
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("settled", "Settled"),
+                            ("expired", "Expired (charged at estimate)"),
+                            ("refunded", "Refunded (request failed)"),
+                            ("degraded", "Recorded while Redis was unavailable"),
+                        ],
+                        db_index=True,
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(db_index=True, help_text="When the tokens were reserved."),
+                ),
+                ("settled_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="token_usage",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
-                'indexes': [models.Index(fields=['scope', 'created_at'], name='quotas_usag_scope_5ab7da_idx')],
+                "ordering": ["-created_at"],
+                "indexes": [
+                    models.Index(
+                        fields=["scope", "created_at"], name="quotas_usag_scope_5ab7da_idx"
+                    )
+                ],
             },
         ),
         migrations.CreateModel(
-            name='UserQuota',
+            name="UserQuota",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('tokens_per_hour_override', models.PositiveBigIntegerField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(1)])),
-                ('plan', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='user_quotas', to='quotas.plan')),
-                ('user', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='token_quota', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "tokens_per_hour_override",
+                    models.PositiveBigIntegerField(
+                        blank=True,
+                        null=True,
+                        validators=[django.core.validators.MinValueValidator(1)],
+                    ),
+                ),
+                (
+                    "plan",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="user_quotas",
+                        to="quotas.plan",
+                    ),
+                ),
+                (
+                    "user",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="token_quota",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.CheckConstraint(condition=models.Q(('tokens_per_hour_override__isnull', True), ('tokens_per_hour_override__gte', 1), _connector='OR'), name='quotas_userquota_override_positive')],
+                "constraints": [
+                    models.CheckConstraint(
+                        condition=models.Q(
+                            ("tokens_per_hour_override__isnull", True),
+                            ("tokens_per_hour_override__gte", 1),
+                            _connector="OR",
+                        ),
+                        name="quotas_userquota_override_positive",
+                    )
+                ],
             },
         ),
     ]

@@ -1,14 +1,17 @@
 -- Shared helpers, prepended to every script of this folder when it is registered.
 --
 -- A window is one Redis hash per user and limit:
---   <bucket index> -> tokens charged in that bucket (bucket index = floor(ms / bucket_ms))
+--   <slot> -> tokens charged in one bucket; bucket index = floor(ms / bucket_ms) and
+--             slot = index % buckets per window. Small slot numbers keep the hash compact;
+--             a slot is reused only after open_window dropped the bucket that left it.
 --   t   -> running total of the live buckets
 --   o   -> oldest bucket index that may still hold tokens (cursor for incremental expiry)
 --   n   -> newest bucket index charged
 -- The token window hash also holds:
 --   e   -> epoch: set when the window is created or rebuilt from the ledger; a window without
 --          one was never built (or Redis lost it), so the caller must rebuild it first
---   cfg -> the user's limits "tokens,rpm,concurrency,max_per_request,plan_slug" (0 = none)
+--   cfg -> the user's limits "tokens,rpm,concurrency,max_per_request,default_output,plan_slug"
+--          (0 = no such limit)
 --   rv  -> tokens held by reservations not yet settled
 -- Every script uses the Redis server clock (TIME) unless ARGV[1] overrides it (tests only).
 -- Common ARGV: [1] now ms override or "", [2] window ms, [3] bucket ms,
@@ -25,6 +28,10 @@ end
 
 -- Opens a window at `now`: drops the buckets that left it (amortised O(1): each bucket is
 -- dropped once, and the cursor never scans past the newest bucket charged).
+local function slot(nb, b)
+  return b % nb
+end
+
 local function open_window(key, now, window_ms, bucket_ms)
   local nb = math.floor(window_ms / bucket_ms)
   local cur = math.floor(now / bucket_ms)
@@ -38,10 +45,10 @@ local function open_window(key, now, window_ms, bucket_ms)
     local stop = w.first - 1
     if w.newest and w.newest < stop then stop = w.newest end
     for b = oldest, stop do
-      local v = redis.call('HGET', key, b)
+      local v = redis.call('HGET', key, slot(nb, b))
       if v then
         total = total - tonumber(v)
-        redis.call('HDEL', key, b)
+        redis.call('HDEL', key, slot(nb, b))
       end
     end
     if total < 0 then total = 0 end
@@ -53,7 +60,7 @@ end
 
 -- Adds tokens to the current bucket (negative amounts never take a bucket below zero).
 local function charge(w, tokens)
-  redis.call('HINCRBY', w.key, w.cur, tokens)
+  redis.call('HINCRBY', w.key, slot(w.nb, w.cur), tokens)
   w.total = w.total + tokens
   if not w.newest or w.newest < w.cur then w.newest = w.cur end
   redis.call('HSET', w.key, 't', w.total, 'n', w.newest)
@@ -69,7 +76,7 @@ local function wait_ms(w, need, limit, now)
   local last = w.newest or w.cur
   local freed = 0
   for b = w.first, last do
-    local v = tonumber(redis.call('HGET', w.key, b))
+    local v = tonumber(redis.call('HGET', w.key, slot(w.nb, b)))
     if v then
       freed = freed + v
       if freed >= excess then return (b + w.nb) * w.bms - now end
@@ -87,9 +94,10 @@ local function reset_ms(w, now)
 end
 
 local function parse_cfg(cfg)
-  local tokens, rpm, conc, cap, slug = string.match(cfg, '^(%d+),(%d+),(%d+),(%d+),(.*)$')
+  local tokens, rpm, conc, cap, out, slug =
+    string.match(cfg, '^(%d+),(%d+),(%d+),(%d+),(%d+),(.*)$')
   return {tokens = tonumber(tokens), rpm = tonumber(rpm), conc = tonumber(conc),
-          cap = tonumber(cap), slug = slug}
+          cap = tonumber(cap), out = tonumber(out), slug = slug}
 end
 
 -- Loads the user's limits. When the caller passes them (ARGV cfg), stores them; when the
@@ -103,12 +111,13 @@ local function load_cfg(key, now, window_ms, bucket_ms, cfg_arg, epoch_arg, seed
     return nil, redis.call('HEXISTS', key, 'e')
   end
   if redis.call('HEXISTS', key, 'e') == 0 then
-    local first = math.floor(now / bucket_ms) - math.floor(window_ms / bucket_ms) + 1
+    local nb = math.floor(window_ms / bucket_ms)
+    local first = math.floor(now / bucket_ms) - nb + 1
     local total, oldest, newest = 0, nil, nil
     for i = seed_from, #ARGV, 2 do
       local b, v = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
       if b >= first and v > 0 then
-        redis.call('HINCRBY', key, b, v)
+        redis.call('HINCRBY', key, slot(nb, b), v)
         total = total + v
         if not oldest or b < oldest then oldest = b end
         if not newest or b > newest then newest = b end

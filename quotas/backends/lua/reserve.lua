@@ -1,23 +1,26 @@
 -- reserve: check and charge every limit that applies, all or nothing.
 -- KEYS and ARGV[1..5]: see _window.lua.
 -- ARGV[6] reservation id, ARGV[7] tokens (integer >= 0), ARGV[8] reservation TTL ms,
--- ARGV[9] config "tokens,rpm,concurrency,max_per_request,plan_slug" or "" (use the stored one),
+-- ARGV[9] config (see _window.lua) or "" (use the stored one),
 -- ARGV[10] epoch to stamp if the window is (re)built, ARGV[11] model name (kept with the
--- reservation for its ledger row), ARGV[12..] seed pairs: bucket, tokens.
+-- reservation for its ledger row), ARGV[12] "1": add the plan's default output allowance
+-- to the tokens (the request named no max_tokens), ARGV[13..] seed pairs: bucket, tokens.
 -- Returns {status, limit, remaining, reset ms, retry-after ms, reserved, rpm limit,
---          rpm remaining, epoch, plan slug, max per request, bucket index, now ms}
+--          rpm remaining, epoch, plan slug, max per request, bucket index, now ms,
+--          tokens requested, rpm reset ms}
 -- status: 1 allowed; 0 over tokens; 2 over requests per minute; 3 over concurrency;
 --         4 over the per-request cap; 5 over the whole budget; 6 duplicate reservation id;
 --         -1 no config stored: {-1, window has epoch (1/0)}. Rejections charge nothing.
 local now = clock(ARGV[1])
 local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local rid, tokens, ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-local cfg, has_epoch = load_cfg(KEYS[1], now, window_ms, bucket_ms, ARGV[9], ARGV[10], 12)
+local cfg, has_epoch = load_cfg(KEYS[1], now, window_ms, bucket_ms, ARGV[9], ARGV[10], 13)
 if not cfg then return {-1, has_epoch} end
+if ARGV[12] == '1' then tokens = tokens + cfg.out end
 
 local w = open_window(KEYS[1], now, window_ms, bucket_ms)
 local q = nil
-local status, retry, rpm_remaining = 1, 0, -1
+local status, retry, rpm_remaining, rpm_reset = 1, 0, -1, 0
 if cfg.rpm > 0 then
   q = open_window(KEYS[2], now, tonumber(ARGV[4]), tonumber(ARGV[5]))
   rpm_remaining = cfg.rpm - q.total
@@ -60,4 +63,5 @@ if status == 1 then
   redis.call('PEXPIRE', KEYS[4], ttl + window_ms)
 end
 return {status, cfg.tokens, cfg.tokens - w.total, reset_ms(w, now), retry, reserved,
-        cfg.rpm, rpm_remaining, epoch, cfg.slug, cfg.cap, w.cur, now}
+        cfg.rpm, rpm_remaining, epoch, cfg.slug, cfg.cap, w.cur, now, tokens,
+        q and reset_ms(q, now) or 0}

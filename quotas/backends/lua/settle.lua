@@ -44,13 +44,14 @@ local applied = 0
 if bucket >= w.first then
   -- A bucket still in the window takes the difference, so refunds and extra charges age out
   -- when the original usage does. A bucket already gone takes nothing.
-  local before = tonumber(redis.call('HGET', KEYS[1], bucket)) or 0
+  local field = slot(w.nb, bucket)
+  local before = tonumber(redis.call('HGET', KEYS[1], field)) or 0
   local after = math.max(before + actual - estimate, 0)
   applied = after - before
   if after == 0 then
-    redis.call('HDEL', KEYS[1], bucket)
+    redis.call('HDEL', KEYS[1], field)
   else
-    redis.call('HSET', KEYS[1], bucket, after)
+    redis.call('HSET', KEYS[1], field, after)
   end
   w.total = math.max(w.total + applied, 0)
   redis.call('HSET', KEYS[1], 't', w.total)

@@ -1,0 +1,142 @@
+"""HTTP pieces shared by the DRF throttle and the middleware: headers and error bodies.
+
+Header families (``QUOTAS["HEADERS"]``):
+- ``seed``:   ``X-RateLimit-Limit``, ``X-RateLimit-Remaining``, ``X-RateLimit-Reset`` (tokens;
+              reset in whole seconds).
+- ``openai``: ``x-ratelimit-limit-tokens``, ``x-ratelimit-remaining-tokens``,
+              ``x-ratelimit-reset-tokens`` (a duration like ``6m0s``), and the ``-requests``
+              variants when a requests-per-minute limit applies.
+- ``ietf``:   ``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers).
+Rejections add ``Retry-After`` (whole seconds, rounded up: never early) and
+``retry-after-ms``. While Redis is unavailable only the limit is known: remaining and reset
+are left out (not guessed) and ``X-Quota-Degraded: redis-unavailable`` says why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
+
+from quotas.conf import quota_settings
+from quotas.core.types import QuotaState, ceil_seconds
+from quotas.exceptions import QuotaExceeded, RequestTooLarge
+
+__all__ = ["client_address", "error_body", "error_status", "quota_headers", "set_headers"]
+
+DEGRADED_HEADER = "X-Quota-Degraded"
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's duration style: ``20ms``, ``1s``, ``6m0s``, ``1h0m0s`` (never rounded down)."""
+    if 0 < seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    total = ceil_seconds(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def quota_headers(state: QuotaState) -> dict[str, str]:
+    """Every header the configured families give for one decision."""
+    families = set(quota_settings.HEADERS)
+    headers: dict[str, str] = {}
+    remaining, reset = max(state.remaining, 0), ceil_seconds(state.reset_seconds)
+    window = ceil_seconds(state.window_seconds)
+    if state.degraded:
+        headers[DEGRADED_HEADER] = "redis-unavailable"
+    if "seed" in families:
+        headers["X-RateLimit-Limit"] = str(state.limit)
+        if not state.degraded:
+            headers["X-RateLimit-Remaining"] = str(remaining)
+            headers["X-RateLimit-Reset"] = str(reset)
+    if "openai" in families:
+        headers.update(_openai_headers(state, remaining))
+    if "ietf" in families:
+        headers.update(_ietf_headers(state, remaining, reset, window))
+    if state.retry_after > 0:
+        headers["Retry-After"] = str(max(ceil_seconds(state.retry_after), 1))
+        headers["retry-after-ms"] = str(math.ceil(state.retry_after * 1000))
+    return headers
+
+
+def _openai_headers(state: QuotaState, remaining: int) -> dict[str, str]:
+    headers = {"x-ratelimit-limit-tokens": str(state.limit)}
+    if not state.degraded:
+        headers["x-ratelimit-remaining-tokens"] = str(remaining)
+        headers["x-ratelimit-reset-tokens"] = duration(state.reset_seconds)
+    if state.requests_limit:
+        headers["x-ratelimit-limit-requests"] = str(state.requests_limit)
+        if not state.degraded:
+            headers["x-ratelimit-remaining-requests"] = str(max(state.requests_remaining, 0))
+            headers["x-ratelimit-reset-requests"] = duration(state.requests_reset_seconds)
+    return headers
+
+
+def _ietf_headers(state: QuotaState, remaining: int, reset: int, window: int) -> dict[str, str]:
+    policies = [f'"tokens";q={state.limit};w={window}']
+    if state.requests_limit:
+        policies.append(f'"requests";q={state.requests_limit};w=60')
+    headers = {"RateLimit-Policy": ", ".join(policies)}
+    if not state.degraded:
+        limits = [f'"tokens";r={remaining};t={reset}']
+        if state.requests_limit:
+            requests_reset = ceil_seconds(state.requests_reset_seconds)
+            requests_left = max(state.requests_remaining, 0)
+            limits.append(f'"requests";r={requests_left};t={requests_reset}')
+        headers["RateLimit"] = ", ".join(limits)
+    return headers
+
+
+def set_headers(response: HttpResponseBase, state: QuotaState) -> None:
+    for name, value in quota_headers(state).items():
+        response[name] = value
+
+
+def error_status(exc: QuotaExceeded | RequestTooLarge) -> int:
+    return 413 if isinstance(exc, RequestTooLarge) else 429
+
+
+def error_body(exc: QuotaExceeded | RequestTooLarge) -> dict[str, Any]:
+    """The JSON body of a 429 or 413: a DRF-style ``detail`` and the OpenAI ``error`` object
+    (the shape the official ``openai`` client parses)."""
+    message = str(exc)
+    if isinstance(exc, RequestTooLarge):
+        error = {
+            "code": "request_too_large",
+            "type": "invalid_request_error",
+            "message": message,
+            "limit": exc.limit,
+            "requested": exc.requested,
+        }
+    else:
+        error = {
+            "code": "rate_limit_exceeded",
+            "type": exc.scope,
+            "message": message,
+            "retry_after_seconds": max(ceil_seconds(exc.retry_after), 1),
+            "limit": exc.limit,
+            "remaining": exc.remaining,
+            "requested": exc.requested,
+        }
+    return {"detail": message, "error": error}
+
+
+def simple_error(status: int, code: str, message: str) -> JsonResponse:
+    """A JSON error response in the same two-part shape as the quota errors."""
+    body = {
+        "detail": message,
+        "error": {"code": code, "type": "invalid_request_error", "message": message},
+    }
+    return JsonResponse(body, status=status)
+
+
+def client_address(request: HttpRequest) -> str:
+    """The client's address for anonymous quotas: ``REMOTE_ADDR`` (put a proxy-aware
+    middleware in front if you sit behind one: forwarded headers are trivially spoofed)."""
+    return str(request.META.get("REMOTE_ADDR") or "unknown")

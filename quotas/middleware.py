@@ -1,0 +1,211 @@
+"""``QuotaMiddleware``: settles reservations after the view and writes the quota headers.
+
+It also enforces quotas on plain Django views marked with ``@enforce_quota``. How a
+reservation is settled when the view did not settle it itself:
+
+- a 4xx or 5xx response: a full refund (the call failed, nothing was used);
+- a JSON response with an OpenAI-style ``usage`` block: the actual usage;
+- a streaming response: when the stream ends or the client goes away, with the ``usage`` of a
+  final chunk if one was sent, else the prompt plus the ``delta.content`` text produced so far
+  (counted with tiktoken);
+- any other 2xx response: the estimate stands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+
+from quotas import services
+from quotas.conf import quota_settings
+from quotas.core.estimate import InvalidRequest
+from quotas.core.tokens import count_text_tokens, encoding_for_model
+from quotas.enforcement import (
+    PROMPT_ATTR,
+    RESERVATION_ATTR,
+    STATE_ATTR,
+    AnonymousNotAllowed,
+    enforce,
+    state_of,
+)
+from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
+from quotas.http import error_body, error_status, set_headers, simple_error
+
+__all__ = ["QuotaMiddleware"]
+
+logger = logging.getLogger("quotas")
+
+
+class QuotaMiddleware:
+    """Settle after the view, add headers to every quota-enforced response."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        response = self.get_response(request)
+        reservation = getattr(request, RESERVATION_ATTR, None)
+        if reservation is not None:
+            self._settle(request, reservation, response)
+        state = state_of(request)
+        if state is not None:
+            set_headers(response, state)
+        return response
+
+    def process_view(
+        self, request: HttpRequest, view: Any, args: Any, kwargs: Any
+    ) -> HttpResponseBase | None:
+        if not getattr(view, "quota_enforced", False):
+            return None
+        estimate = getattr(view, "quota_estimate", None)
+        try:
+            tokens = estimate(request) if estimate else None
+            enforce(
+                request,
+                getattr(request, "user", None),
+                None if tokens is not None else _json_body(request),
+                tokens,
+            )
+        except (QuotaExceeded, RequestTooLarge) as exc:
+            return JsonResponse(error_body(exc), status=error_status(exc))
+        except InvalidRequest as exc:
+            return simple_error(400, "invalid_request", str(exc))
+        except AnonymousNotAllowed as exc:
+            return simple_error(401, "not_authenticated", str(exc))
+        except ConfigurationError as exc:
+            return simple_error(403, "quota_not_configured", str(exc))
+        except StoreUnavailable:
+            response = simple_error(503, "quota_unavailable", "Quota service unavailable.")
+            response["Retry-After"] = str(max(int(services.get_breaker().retry_after()) + 1, 1))
+            return response
+        return None
+
+    def _settle(self, request: HttpRequest, reservation: Any, response: HttpResponseBase) -> None:
+        if response.status_code >= 400:
+            services.refund(reservation)
+        elif isinstance(response, StreamingHttpResponse):
+            prompt = getattr(request, PROMPT_ATTR, None)
+            response.streaming_content = StreamMeter(
+                response.streaming_content, reservation, prompt
+            )
+        else:
+            usage = _usage_of(response)
+            outcome = services.settle(reservation, **usage)
+            state = state_of(request)
+            if state is not None and outcome.remaining is not None:
+                setattr(request, STATE_ATTR, replace(state, remaining=outcome.remaining))
+
+
+def _json_body(request: HttpRequest) -> Any:
+    if len(request.body) > quota_settings.MAX_BODY_BYTES:
+        raise InvalidRequest(
+            f"Request body is over the {quota_settings.MAX_BODY_BYTES}-byte limit."
+        )
+    try:
+        return json.loads(request.body or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from exc
+
+
+def _usage_of(response: HttpResponseBase) -> dict[str, int]:
+    """``prompt_tokens`` / ``completion_tokens`` / ``total_tokens`` from a JSON body."""
+    if "json" not in response.get("Content-Type", ""):
+        return {}
+    try:
+        usage = json.loads(response.content).get("usage")  # type: ignore[attr-defined]
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return {}
+    return _clean_usage(usage)
+
+
+def _clean_usage(usage: Any) -> dict[str, int]:
+    if not isinstance(usage, dict):
+        return {}
+    fields = ("prompt_tokens", "completion_tokens", "total_tokens")
+    clean = {
+        name: usage[name]
+        for name in fields
+        if isinstance(usage.get(name), int)
+        and not isinstance(usage[name], bool)
+        and usage[name] >= 0
+    }
+    if "total_tokens" in clean and len(clean) == 3:
+        del clean["total_tokens"]  # the parts are the more detailed record
+    return clean
+
+
+class StreamMeter:
+    """Wraps a streaming body; settles once when it ends, fails or is closed early."""
+
+    def __init__(self, content: Iterator[bytes], reservation: Any, prompt: int | None) -> None:
+        self._content = iter(content)
+        self._reservation = reservation
+        self._prompt = prompt
+        self._usage: dict[str, int] = {}
+        self._text: list[str] = []
+        self._partial = b""
+        self._done = False
+
+    def __iter__(self) -> StreamMeter:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            chunk = next(self._content)
+        except BaseException:
+            self.close()
+            raise
+        self._observe(chunk if isinstance(chunk, bytes) else str(chunk).encode())
+        return chunk
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        closer = getattr(self._content, "close", None)
+        if closer:
+            closer()
+        try:
+            services.settle(self._reservation, **self._actual())
+        except Exception:  # never let settling break the response; the TTL sweep charges it
+            logger.exception("quotas: could not settle stream %s", self._reservation.id)
+
+    def _observe(self, chunk: bytes) -> None:
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.startswith(b"data:"):
+                self._event(line[5:].strip())
+
+    def _event(self, data: bytes) -> None:
+        if not data or data == b"[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        self._usage = _clean_usage(event.get("usage")) or self._usage
+        for choice in event.get("choices") or []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str):
+                self._text.append(content)
+
+    def _actual(self) -> dict[str, int]:
+        if self._usage:
+            return self._usage
+        encoding = encoding_for_model(
+            self._reservation.model,
+            fallback=quota_settings.FALLBACK_ENCODING,
+            allow_download=quota_settings.ALLOW_ENCODING_DOWNLOAD,
+        )
+        completion = count_text_tokens(encoding, "".join(self._text))
+        # A view that gave its own estimate has no counted prompt: only output is charged.
+        return {"prompt_tokens": self._prompt or 0, "completion_tokens": completion}

@@ -1,0 +1,97 @@
+"""DRF throttle enforcing token quotas.
+
+    class ChatView(APIView):
+        throttle_classes = [TokenQuotaThrottle]
+
+The throttle estimates the request body (``QUOTAS["ESTIMATOR"]``; a view can give its own
+figure with ``get_token_estimate(request)``), reserves it atomically, and turns a refusal
+into the 429 / 413 responses clients expect. DRF has no hook after the response, so
+``quotas.middleware.QuotaMiddleware`` settles the reservation and writes the headers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import exceptions, status
+from rest_framework.request import Request
+from rest_framework.throttling import BaseThrottle
+
+from quotas import services
+from quotas.core.estimate import InvalidRequest
+from quotas.core.types import ceil_seconds
+from quotas.enforcement import AnonymousNotAllowed, enforce
+from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
+from quotas.http import error_body, error_status
+
+__all__ = ["QuotaRejected", "TokenQuotaThrottle"]
+
+
+class QuotaRejected(exceptions.APIException):
+    """A 429 or 413 whose body keeps its numbers (DRF would turn them into strings)."""
+
+    def __init__(self, exc: QuotaExceeded | RequestTooLarge) -> None:
+        super().__init__()
+        self.status_code = error_status(exc)
+        self.detail = error_body(exc)  # type: ignore[assignment]
+
+
+class QuotaUnavailable(exceptions.APIException):
+    """503 under the fail-closed policy; DRF turns ``wait`` into ``Retry-After``."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "Quota service unavailable; try again shortly."
+    default_code = "quota_unavailable"
+
+    def __init__(self, wait: float) -> None:
+        super().__init__()
+        self.wait = max(ceil_seconds(wait), 1)
+
+
+class QuotaNotConfigured(exceptions.PermissionDenied):
+    default_code = "quota_not_configured"
+
+
+class TokenQuotaThrottle(BaseThrottle):
+    """Reserve the request's tokens; raise the matching API error when refused."""
+
+    def allow_request(self, request: Request, view: Any) -> bool:
+        self.retry_after: float | None = None
+        tokens = None
+        if hasattr(view, "get_token_estimate"):
+            tokens = view.get_token_estimate(request)
+        try:
+            enforce(
+                request._request, request.user, _body(request) if tokens is None else None, tokens
+            )
+        except InvalidRequest as exc:
+            raise exceptions.ValidationError({"detail": str(exc)}) from exc
+        except AnonymousNotAllowed as exc:
+            raise exceptions.NotAuthenticated(str(exc)) from exc
+        except QuotaExceeded as exc:
+            self.retry_after = exc.retry_after
+            raise QuotaRejected(exc) from exc
+        except RequestTooLarge as exc:
+            raise QuotaRejected(exc) from exc
+        except ConfigurationError as exc:
+            raise QuotaNotConfigured(str(exc)) from exc
+        except StoreUnavailable as exc:
+            raise QuotaUnavailable(services.get_breaker().retry_after()) from exc
+        return True
+
+    def wait(self) -> float | None:
+        return self.retry_after
+
+
+def _body(request: Request) -> Any:
+    from quotas.conf import quota_settings
+
+    length = request.META.get("CONTENT_LENGTH") or "0"
+    if length.isdigit() and int(length) > quota_settings.MAX_BODY_BYTES:
+        raise exceptions.ValidationError(
+            {
+                "detail": f"Request body of {length} bytes is over the "
+                f"{quota_settings.MAX_BODY_BYTES}-byte limit."
+            }
+        )
+    return request.data

@@ -1,0 +1,86 @@
+"""Shared fixtures. Tests talk to the real Redis named by REDIS_URL (never fakeredis).
+
+Every test gets its own QUOTAS key prefix, so tests never see each other's windows, and the
+prefix's keys are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+from django_redis import get_redis_connection
+
+from quotas import services
+
+
+def quotas_settings(**overrides: Any) -> dict[str, Any]:
+    return {**settings.QUOTAS, **overrides}
+
+
+@pytest.fixture
+def redis_client() -> Any:
+    return get_redis_connection("default")
+
+
+@pytest.fixture(autouse=True)
+def isolated_quotas(redis_client: Any) -> Iterator[str]:
+    """A fresh key prefix (and fresh per-process store and breaker) for every test."""
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    with override_settings(QUOTAS=quotas_settings(KEY_PREFIX=prefix)):
+        services.reset_runtime()
+        yield prefix
+    services.reset_runtime()
+    keys = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        redis_client.delete(*keys)
+
+
+@pytest.fixture
+def quota_config(isolated_quotas: str) -> Callable[..., Any]:
+    """``quota_config(WINDOW_SECONDS=6, BUCKET_SECONDS=0.5)`` within a test (same prefix)."""
+    stack: list[Any] = []
+
+    def apply(**overrides: Any) -> None:
+        ctx = override_settings(QUOTAS=quotas_settings(KEY_PREFIX=isolated_quotas, **overrides))
+        ctx.enable()
+        stack.append(ctx)
+        services.reset_runtime()
+
+    yield apply
+    while stack:
+        stack.pop().disable()
+    services.reset_runtime()
+
+
+@pytest.fixture
+def make_plan(db: Any) -> Callable[..., Any]:
+    from quotas.models import Plan
+
+    def make(**fields: Any) -> Plan:
+        slug = fields.pop("slug", f"plan-{uuid.uuid4().hex[:6]}")
+        fields.setdefault("name", slug.title())
+        fields.setdefault("tokens_per_hour", 10_000)
+        return Plan.objects.create(slug=slug, **fields)
+
+    return make
+
+
+@pytest.fixture
+def make_user(db: Any) -> Callable[..., Any]:
+    from django.contrib.auth import get_user_model
+
+    from quotas.models import UserQuota
+
+    def make(plan: Any = None, override: int | None = None, **fields: Any) -> Any:
+        username = fields.pop("username", f"user-{uuid.uuid4().hex[:8]}")
+        user = get_user_model().objects.create_user(username=username, **fields)
+        if plan is not None or override is not None:
+            UserQuota.objects.create(user=user, plan=plan, tokens_per_hour_override=override)
+        return user
+
+    return make

@@ -1,0 +1,188 @@
+"""Contract tests of the Redis window store, on the real Redis, with an injected clock."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from django_redis import get_redis_connection
+
+from quotas.backends.redis import RedisWindowStore
+from quotas.core.types import Limits, ReserveStatus, WindowSpec
+
+T0 = 1_800_000_000_000  # a bucket boundary for every bucket size used here
+TTL = 600_000
+
+
+@pytest.fixture
+def store() -> Any:
+    client = get_redis_connection("default")
+    prefix = f"test-store-{uuid.uuid4().hex[:8]}"
+    yield RedisWindowStore(client, prefix=prefix, spec=WindowSpec.from_seconds(6, 0.5))
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+def limits(tokens: int = 1000, **kwargs: Any) -> Limits:
+    return Limits(tokens_per_window=tokens, plan_slug="p", **kwargs)
+
+
+def reserve(store: Any, tokens: int, at: int, rid: str | None = None, **kwargs: Any) -> Any:
+    kwargs.setdefault("limits", limits())
+    return store.reserve("u", rid or uuid.uuid4().hex, tokens, ttl_ms=TTL, now_ms=at, **kwargs)
+
+
+def test_without_stored_limits_asks_for_them_and_charges_nothing(store: Any) -> None:
+    result = store.reserve("u", "a", 10, ttl_ms=TTL, now_ms=T0)
+    assert result.status is ReserveStatus.NEEDS_CONFIG
+    assert result.window_has_epoch is False
+    assert store.peek("u", now_ms=T0) is False
+
+
+def test_tokens_come_back_exactly_when_their_bucket_leaves_the_window(store: Any) -> None:
+    assert reserve(store, 600, T0 + 100).allowed  # bucket [T0, T0+500)
+    assert reserve(store, 400, T0 + 2_600).allowed  # bucket [T0+2500, T0+3000)
+    # The first bucket is live until T0 + 6000 (window 6 s), not at a window boundary.
+    assert not reserve(store, 600, T0 + 5_999).allowed
+    assert reserve(store, 600, T0 + 6_000).allowed
+    # The second bucket leaves at T0 + 2500 + 6000.
+    assert not reserve(store, 400, T0 + 8_499).allowed
+    assert reserve(store, 400, T0 + 8_500).allowed
+
+
+def test_a_rejected_reservation_consumes_nothing(store: Any) -> None:
+    assert reserve(store, 900, T0).allowed
+    for _ in range(5):
+        assert reserve(store, 200, T0 + 10).status is ReserveStatus.OVER_TOKENS
+    snapshot = store.peek("u", now_ms=T0 + 20)
+    assert (snapshot.used, snapshot.remaining, snapshot.reserved) == (900, 100, 900)
+    assert reserve(store, 100, T0 + 30).allowed
+
+
+def test_retry_after_is_exact(store: Any) -> None:
+    reserve(store, 300, T0 + 100)
+    reserve(store, 300, T0 + 1_100)
+    reserve(store, 300, T0 + 2_100)
+    refused = reserve(store, 350, T0 + 3_000)
+    assert refused.status is ReserveStatus.OVER_TOKENS
+    # 350 needs 250 more tokens freed: the first bucket (300) leaves at T0 + 6000.
+    assert refused.retry_after == pytest.approx(3.0)
+    at = T0 + 3_000 + int(refused.retry_after * 1000)
+    assert not reserve(store, 350, at - 500).allowed  # one bucket earlier
+    assert reserve(store, 350, at).allowed
+
+
+def test_retry_after_skips_buckets_that_do_not_free_enough(store: Any) -> None:
+    reserve(store, 100, T0)
+    reserve(store, 800, T0 + 1_000)
+    refused = reserve(store, 500, T0 + 2_000)
+    # Freeing the 100-token bucket is not enough; the 800-token one leaves at T0 + 7000.
+    assert refused.retry_after == pytest.approx(5.0)
+
+
+def test_over_the_request_cap_or_the_whole_budget_never_fits(store: Any) -> None:
+    capped = limits(1000, max_tokens_per_request=300)
+    assert reserve(store, 301, T0, limits=capped).status is ReserveStatus.OVER_REQUEST_CAP
+    assert reserve(store, 1001, T0).status is ReserveStatus.OVER_BUDGET
+    assert store.peek("u", now_ms=T0).used == 0
+
+
+def test_settle_refund_returns_tokens_at_once(store: Any) -> None:
+    r = reserve(store, 800, T0, rid="a")
+    assert not reserve(store, 500, T0 + 10).allowed
+    settled = store.settle("u", "a", 200, epoch=r.epoch, now_ms=T0 + 20)
+    assert (settled.status, settled.applied, settled.remaining) == (1, -600, 800)
+    assert reserve(store, 500, T0 + 30).allowed
+
+
+def test_settle_extra_charge_past_the_limit_blocks_the_next_request(store: Any) -> None:
+    r = reserve(store, 100, T0, rid="a")
+    settled = store.settle("u", "a", 1_200, epoch=r.epoch, now_ms=T0 + 10)
+    assert settled.remaining == -200
+    refused = reserve(store, 1, T0 + 20)
+    assert refused.status is ReserveStatus.OVER_TOKENS
+    # The debt sits in the original bucket and ages out with it.
+    assert refused.retry_after == pytest.approx(5.98)
+
+
+def test_settling_twice_changes_nothing(store: Any) -> None:
+    r = reserve(store, 500, T0, rid="a")
+    first = store.settle("u", "a", 100, epoch=r.epoch, now_ms=T0 + 10)
+    second = store.settle("u", "a", 100, epoch=r.epoch, now_ms=T0 + 20)
+    by_id = store.settle("u", "a", 999, epoch="", now_ms=T0 + 30)
+    assert first.status == 1 and second.status == 0 and by_id.status == 0
+    assert store.peek("u", now_ms=T0 + 40).used == 100
+
+
+def test_a_refund_after_the_bucket_aged_out_changes_nothing(store: Any) -> None:
+    r = reserve(store, 500, T0, rid="a")
+    reserve(store, 300, T0 + 3_000)
+    late = store.settle("u", "a", 0, epoch=r.epoch, now_ms=T0 + 6_100)
+    assert late.status == 1 and late.applied == 0
+    assert store.peek("u", now_ms=T0 + 6_100).used == 300
+
+
+def test_settle_releases_the_concurrency_slot(store: Any) -> None:
+    two = limits(1000, max_concurrent_requests=2)
+    a = reserve(store, 10, T0, rid="a", limits=two)
+    reserve(store, 10, T0, rid="b", limits=two)
+    refused = reserve(store, 10, T0, rid="c", limits=two)
+    assert refused.status is ReserveStatus.OVER_CONCURRENCY
+    store.settle("u", "a", 10, epoch=a.epoch, now_ms=T0 + 1)
+    assert reserve(store, 10, T0 + 2, rid="c", limits=two).allowed
+
+
+def test_requests_per_minute_slide_and_report_retry_after(store: Any) -> None:
+    rpm = limits(10_000, requests_per_minute=3)
+    for i in range(3):
+        assert reserve(store, 1, T0 + i * 1_000, limits=rpm).allowed
+    refused = reserve(store, 1, T0 + 10_000, limits=rpm)
+    assert refused.status is ReserveStatus.OVER_REQUESTS
+    assert refused.retry_after == pytest.approx(50.0)  # the first request leaves at T0 + 60 s
+    assert reserve(store, 1, T0 + 60_000, limits=rpm).allowed
+
+
+def test_all_or_nothing_across_limits(store: Any) -> None:
+    rpm = limits(1000, requests_per_minute=1)
+    assert reserve(store, 10, T0, limits=rpm).allowed
+    assert not reserve(store, 10, T0 + 1, limits=rpm).allowed  # tokens fit, requests do not
+    assert store.peek("u", now_ms=T0 + 2).used == 10
+
+
+def test_expired_reservations_move_to_the_outbox_once(store: Any) -> None:
+    store.reserve("u", "a", 100, ttl_ms=1_000, limits=limits(), now_ms=T0, model="gpt-4")
+    assert store.expire("u", now_ms=T0 + 999) == []
+    expired = store.expire("u", now_ms=T0 + 1_001)
+    assert [(e.reservation_id, e.estimate, e.model) for e in expired] == [("a", 100, "gpt-4")]
+    assert store.expire("u", now_ms=T0 + 1_002) == expired  # still waiting for its ack
+    store.ack_expired("u", ["a"])
+    assert store.expire("u", now_ms=T0 + 1_003) == []
+    snapshot = store.peek("u", now_ms=T0 + 1_004)
+    assert (snapshot.used, snapshot.reserved, snapshot.in_flight) == (100, 0, 0)
+
+
+def test_a_lost_window_is_seeded_from_the_caller(store: Any) -> None:
+    spec = store.spec
+    seed = [(spec.bucket_of(T0 - 7_000), 999), (spec.bucket_of(T0 - 1_000), 700)]
+    result = reserve(store, 200, T0, epoch="e2", seed=seed)
+    assert result.allowed and result.epoch == "e2"
+    assert store.peek("u", now_ms=T0).used == 900  # the 7 s old bucket is outside the window
+
+
+def test_every_key_has_a_ttl_and_the_users_hash_tag(store: Any) -> None:
+    store.reserve("u", "a", 100, ttl_ms=TTL, limits=limits(requests_per_minute=5), now_ms=None)
+    for key in store.keys("u"):
+        if store.client.exists(key):
+            assert "{u}" in key
+            assert store.client.pttl(key) > 0
+
+
+def test_memory_after_1000_reservations_over_one_window(store: Any) -> None:
+    rpm = limits(10**9, requests_per_minute=10_000)
+    for i in range(1_000):
+        at = T0 + i * 6  # 1,000 reservations spread over the 6 s window
+        r = reserve(store, 500, at, rid=f"r{i}", limits=rpm)
+        store.settle("u", f"r{i}", 450, epoch=r.epoch, now_ms=at + 3)
+    assert store.memory_usage("u") <= 2048
