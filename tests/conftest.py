@@ -40,6 +40,18 @@ def isolated_quotas(redis_client: Any) -> Iterator[str]:
         redis_client.delete(*keys)
 
 
+@pytest.fixture(autouse=True)
+def eager_celery() -> Iterator[None]:
+    """Run queued tasks in-process, so nothing piles up in the shared broker. Tests that
+    start a real worker turn this off (``celery_app.conf.task_always_eager = False``)."""
+    from project.celery import app
+
+    saved = app.conf.task_always_eager, app.conf.task_eager_propagates
+    app.conf.task_always_eager, app.conf.task_eager_propagates = True, True
+    yield
+    app.conf.task_always_eager, app.conf.task_eager_propagates = saved
+
+
 @pytest.fixture
 def quota_config(isolated_quotas: str) -> Callable[..., Any]:
     """``quota_config(WINDOW_SECONDS=6, BUCKET_SECONDS=0.5)`` within a test (same prefix)."""
@@ -55,6 +67,12 @@ def quota_config(isolated_quotas: str) -> Callable[..., Any]:
     while stack:
         stack.pop().disable()
     services.reset_runtime()
+
+
+@pytest.fixture
+def on_commit(django_capture_on_commit_callbacks: Any) -> Any:
+    """``with on_commit(execute=True):`` runs the ledger writes queued after commit."""
+    return django_capture_on_commit_callbacks
 
 
 @pytest.fixture

@@ -1,0 +1,65 @@
+"""System checks refuse configurations that cannot work, with stable ids."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.checks import Error, Warning, run_checks
+from django.test import override_settings
+
+from quotas import checks
+
+
+def quota_errors(**quotas):
+    with override_settings(QUOTAS={**settings.QUOTAS, **quotas}):
+        return run_checks(tags=["quotas"])
+
+
+def test_the_demo_configuration_is_clean():
+    assert quota_errors() == []
+
+
+def test_missing_cache_alias():
+    assert quota_errors(CACHE_ALIAS="nope") == [
+        Error(checks.E001_MSG.format(alias="nope"), hint=checks.E001_HINT, id="quotas.E001")
+    ]
+
+
+def test_a_cache_that_is_not_shared_redis():
+    caches = {
+        **settings.CACHES,
+        "local": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    }
+    with override_settings(CACHES=caches):
+        errors = quota_errors(CACHE_ALIAS="local")
+    backend = "django.core.cache.backends.locmem.LocMemCache"
+    assert errors == [
+        Error(
+            checks.E002_MSG.format(alias="local", backend=backend),
+            hint=checks.E002_HINT,
+            id="quotas.E002",
+        )
+    ]
+
+
+def test_bad_window_geometry_policy_numbers_and_typos():
+    errors = quota_errors(
+        WINDOW_SECONDS=100,
+        BUCKET_SECONDS=30,
+        FAILURE_POLICY="maybe",
+        ALERT_THRESHOLD=2,
+        WINDOW_SECONDZ=1,
+    )
+    assert [e.id for e in errors] == ["quotas.E003", "quotas.E004", "quotas.E005", "quotas.E006"]
+    assert "multiple of BUCKET_SECONDS" in errors[0].msg
+    assert errors[1].msg == checks.E004_MSG.format(value="maybe")
+    assert errors[3].msg == checks.E006_MSG.format(keys="WINDOW_SECONDZ")
+
+
+def test_throttle_without_the_middleware_warns():
+    middleware = [m for m in settings.MIDDLEWARE if "Quota" not in m]
+    rest = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_CLASSES": ["quotas.throttling.TokenQuotaThrottle"],
+    }
+    with override_settings(MIDDLEWARE=middleware, REST_FRAMEWORK=rest):
+        assert quota_errors() == [Warning(checks.W001_MSG, hint=checks.W001_HINT, id="quotas.W001")]
