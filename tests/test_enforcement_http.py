@@ -1,0 +1,237 @@
+"""The throttle and the middleware through HTTP (Django test client, real Redis)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import override_settings
+from rest_framework.test import APIClient
+
+from quotas import services
+from quotas.models import UsageRecord
+
+pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.enforced_urls")]
+
+BODY = {"model": "gpt-4", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 92}
+ESTIMATE = 8 + 92  # "Hello" as a chat message is 8 prompt tokens
+
+
+@pytest.fixture
+def user(make_plan, make_user):
+    return make_user(plan=make_plan(slug="basic", tokens_per_hour=1000, max_tokens_per_request=600))
+
+
+@pytest.fixture
+def client(user):
+    api = APIClient()
+    api.force_authenticate(user)
+    return api
+
+
+def post(client, url, body=BODY, **kwargs):
+    return client.post(url, body, format="json", **kwargs)
+
+
+def test_a_served_request_is_settled_from_its_usage_block(client, user, on_commit):
+    with on_commit(execute=True):
+        response = post(client, "/completion/")
+    assert response.status_code == 200
+    assert response["X-RateLimit-Limit"] == "1000"
+    assert response["X-RateLimit-Remaining"] == "960"  # settled at 40, not the 100 estimate
+    assert response["x-ratelimit-remaining-tokens"] == "960"
+    assert response["RateLimit-Policy"] == '"tokens";q=1000;w=3600'
+    assert response["RateLimit"].startswith('"tokens";r=960;t=')
+    me = client.get("/quotas/me/").json()
+    assert (me["used"], me["remaining"]) == (40, 960)
+    assert int(response["X-RateLimit-Reset"]) == pytest.approx(me["reset_seconds"], abs=1)
+    record = UsageRecord.objects.get()
+    assert (record.estimated_tokens, record.actual_tokens, record.status) == (
+        ESTIMATE,
+        40,
+        "settled",
+    )
+
+
+def test_over_budget_is_a_429_the_openai_client_understands(client):
+    for _ in range(10):
+        assert post(client, "/no-usage/").status_code == 200
+    response = post(client, "/no-usage/")
+    assert response.status_code == 429
+    body = response.json()
+    error = body["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert (error["limit"], error["remaining"], error["requested"]) == (1000, 0, ESTIMATE)
+    assert body["detail"] == error["message"]
+    retry = int(response["Retry-After"])
+    assert retry == error["retry_after_seconds"]
+    assert int(response["retry-after-ms"]) <= retry * 1000
+    assert response["X-RateLimit-Remaining"] == "0"
+
+
+def test_a_request_that_can_never_fit_is_a_413_without_retry_after(client):
+    response = post(client, "/no-usage/", {**BODY, "max_tokens": 700})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert "Retry-After" not in response
+    assert client.get("/quotas/me/").json()["used"] == 0
+
+
+def test_a_failed_view_refunds_everything(client, on_commit):
+    with on_commit(execute=True):
+        assert post(client, "/failing/").status_code == 502
+    assert client.get("/quotas/me/").json()["used"] == 0
+    assert UsageRecord.objects.get().status == "refunded"
+
+
+def test_a_2xx_without_usage_keeps_the_estimate(client):
+    post(client, "/no-usage/")
+    assert client.get("/quotas/me/").json()["used"] == ESTIMATE
+
+
+def test_an_explicit_settle_wins_over_the_usage_block(client):
+    post(client, "/explicit/")
+    assert client.get("/quotas/me/").json()["used"] == 7
+
+
+def test_a_view_can_give_its_own_estimate(client):
+    post(client, "/own-estimate/", {"anything": True})
+    assert client.get("/quotas/me/").json()["used"] == 123
+
+
+def test_the_default_output_allowance_comes_from_the_plan(client):
+    post(client, "/no-usage/", {"messages": BODY["messages"]})  # no max_tokens
+    assert client.get("/quotas/me/").json()["used"] == 8 + 256
+
+
+# A closed stream ends the request, and Django then closes the database connection: these
+# tests run outside a test transaction so the connection simply reopens.
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("with_usage", [True, False])
+def test_streams_settle_when_they_end(client, with_usage):
+    response = post(client, "/stream/", {**BODY, "stream_usage": with_usage})
+    assert client.get("/quotas/me/").json()["used"] == ESTIMATE  # not settled yet
+    b"".join(response.streaming_content)
+    response.close()
+    expected = 40 if with_usage else 8 + 3  # prompt + "hello world again"
+    assert client.get("/quotas/me/").json()["used"] == expected
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stream_the_client_abandons_is_settled_with_what_was_produced(client):
+    response = post(client, "/stream/", BODY)
+    next(iter(response.streaming_content))  # one chunk, then the client goes away
+    response.close()
+    assert client.get("/quotas/me/").json()["used"] == 8 + 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{not json", "JSON parse error"),
+        (json.dumps({"messages": "hi"}).encode(), "'messages' must be a non-empty list"),
+        (json.dumps({**BODY, "max_tokens": -3}).encode(), "'max_tokens' must be a positive"),
+    ],
+)
+def test_bad_bodies_are_400_with_a_message(client, raw, message):
+    response = client.post("/completion/", raw, content_type="application/json")
+    assert response.status_code == 400
+    assert message in json.dumps(response.json())
+
+
+def test_a_huge_body_is_refused_before_parsing(client):
+    huge = json.dumps({"prompt": "x" * 1_100_000})
+    response = client.post("/completion/", huge, content_type="application/json")
+    assert response.status_code == 400
+    assert "byte limit" in response.json()["detail"]
+
+
+def test_anonymous_requests_are_401_by_default():
+    response = post(APIClient(), "/open/")
+    assert response.status_code == 401
+
+
+def test_anonymous_requests_can_have_a_plan_keyed_by_address(make_plan, quota_config):
+    make_plan(slug="anon", tokens_per_hour=150)
+    quota_config(ANONYMOUS_PLAN="anon")
+    first = post(APIClient(), "/open/", REMOTE_ADDR="10.1.1.1")
+    assert first.status_code == 200
+    assert post(APIClient(), "/open/", REMOTE_ADDR="10.1.1.1").status_code == 200  # 40 each
+    assert (
+        post(APIClient(), "/open/", {**BODY, "max_tokens": 140}, REMOTE_ADDR="10.1.1.1").status_code
+        == 429
+    )
+    assert post(APIClient(), "/open/", REMOTE_ADDR="10.2.2.2").status_code == 200
+
+
+def test_plain_views_opt_in_with_the_decorator(user, make_user):
+    from django.test import Client
+
+    web = Client()
+    web.force_login(user)
+    response = web.post("/plain/", BODY, content_type="application/json")
+    assert response.status_code == 200
+    assert response["X-RateLimit-Remaining"] == "960"
+    assert web.post("/plain/", b"{bad", content_type="application/json").status_code == 400
+    assert web.post("/plain-fixed/").status_code == 200
+    assert services.budget_for(user)["used"] == 40 + 50
+    assert Client().post("/plain/", BODY, content_type="application/json").status_code == 401
+
+
+def test_requests_per_minute_headers_and_refusal(make_plan, make_user):
+    user = make_user(plan=make_plan(tokens_per_hour=100_000, requests_per_minute=2))
+    api = APIClient()
+    api.force_authenticate(user)
+    first = post(api, "/no-usage/")
+    assert first["x-ratelimit-limit-requests"] == "2"
+    assert first["x-ratelimit-remaining-requests"] == "1"
+    assert first["RateLimit-Policy"] == '"tokens";q=100000;w=3600, "requests";q=2;w=60'
+    post(api, "/no-usage/")
+    refused = post(api, "/no-usage/")
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "requests"
+    assert 55 <= int(refused["Retry-After"]) <= 60
+
+
+def test_a_user_without_a_plan_gets_a_clear_403(make_user):
+    api = APIClient()
+    api.force_authenticate(make_user())
+    response = post(api, "/completion/")
+    assert response.status_code == 403
+    assert "no default plan" in response.json()["detail"]
+
+
+def test_fail_closed_answers_503_with_retry_after(client, quota_config):
+    broken = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": "redis://127.0.0.1:1/0",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.2},
+    }
+    from django.conf import settings
+
+    with override_settings(CACHES={**settings.CACHES, "broken": broken}):
+        quota_config(CACHE_ALIAS="broken", FAILURE_POLICY="closed")
+        response = post(client, "/completion/")
+    assert response.status_code == 503
+    assert int(response["Retry-After"]) >= 1
+
+
+def test_fail_open_serves_marks_the_response_and_keeps_the_ledger(client, quota_config, on_commit):
+    broken = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": "redis://127.0.0.1:1/0",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.2},
+    }
+    from django.conf import settings
+
+    with override_settings(CACHES={**settings.CACHES, "broken": broken}):
+        quota_config(CACHE_ALIAS="broken")
+        with on_commit(execute=True):
+            response = post(client, "/completion/")
+        too_large = post(client, "/completion/", {**BODY, "max_tokens": 700})
+    assert response.status_code == 200
+    assert response["X-Quota-Degraded"] == "redis-unavailable"
+    assert "X-RateLimit-Remaining" not in response
+    assert too_large.status_code == 413  # the per-request cap needs no Redis
+    record = UsageRecord.objects.get()
+    assert (record.status, record.actual_tokens) == ("degraded", 40)
