@@ -45,6 +45,7 @@ __all__ = [
     "estimate",
     "get_store",
     "limits_for",
+    "move_to_plan",
     "refund",
     "reserve",
     "reset_window",
@@ -662,3 +663,18 @@ def forget_limits_of(user_ids: list[int] | None) -> None:
             store.forget_limits([str(pk) for pk in user_ids])
     except StoreUnavailable:
         logger.warning("quotas: Redis unavailable; limits will reload when their keys expire")
+
+
+def move_to_plan(user_ids: list[int], plan: Plan) -> int:
+    """Put these users on ``plan`` (admin action); their next request uses it."""
+    with transaction.atomic():
+        existing = set(
+            UserQuota.objects.filter(user_id__in=user_ids).values_list("user_id", flat=True)
+        )
+        UserQuota.objects.filter(user_id__in=existing).update(plan=plan)
+        UserQuota.objects.bulk_create(
+            [UserQuota(user_id=pk, plan=plan) for pk in user_ids if pk not in existing]
+        )
+        # Bulk updates send no signals: drop the cached limits ourselves, after commit.
+        transaction.on_commit(lambda: forget_limits_of(list(user_ids)))
+    return len(user_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from django.contrib import admin
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import include, path
 from rest_framework.permissions import AllowAny
@@ -99,4 +100,5 @@ urlpatterns = [
     path("plain/", plain_view),
     path("plain-fixed/", plain_fixed),
     path("quotas/", include("quotas.urls")),
+    path("admin/", admin.site.urls),
 ]

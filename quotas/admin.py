@@ -1,0 +1,111 @@
+"""Admin: plans are editable, user quotas show live usage, the usage ledger is read-only.
+
+Actions delegate to ``quotas.services``; every edit takes effect on the user's next request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ActionForm
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from quotas import services
+from quotas.exceptions import QuotaError
+from quotas.models import Plan, UsageRecord, UserQuota
+
+
+@admin.register(Plan)
+class PlanAdmin(admin.ModelAdmin):
+    list_display = [
+        "name",
+        "slug",
+        "tier",
+        "tokens_per_hour",
+        "max_tokens_per_request",
+        "requests_per_minute",
+        "max_concurrent_requests",
+        "default_output_tokens",
+        "is_default",
+        "is_active",
+    ]
+    list_editable = ["tokens_per_hour", "requests_per_minute", "is_active"]
+    list_filter = ["is_active", "is_default"]
+    prepopulated_fields = {"slug": ["name"]}
+    search_fields = ["name", "slug"]
+
+
+class MoveToPlanForm(ActionForm):
+    plan = forms.ModelChoiceField(
+        Plan.objects.active(), required=False, help_text="Target plan for “Move to plan”."
+    )
+
+
+@admin.register(UserQuota)
+class UserQuotaAdmin(admin.ModelAdmin):
+    list_display = ["user", "plan", "tokens_per_hour_override", "live_usage"]
+    list_filter = ["plan"]
+    list_select_related = ["user", "plan"]
+    search_fields = ["user__username", "user__email"]
+    autocomplete_fields = ["user"]
+    action_form = MoveToPlanForm
+    actions = ["reset_window", "move_to_plan"]
+
+    @admin.display(description="Used / limit (live)")
+    def live_usage(self, obj: UserQuota) -> str:
+        try:
+            budget = services.budget_for(obj.user)
+        except QuotaError as exc:
+            return f"unavailable: {exc}"
+        if budget["used"] is None:
+            return f"? / {budget['limit']} (Redis unavailable)"
+        return f"{budget['used']} / {budget['limit']} ({budget['reserved']} reserved)"
+
+    @admin.action(description="Reset the selected users' windows (full budget now)")
+    def reset_window(self, request: HttpRequest, queryset: QuerySet[UserQuota]) -> None:
+        for quota in queryset.select_related("user"):
+            services.reset_window(quota.user)
+        self.message_user(request, f"Reset {queryset.count()} window(s).")
+
+    @admin.action(description="Move the selected users to the chosen plan")
+    def move_to_plan(self, request: HttpRequest, queryset: QuerySet[UserQuota]) -> None:
+        plan = request.POST.get("plan")
+        target = Plan.objects.filter(pk=plan).first() if plan else None
+        if target is None:
+            self.message_user(request, "Choose a plan first.", level=messages.ERROR)
+            return
+        moved = services.move_to_plan(list(queryset.values_list("user_id", flat=True)), target)
+        self.message_user(request, f"Moved {moved} user(s) to {target}.")
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    """The ledger is evidence: it can be read and filtered, never edited."""
+
+    list_display = [
+        "request_id",
+        "user",
+        "model",
+        "status",
+        "estimated_tokens",
+        "actual_tokens",
+        "difference",
+        "created_at",
+        "settled_at",
+    ]
+    list_filter = ["status", "model", "created_at", ("user", admin.RelatedOnlyFieldListFilter)]
+    search_fields = ["request_id", "user__username", "model", "scope"]
+    date_hierarchy = "created_at"
+    list_select_related = ["user"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
