@@ -7,6 +7,7 @@ CELERY_BROKER_URL  default: REDIS_URL with database 1.
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import dj_database_url
 
@@ -101,7 +102,15 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
 }
 
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or (REDIS_URL.rsplit("/", 1)[0] + "/1")
+
+
+def _redis_db(url: str, db: int) -> str:
+    """The same Redis server, another database number (the broker's)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or _redis_db(REDIS_URL, 1)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -124,6 +133,7 @@ GATEWAY = {
     "UPSTREAM_URL": os.environ.get("GATEWAY_UPSTREAM_URL", ""),
     "UPSTREAM_API_KEY": os.environ.get("GATEWAY_UPSTREAM_API_KEY", ""),
     "FAKE_ANSWER_TOKENS": int(os.environ.get("GATEWAY_FAKE_ANSWER_TOKENS", "300")),
+    "ENFORCE_QUOTAS": os.environ.get("GATEWAY_ENFORCE_QUOTAS", "1") != "0",
 }
 
 AUTH_PASSWORD_VALIDATORS = []

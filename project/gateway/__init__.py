@@ -1,0 +1,1 @@
+"""The demo gateway: an OpenAI-compatible endpoint guarded by the ``quotas`` app."""
