@@ -94,11 +94,19 @@ class QuotaMiddleware:
                 response.streaming_content, reservation, prompt
             )
         else:
-            usage = _usage_of(response)
-            outcome = services.settle(reservation, **usage)
+            outcome = _settle_with(reservation, _usage_of(response))
             state = state_of(request)
             if state is not None and outcome.remaining is not None:
                 setattr(request, STATE_ATTR, replace(state, remaining=outcome.remaining))
+
+
+def _settle_with(reservation: Any, usage: dict[str, int]) -> services.Settlement:
+    return services.settle(
+        reservation,
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        total_tokens=usage.get("total_tokens"),
+    )
 
 
 def _json_body(request: HttpRequest) -> Any:
@@ -171,7 +179,7 @@ class StreamMeter:
         if closer:
             closer()
         try:
-            services.settle(self._reservation, **self._actual())
+            _settle_with(self._reservation, self._actual())
         except Exception:  # never let settling break the response; the TTL sweep charges it
             logger.exception("quotas: could not settle stream %s", self._reservation.id)
 

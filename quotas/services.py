@@ -16,7 +16,7 @@ import logging
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
@@ -54,7 +54,7 @@ __all__ = [
 
 logger = logging.getLogger("quotas")
 
-User = AbstractBaseUser | AnonymousUser
+User: TypeAlias = AbstractBaseUser | AnonymousUser
 
 
 @dataclass(frozen=True)
@@ -415,7 +415,7 @@ def settle(
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
     total_tokens: int | None = None,
-    status: str = UsageRecord.Status.SETTLED,
+    status: str = "settled",
 ) -> Settlement:
     """Replace the estimate with the actual usage; idempotent by reservation id.
 
@@ -427,7 +427,7 @@ def settle(
     reservation = _as_reservation(reservation_or_id)
     actual = _actual_tokens(prompt_tokens, completion_tokens, total_tokens)
     if reservation.degraded:
-        status = UsageRecord.Status.DEGRADED
+        status = "degraded"
         outcome = Settlement(
             reservation.id,
             reservation.estimated_tokens,
@@ -457,7 +457,7 @@ def settle(
 
 def refund(reservation_or_id: Reservation | str) -> Settlement:
     """Give back the whole reservation: the LLM call failed and nothing was used."""
-    return settle(reservation_or_id, total_tokens=0, status=UsageRecord.Status.REFUNDED)
+    return settle(reservation_or_id, total_tokens=0, status="refunded")
 
 
 def _settle_in_store(

@@ -191,9 +191,19 @@ class SettleResult:
 
     @classmethod
     def from_script(cls, raw: list) -> SettleResult:
-        values = [int(v) for v in raw[:8]]
+        status, applied, estimate, reserved_at, limit, remaining, reset, actual = (
+            int(v) for v in raw[:8]
+        )
         return cls(
-            *values[:6], reset_seconds=_seconds(values[6]), actual=values[7], model=_text(raw[8])
+            status,
+            applied,
+            estimate,
+            reserved_at,
+            limit,
+            remaining,
+            reset_seconds=_seconds(reset),
+            actual=actual,
+            model=_text(raw[8]),
         )
 
 
