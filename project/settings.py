@@ -103,7 +103,6 @@ REST_FRAMEWORK = {
 }
 
 
-
 def _redis_db(url: str, db: int) -> str:
     """The same Redis server, another database number (the broker's)."""
     parts = urlsplit(url)
@@ -115,7 +114,13 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_TIMEOUT = 1.0
-CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 1, "socket_timeout": 1}
+# A dead broker fails a publish at once (kombu would otherwise reconnect for up to
+# CELERY_BROKER_CONNECTION_TIMEOUT); quotas then writes the usage row itself.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "socket_connect_timeout": 1,
+    "socket_timeout": 1,
+    "max_retries": 0,
+}
 CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER", "0") == "1"
 CELERY_BEAT_SCHEDULE = {
     "quotas-expire-reservations": {

@@ -23,7 +23,15 @@ from quotas.conf import quota_settings
 from quotas.core.types import QuotaState, ceil_seconds
 from quotas.exceptions import QuotaExceeded, RequestTooLarge
 
-__all__ = ["client_address", "error_body", "error_status", "quota_headers", "set_headers"]
+__all__ = [
+    "client_address",
+    "error_body",
+    "error_payload",
+    "error_status",
+    "quota_headers",
+    "set_headers",
+    "simple_error",
+]
 
 DEGRADED_HEADER = "X-Quota-Degraded"
 
@@ -127,13 +135,16 @@ def error_body(exc: QuotaExceeded | RequestTooLarge) -> dict[str, Any]:
     return {"detail": message, "error": error}
 
 
-def simple_error(status: int, code: str, message: str) -> JsonResponse:
-    """A JSON error response in the same two-part shape as the quota errors."""
-    body = {
+def error_payload(code: str, message: str) -> dict[str, Any]:
+    """Any other error in the same two-part shape as the quota errors."""
+    return {
         "detail": message,
         "error": {"code": code, "type": "invalid_request_error", "message": message},
     }
-    return JsonResponse(body, status=status)
+
+
+def simple_error(status: int, code: str, message: str) -> JsonResponse:
+    return JsonResponse(error_payload(code, message), status=status)
 
 
 def client_address(request: HttpRequest) -> str:

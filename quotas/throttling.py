@@ -18,11 +18,12 @@ from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
 from quotas import services
+from quotas.conf import quota_settings
 from quotas.core.estimate import InvalidRequest
 from quotas.core.types import ceil_seconds
 from quotas.enforcement import AnonymousNotAllowed, enforce
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
-from quotas.http import error_body, error_status
+from quotas.http import error_body, error_payload, error_status
 
 __all__ = ["QuotaRejected", "TokenQuotaThrottle"]
 
@@ -34,6 +35,16 @@ class QuotaRejected(exceptions.APIException):
         super().__init__()
         self.status_code = error_status(exc)
         self.detail = error_body(exc)  # type: ignore[assignment]
+
+
+class QuotaBadRequest(exceptions.APIException):
+    """A 400 for a body the estimator cannot read, in the same shape as the quota errors."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.detail = error_payload("invalid_request", message)  # type: ignore[assignment]
 
 
 class QuotaUnavailable(exceptions.APIException):
@@ -65,7 +76,7 @@ class TokenQuotaThrottle(BaseThrottle):
                 request._request, request.user, _body(request) if tokens is None else None, tokens
             )
         except InvalidRequest as exc:
-            raise exceptions.ValidationError({"detail": str(exc)}) from exc
+            raise QuotaBadRequest(str(exc)) from exc
         except AnonymousNotAllowed as exc:
             raise exceptions.NotAuthenticated(str(exc)) from exc
         except QuotaExceeded as exc:
@@ -84,14 +95,14 @@ class TokenQuotaThrottle(BaseThrottle):
 
 
 def _body(request: Request) -> Any:
-    from quotas.conf import quota_settings
-
+    """The parsed body, refusing what the estimator will not read (``InvalidRequest``)."""
     length = request.META.get("CONTENT_LENGTH") or "0"
     if length.isdigit() and int(length) > quota_settings.MAX_BODY_BYTES:
-        raise exceptions.ValidationError(
-            {
-                "detail": f"Request body of {length} bytes is over the "
-                f"{quota_settings.MAX_BODY_BYTES}-byte limit."
-            }
+        raise InvalidRequest(
+            f"Request body of {length} bytes is over the "
+            f"{quota_settings.MAX_BODY_BYTES}-byte limit."
         )
-    return request.data
+    try:
+        return request.data
+    except exceptions.ParseError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc.detail}") from exc

@@ -136,7 +136,8 @@ def test_a_stream_the_client_abandons_is_settled_with_what_was_produced(client):
 def test_bad_bodies_are_400_with_a_message(client, raw, message):
     response = client.post("/completion/", raw, content_type="application/json")
     assert response.status_code == 400
-    assert message in json.dumps(response.json())
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert message in response.json()["error"]["message"]
 
 
 def test_a_huge_body_is_refused_before_parsing(client):

@@ -1,0 +1,205 @@
+"""``POST /v1/chat/completions``: an OpenAI-compatible endpoint guarded by the token quota.
+
+The request is validated first (a malformed request is answered 400 and never touches the
+budget), then ``TokenQuotaThrottle`` reserves its estimate, then the fake model (or the
+upstream API) answers with a true ``usage`` block, from which ``QuotaMiddleware`` settles the
+reservation. Streams end with a chunk carrying ``usage`` (always, not only when
+``stream_options.include_usage`` asks for it) so they settle exactly too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from django.conf import settings
+from django.http import StreamingHttpResponse
+from rest_framework import exceptions, status
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.parsers import JSONParser
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from project.gateway import fake_model
+from project.gateway.serializers import ChatCompletionRequestSerializer, first_error
+from project.gateway.upstream import UpstreamError, complete_upstream
+from quotas.conf import quota_settings
+from quotas.throttling import TokenQuotaThrottle
+
+__all__ = ["ChatCompletionsView"]
+
+UPSTREAM_TIMEOUT_SECONDS = 60.0
+
+
+class GatewayError(exceptions.APIException):
+    """An error answered in OpenAI's shape, ``{"error": {...}}``, plus DRF's ``detail``."""
+
+    def __init__(
+        self, status_code: int, message: str, *, code: str, kind: str, param: str | None = None
+    ) -> None:
+        super().__init__()
+        self.status_code = status_code
+        error = {"message": message, "type": kind, "param": param, "code": code}
+        # Set after __init__: DRF would turn a dict passed in into strings and lists.
+        self.detail = {"detail": message, "error": error}  # type: ignore[assignment]
+
+
+def invalid_request(message: str, param: str | None = None) -> GatewayError:
+    return GatewayError(
+        400, message, code="invalid_value", kind="invalid_request_error", param=param
+    )
+
+
+class JSONOnlyNegotiation(DefaultContentNegotiation):
+    """Always render JSON (a stream bypasses rendering): a client that sends ``Accept:
+    text/event-stream`` for a stream must not get 406."""
+
+    def select_renderer(self, request: Request, renderers: list[Any], format_suffix: Any) -> Any:
+        return renderers[0], renderers[0].media_type
+
+
+class ChatCompletionsView(APIView):
+    """OpenAI's chat completions, answered by the fake model or the upstream API."""
+
+    throttle_classes = [TokenQuotaThrottle]
+    parser_classes = [JSONParser]
+    renderer_classes = [JSONRenderer]
+    content_negotiation_class = JSONOnlyNegotiation
+
+    def get_throttles(self) -> list[Any]:
+        # Read per request: the benchmark flips GATEWAY_ENFORCE_QUOTAS between runs.
+        if not settings.GATEWAY.get("ENFORCE_QUOTAS", True):
+            return []
+        return super().get_throttles()
+
+    def check_throttles(self, request: Request) -> None:
+        """Validate before the throttle reserves: a bad request costs the user nothing."""
+        if request.method != "POST":
+            return  # nothing is served (405, or OPTIONS), so nothing is reserved
+        self.chat = validated_chat_request(request)
+        if self.chat.get("stream") and settings.GATEWAY.get("UPSTREAM_URL"):
+            raise invalid_request(
+                "Streaming is not supported when the gateway forwards to an upstream API.",
+                "stream",
+            )
+        super().check_throttles(request)
+
+    def post(self, request: Request) -> Response | StreamingHttpResponse:
+        if settings.GATEWAY.get("UPSTREAM_URL"):
+            return self.forward_upstream(request)
+        answer = fake_model.answer(
+            self.chat["model"],
+            request.data["messages"],  # as sent: counted exactly as the estimator counted it
+            natural_tokens=settings.GATEWAY["FAKE_ANSWER_TOKENS"],
+            max_tokens=self.chat.get("max_completion_tokens") or self.chat.get("max_tokens"),
+        )
+        if self.chat.get("stream"):
+            return sse_response(completion_chunks(answer))
+        return Response(completion_object(answer))
+
+    def forward_upstream(self, request: Request) -> Response:
+        try:
+            body = complete_upstream(
+                request.data,
+                base_url=settings.GATEWAY["UPSTREAM_URL"],
+                api_key=settings.GATEWAY.get("UPSTREAM_API_KEY", ""),
+                timeout=settings.GATEWAY.get("UPSTREAM_TIMEOUT_SECONDS", UPSTREAM_TIMEOUT_SECONDS),
+            )
+        except UpstreamError as exc:
+            raise GatewayError(502, str(exc), code="upstream_error", kind="api_error") from exc
+        return Response(body)
+
+
+def body_limit() -> int:
+    """The largest body read: Django's upload limit, and no more than the quota estimator
+    reads. Larger bodies are bad input (400, as Django itself answers), so a 413 always
+    means "these tokens can never fit your plan"."""
+    quota_limit = quota_settings.MAX_BODY_BYTES
+    return min(settings.DATA_UPLOAD_MAX_MEMORY_SIZE or quota_limit, quota_limit)
+
+
+def validated_chat_request(request: Request) -> dict[str, Any]:
+    """The request's known fields, validated; a 400 ``GatewayError`` otherwise."""
+    length = request.META.get("CONTENT_LENGTH") or "0"
+    if length.isdigit() and int(length) > body_limit():
+        raise GatewayError(
+            status.HTTP_400_BAD_REQUEST,
+            f"Request body of {length} bytes is over the {body_limit()}-byte limit.",
+            code="request_body_too_large",
+            kind="invalid_request_error",
+        )
+    try:
+        data = request.data
+    except exceptions.ParseError as exc:
+        raise invalid_request(f"The request body is not valid JSON: {exc.detail}") from exc
+    serializer = ChatCompletionRequestSerializer(data=data)
+    if not serializer.is_valid():
+        param, message = first_error(serializer.errors)
+        raise invalid_request(f"Invalid '{param}': {message}" if param else message, param or None)
+    return dict(serializer.validated_data)
+
+
+# -- OpenAI's response objects -----------------------------------------------------------------
+def completion_object(answer: fake_model.FakeAnswer) -> dict[str, Any]:
+    """A ``chat.completion`` object, field for field as OpenAI sends it."""
+    return {
+        "id": _completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": answer.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": answer.finish_reason,
+            }
+        ],
+        "usage": answer.usage,
+    }
+
+
+def completion_chunks(answer: fake_model.FakeAnswer) -> Iterator[dict[str, Any]]:
+    """The ``chat.completion.chunk`` objects of a stream: the role, the content a few tokens
+    at a time, the finish reason, then a chunk with no choices and the ``usage``."""
+    head = {
+        "id": _completion_id(),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": answer.model,
+        "system_fingerprint": None,
+    }
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**head, "choices": [choice]}
+
+    yield chunk({"role": "assistant", "content": "", "refusal": None})
+    for piece in answer.pieces:
+        yield chunk({"content": piece})
+    yield chunk({}, answer.finish_reason)
+    yield {**head, "choices": [], "usage": answer.usage}
+
+
+def sse_response(chunks: Iterator[dict[str, Any]]) -> StreamingHttpResponse:
+    """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``."""
+
+    def events() -> Iterator[bytes]:
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass the events on as they come
+    return response
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
