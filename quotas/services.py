@@ -582,13 +582,30 @@ def send_to_ledger(payload: dict[str, Any]) -> None:
 def _enqueue_or_write(payload: dict[str, Any]) -> None:
     from quotas.tasks import record_usage_task
 
-    try:
-        record_usage_task.apply_async(args=[payload], retry=False)
-    except Exception:  # the broker is down or refused: write the row ourselves
-        logger.warning(
-            "quotas: broker unavailable; writing usage %s directly", payload["request_id"]
+    # A dead broker costs one failed publish (up to its socket timeout) per probe period,
+    # not one per request: while its breaker is open, rows are written directly.
+    breaker = _broker_breaker()
+    if breaker.allow():
+        try:
+            record_usage_task.apply_async(args=[payload], retry=False)
+        except Exception:  # the broker is down or refused: write the row ourselves
+            breaker.record_failure()
+            logger.warning(
+                "quotas: broker unavailable; writing usage %s directly", payload["request_id"]
+            )
+        else:
+            breaker.record_success()
+            return
+    record_usage(payload)
+
+
+def _broker_breaker() -> CircuitBreaker:
+    breaker = _runtime.get("broker_breaker")
+    if breaker is None:
+        breaker = _runtime["broker_breaker"] = CircuitBreaker(
+            failures=1, reset_after=quota_settings.BREAKER_RESET_SECONDS
         )
-        record_usage(payload)
+    return breaker
 
 
 # -- snapshots and admin actions ------------------------------------------------------------

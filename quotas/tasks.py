@@ -1,7 +1,14 @@
-"""Celery tasks: thin, idempotent wrappers over ``quotas.services`` (safe with ``acks_late``).
+"""Celery tasks: thin, idempotent wrappers over ``quotas.services`` and ``quotas.ledger``.
 
-A host schedules ``expire_reservations`` (e.g. every 30 s) and ``audit_windows`` (e.g. every
-5 min) with Celery beat; ``record_usage_task`` is queued by ``services.settle``.
+Every task is safe to run twice (``acks_late``: a worker that dies mid-task gets its message
+re-delivered), so retries and re-deliveries never count usage twice. A host schedules
+``expire_reservations`` (e.g. every 30 s) and ``audit_windows`` (e.g. every 5 min) with Celery
+beat; ``record_usage`` is queued by ``services.settle`` after the transaction commits.
+
+A dead broker must not slow requests down: ``services.settle`` publishes with ``retry=False``
+and writes the row itself when publishing fails. Give the broker short socket timeouts and
+``"max_retries": 0`` in ``CELERY_BROKER_TRANSPORT_OPTIONS``, or kombu keeps reconnecting for
+up to ``CELERY_BROKER_CONNECTION_TIMEOUT`` on every publish.
 """
 
 from __future__ import annotations
@@ -9,10 +16,27 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from django.db import DatabaseError
 
-from quotas import services
+from quotas import ledger, services
+from quotas.exceptions import StoreUnavailable
 
-__all__ = ["record_usage_task"]
+__all__ = [
+    "audit_windows_task",
+    "expire_reservations_task",
+    "rebuild_windows_task",
+    "record_usage_task",
+]
+
+# Periodic tasks retry a few times only: the next beat tick runs them again anyway.
+PERIODIC = {
+    "acks_late": True,
+    "autoretry_for": (StoreUnavailable, DatabaseError),
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "max_retries": 3,
+    "ignore_result": True,
+}
 
 
 @shared_task(
@@ -26,3 +50,26 @@ __all__ = ["record_usage_task"]
 def record_usage_task(payload: dict[str, Any]) -> bool:
     """Write one usage ledger row; a re-delivered payload changes nothing."""
     return services.record_usage(payload)
+
+
+@shared_task(name="quotas.tasks.expire_reservations", **PERIODIC)
+def expire_reservations_task() -> int:
+    """Charge reservations never settled within their TTL at their estimate (one row each)."""
+    return ledger.expire_reservations()
+
+
+@shared_task(name="quotas.tasks.audit_windows", **PERIODIC)
+def audit_windows_task() -> dict[str, int]:
+    """Repair drift between the Redis windows and the ledger."""
+    outcomes = ledger.audit_windows()
+    return {
+        "windows": len(outcomes),
+        "replayed": sum(o.replayed for o in outcomes),
+        "adjusted": sum(o.adjusted for o in outcomes),
+    }
+
+
+@shared_task(name="quotas.tasks.rebuild_windows", **PERIODIC)
+def rebuild_windows_task(user_ids: list[int] | None = None) -> int:
+    """Seed lost windows from the ledger now (all recent users, or these user ids)."""
+    return len(ledger.rebuild_windows(user_ids))

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from quotas.core.types import Limits, ReserveResult, SettleResult, Snapshot, WindowSpec
 from quotas.exceptions import StoreUnavailable
 
-__all__ = ["ExpiredReservation", "RedisWindowStore"]
+__all__ = ["ExpiredReservation", "RedisWindowStore", "WindowContents"]
 
 T = TypeVar("T")
 KEY_SUFFIXES = ("w", "q", "p", "r", "x")
@@ -42,6 +42,25 @@ class ExpiredReservation:
     estimate: int
     reserved_at_ms: int
     model: str
+
+
+@dataclass(frozen=True)
+class WindowContents:
+    """One consistent read of a token window, for the audit.
+
+    ``epoch`` is empty when the window was never built or was lost (nothing else is read).
+    ``buckets`` maps bucket index to tokens (non-empty live buckets only); ``pending`` and
+    ``outbox`` map reservation ids to ``(bucket index, estimate)``.
+    """
+
+    epoch: str
+    now_ms: int
+    first_bucket: int
+    current_bucket: int
+    buckets: dict[int, int]
+    pending: dict[str, tuple[int, int]]
+    outbox: dict[str, tuple[int, int]]
+    reset_ms: int = 0
 
 
 class RedisWindowStore:
@@ -170,6 +189,38 @@ class RedisWindowStore:
         if reservation_ids:
             self._call(self.client.hdel, self.keys(scope)[4], *reservation_ids)
 
+    def window_contents(self, scope: str, *, now_ms: int | None = None) -> WindowContents:
+        """The live buckets, pending reservations and outbox of one quota key, read at once."""
+        raw = self._run("buckets", scope, [], now_ms)
+        return WindowContents(
+            epoch=_text(raw[0]),
+            now_ms=int(raw[1]),
+            first_bucket=int(raw[2]),
+            current_bucket=int(raw[3]),
+            buckets={int(b): int(v) for b, v in zip(raw[4][::2], raw[4][1::2], strict=True)},
+            pending=self._held(raw[5]),
+            outbox=self._held(raw[6]),
+            reset_ms=int(raw[7]),
+        )
+
+    def repair_buckets(
+        self,
+        scope: str,
+        epoch: str,
+        changes: Sequence[tuple[int, int, int]],
+        *,
+        now_ms: int | None = None,
+    ) -> int | None:
+        """Set buckets to new figures: ``(bucket, tokens read, tokens to set)`` triples.
+
+        A bucket changes only if it still holds the tokens read, and only in ``epoch``.
+        Returns the tokens added (negative: removed), or ``None`` when the window was rebuilt
+        or lost since it was read.
+        """
+        flat = [int(value) for change in changes for value in change]
+        delta, changed = self._run("audit", scope, [epoch, *flat], now_ms)
+        return None if int(changed) < 0 else int(delta)
+
     def reset(self, scope: str) -> None:
         """Give the whole budget back now (keeps the epoch and the stored limits)."""
         self._run("reset", scope, [], None)
@@ -232,6 +283,14 @@ class RedisWindowStore:
         )
 
     @staticmethod
+    def _held(flat: Sequence[bytes | str]) -> dict[str, tuple[int, int]]:
+        held = {}
+        for rid, rec in zip(flat[::2], flat[1::2], strict=True):
+            bucket, estimate, _ = _text(rec).split(":", 2)
+            held[_text(rid)] = (int(bucket), int(estimate))
+        return held
+
+    @staticmethod
     def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
         chunk: list[str] = []
         for item in items:
@@ -241,3 +300,7 @@ class RedisWindowStore:
                 chunk = []
         if chunk:
             yield chunk
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -46,10 +46,14 @@ class CircuitBreaker:
             if self.state is BreakerState.CLOSED:
                 return True
             waited = self.clock() - self._opened_at
-            if self.state is BreakerState.OPEN and waited >= self.reset_after:
+            if waited < self.reset_after:
+                return False
+            # Half-open for that long: the probe never reported (it raised something other
+            # than a store error); let another caller probe rather than stay shut for good.
+            self._opened_at = self.clock()
+            if self.state is BreakerState.OPEN:
                 self._move(BreakerState.HALF_OPEN)
-                return True
-            return False
+            return True
 
     def retry_after(self) -> float:
         """Seconds until the next probe is allowed (0 when closed)."""

@@ -13,6 +13,7 @@
 --   cfg -> the user's limits "tokens,rpm,concurrency,max_per_request,default_output,plan_slug"
 --          (0 = no such limit)
 --   rv  -> tokens held by reservations not yet settled
+--   rs  -> when an admin last reset the window (ms): older usage no longer counts
 -- Every script uses the Redis server clock (TIME) unless ARGV[1] overrides it (tests only).
 -- Common ARGV: [1] now ms override or "", [2] window ms, [3] bucket ms,
 --              [4] request window ms, [5] request bucket ms.

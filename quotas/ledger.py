@@ -1,0 +1,296 @@
+"""Reconciliation between the Redis windows and the usage ledger (the source of truth).
+
+Plain functions; ``quotas.tasks`` wraps them in Celery tasks and the ``quotas_rebuild``
+command calls them. Every function is idempotent, so a re-delivered task changes nothing:
+
+- ``expire_reservations``: reservations never settled within their TTL get a ledger row
+  charged at their estimate, exactly once (the row is written before the Redis outbox entry
+  is dropped, and ``request_id`` is unique).
+- ``audit_windows``: repair drift between a window and the ledger (usage recorded while Redis
+  was down, settles that never reached Redis), by compare-and-set of absolute bucket figures.
+- ``rebuild_windows``: seed lost windows from the ledger now, instead of on each user's next
+  request.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
+
+from quotas import services
+from quotas.backends.redis import ExpiredReservation, RedisWindowStore, WindowContents
+from quotas.conf import quota_settings
+from quotas.core.types import WindowSpec
+from quotas.exceptions import ConfigurationError
+from quotas.models import UsageRecord
+from quotas.signals import reservation_expired
+
+__all__ = [
+    "AuditOutcome",
+    "audit_window",
+    "audit_windows",
+    "expire_reservations",
+    "rebuild_window",
+    "rebuild_windows",
+]
+
+logger = logging.getLogger("quotas")
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A settle reaches Redis before its ledger row is written (the row goes through the task
+# queue). The audit never lowers a bucket young enough to have such a row still in flight.
+SETTLE_GRACE_SECONDS = 60.0
+
+
+def _ms(moment: datetime) -> int:
+    """Milliseconds since the Unix epoch, in integer arithmetic (no float rounding)."""
+    return (moment - EPOCH) // timedelta(milliseconds=1)
+
+
+def _moment(ms: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def _user_id_of(scope: str) -> int | None:
+    """The user a quota key belongs to, if it is a user's key and the user still exists."""
+    if not scope.isdigit():
+        return None
+    pk = int(scope)
+    return pk if get_user_model().objects.filter(pk=pk).exists() else None
+
+
+# -- expiry ---------------------------------------------------------------------------------
+def expire_reservations(*, batch: int = 500) -> int:
+    """Charge every reservation past its TTL at its estimate; return the ledger rows created.
+
+    Covers keys with pending reservations and keys whose outbox still holds entries (a sweep
+    that died after moving them). Safe to run concurrently and repeatedly.
+    """
+    store = services.get_store()
+    scopes = set(store.iter_scopes("p")) | set(store.iter_scopes("x"))
+    return sum(expire_scope(store, scope, batch=batch) for scope in sorted(scopes))
+
+
+def expire_scope(store: RedisWindowStore, scope: str, *, batch: int = 500) -> int:
+    """Expire one quota key's overdue reservations, ``batch`` at a time."""
+    created = 0
+    while True:
+        outbox = store.expire(scope, batch=batch)
+        created += _write_expired(scope, outbox)
+        # Only after the rows are committed: a crash before this line leaves the entries in
+        # the outbox, and the next sweep finds their rows already written.
+        store.ack_expired(scope, [entry.reservation_id for entry in outbox])
+        if len(outbox) < batch:
+            return created
+
+
+def _write_expired(scope: str, outbox: list[ExpiredReservation]) -> int:
+    if not outbox:
+        return 0
+    user_id = _user_id_of(scope)
+    with transaction.atomic():
+        new = [entry for entry in outbox if services.record_usage(_payload(entry, user_id))]
+    for entry in new:
+        reservation_expired.send(
+            sender=UsageRecord,
+            scope=scope,
+            reservation_id=entry.reservation_id,
+            estimated_tokens=entry.estimate,
+        )
+    return len(new)
+
+
+def _payload(entry: ExpiredReservation, user_id: int | None) -> dict[str, Any]:
+    return {
+        "request_id": entry.reservation_id,
+        "scope": entry.scope,
+        "user_id": user_id,
+        "model": entry.model,
+        "estimated_tokens": entry.estimate,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "actual_tokens": entry.estimate,
+        "status": "expired",
+        "reserved_at_ms": entry.reserved_at_ms,
+        "settled_at_ms": _ms(timezone.now()),
+    }
+
+
+# -- audit ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AuditOutcome:
+    """What the audit of one quota key did: settles replayed into Redis, and tokens added to
+    (positive) or removed from (negative) its window. ``skipped``: no window to audit."""
+
+    scope: str
+    replayed: int = 0
+    adjusted: int = 0
+    skipped: bool = False
+
+
+def audit_windows(*, settle_grace_seconds: float = SETTLE_GRACE_SECONDS) -> list[AuditOutcome]:
+    """Audit every window in Redis against the ledger; return the keys that changed.
+
+    Keys with ledger rows but no window in Redis need no audit: their window is seeded from
+    the ledger when it is next built.
+    """
+    store = services.get_store()
+    outcomes = [
+        audit_window(scope, settle_grace_seconds=settle_grace_seconds, store=store)
+        for scope in sorted(set(store.iter_scopes("w")))
+    ]
+    return [outcome for outcome in outcomes if outcome.replayed or outcome.adjusted]
+
+
+def audit_window(
+    scope: str,
+    *,
+    settle_grace_seconds: float = SETTLE_GRACE_SECONDS,
+    store: RedisWindowStore | None = None,
+) -> AuditOutcome:
+    """Make one window agree with the ledger, without ever counting a request twice.
+
+    1. A reservation still pending in Redis that already has a ledger row was settled while
+       Redis was unreachable: its settle is replayed (idempotent, by reservation id).
+    2. Each live bucket should hold the ledger's tokens of the requests reserved in it, plus
+       the estimates of reservations (pending, or expired awaiting their row) with no row.
+       Buckets are set to that figure by compare-and-set, with two guards against rows still
+       in the task queue: a bucket holding more than the ledger says is lowered only once it
+       is older than the reservation TTL plus ``settle_grace_seconds``; and raising buckets
+       never takes the window above the ledger's total for it.
+    """
+    store = store or services.get_store()
+    contents = store.window_contents(scope)
+    if not contents.epoch:
+        return AuditOutcome(scope, skipped=True)
+    replayed = _replay_settles(store, scope, contents)
+    if replayed:
+        contents = store.window_contents(scope)
+        if not contents.epoch:
+            return AuditOutcome(scope, replayed=replayed)
+    expected = _expected(scope, contents, store.spec)
+    changes = _bucket_changes(contents, expected, store.spec, settle_grace_seconds)
+    adjusted = store.repair_buckets(scope, contents.epoch, changes) if changes else 0
+    if adjusted:
+        logger.warning("quotas: audit moved the window of %s by %+d tokens", scope, adjusted)
+    return AuditOutcome(scope, replayed=replayed, adjusted=adjusted or 0)
+
+
+def _replay_settles(store: RedisWindowStore, scope: str, contents: WindowContents) -> int:
+    rows = UsageRecord.objects.filter(request_id__in=list(contents.pending)).exclude(
+        status=UsageRecord.Status.EXPIRED
+    )
+    replayed = 0
+    for request_id, actual in rows.values_list("request_id", "actual_tokens"):
+        result = store.settle(scope, request_id, actual, epoch=contents.epoch)
+        replayed += int(result.status == 1)
+    return replayed
+
+
+def _expected(scope: str, contents: WindowContents, spec: WindowSpec) -> Counter[int]:
+    """Tokens each live bucket should hold, by the ledger (since the last admin reset)."""
+    since = _moment(max(contents.first_bucket * spec.bucket_ms, contents.reset_ms + 1))
+    rows = UsageRecord.objects.filter(scope=scope, created_at__gte=since)
+    expected: Counter[int] = Counter()
+    recorded = set()
+    for request_id, created_at, tokens in rows.values_list(
+        "request_id", "created_at", "actual_tokens"
+    ).iterator():
+        expected[spec.bucket_of(_ms(created_at))] += tokens
+        recorded.add(request_id)
+    reset_bucket = spec.bucket_of(contents.reset_ms) if contents.reset_ms else None
+    held = {
+        rid: entry
+        for rid, entry in {**contents.outbox, **contents.pending}.items()
+        if reset_bucket is None or entry[0] > reset_bucket  # reserved before a reset: gone
+    }
+    unrecorded = {rid for rid in held if rid not in recorded}
+    # A held reservation's row may be older than the window's first bucket: look it up too.
+    unrecorded -= set(
+        UsageRecord.objects.filter(request_id__in=unrecorded).values_list("request_id", flat=True)
+    )
+    for rid in unrecorded:
+        bucket, estimate = held[rid]
+        expected[bucket] += estimate
+    return expected
+
+
+def _bucket_changes(
+    contents: WindowContents, expected: Counter[int], spec: WindowSpec, grace_seconds: float
+) -> list[tuple[int, int, int]]:
+    """``(bucket, tokens read, tokens to set)`` for the buckets the audit may repair now."""
+    ttl_ms = int(quota_settings.RESERVATION_TTL_SECONDS * 1000)
+    settled_before = spec.bucket_of(contents.now_ms - ttl_ms - int(grace_seconds * 1000))
+    raises: list[tuple[int, int, int]] = []
+    lowers: list[tuple[int, int, int]] = []
+    young_excess = 0
+    for bucket in range(contents.first_bucket, contents.current_bucket + 1):
+        seen, want = contents.buckets.get(bucket, 0), expected.get(bucket, 0)
+        if want > seen:
+            raises.append((bucket, seen, want))
+        elif want < seen and bucket < settled_before:
+            lowers.append((bucket, seen, want))
+        elif want < seen:
+            young_excess += seen - want
+    return lowers + _capped(raises, young_excess)
+
+
+def _capped(raises: list[tuple[int, int, int]], excess: int) -> list[tuple[int, int, int]]:
+    """Raises, less ``excess`` tokens (the newest buckets give way first)."""
+    capped = []
+    for bucket, seen, want in sorted(raises, reverse=True):
+        cut = min(excess, want - seen)
+        excess -= cut
+        if want - cut > seen:
+            capped.append((bucket, seen, want - cut))
+    return capped
+
+
+# -- rebuild --------------------------------------------------------------------------------
+def rebuild_windows(user_ids: Iterable[int] | None = None) -> list[str]:
+    """Seed the lost windows of these users (default: every key with ledger rows in the last
+    window) from the ledger now. Returns the keys rebuilt; windows that exist are untouched."""
+    if user_ids is None:
+        since = timezone.now() - timedelta(seconds=services.window_spec().window_seconds)
+        rows = UsageRecord.objects.filter(created_at__gt=since)
+        scopes = sorted(set(rows.values_list("scope", flat=True)))
+    else:
+        scopes = [str(pk) for pk in user_ids]
+    return [scope for scope in scopes if rebuild_window(scope)]
+
+
+def rebuild_window(scope: str) -> bool:
+    """Seed one window from the ledger if Redis lost it (it has no epoch). Returns whether it
+    was rebuilt. Concurrent rebuilds and requests seed a window once: the script checks."""
+    store = services.get_store()
+    if store.peek(scope) is not False:
+        return False
+    try:
+        limits = services.limits_for(_user_of(scope))
+    except ConfigurationError as exc:
+        logger.warning("quotas: cannot rebuild the window of %s: %s", scope, exc)
+        return False
+    spec = services.window_spec()
+    seed = services.ledger_seed(scope, spec, _ms(timezone.now()))
+    store.peek(scope, limits=limits, epoch=uuid.uuid4().hex[:8], seed=seed)
+    logger.info("quotas: rebuilt the window of %s from the ledger", scope)
+    return True
+
+
+def _user_of(scope: str) -> Any:
+    """The user of a quota key; ``None`` (anonymous limits) for an anonymous key."""
+    if not scope.isdigit():
+        return None
+    user = get_user_model().objects.filter(pk=int(scope)).first()
+    if user is None:
+        raise ConfigurationError(f"user {scope} no longer exists")
+    return user

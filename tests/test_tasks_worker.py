@@ -1,0 +1,183 @@
+"""The ledger tasks in a real Celery worker process, killed mid-batch and restarted.
+
+The worker consumes a queue of its own under a broker key prefix of its own, so it never
+takes other workers' tasks from the shared broker (nor they its). Its unacknowledged
+messages become visible again after 2 s instead of the default hour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from django.db import connection, transaction
+from kombu import Connection
+
+from quotas.models import UsageRecord
+from quotas.tasks import record_usage_task
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = """
+import json, os, sys
+from project.celery import app
+app.conf.broker_transport_options = {
+    **app.conf.broker_transport_options, **json.loads(os.environ["TEST_BROKER_OPTIONS"])
+}
+app.worker_main(["worker", *sys.argv[1:]])
+"""
+
+
+def database_url() -> str:
+    """The URL of the test database this test process uses (for the worker's settings)."""
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    return f"postgres://{db['USER']}{password}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.fixture
+def broker() -> Iterator[dict[str, Any]]:
+    """A private corner of the broker: queue name, key prefix, transport options."""
+    from project.celery import app
+
+    run = uuid.uuid4().hex[:10]
+    options = {
+        "global_keyprefix": f"quotas-test-{run}:",
+        "visibility_timeout": 2,
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
+    app.conf.task_always_eager = False  # restored by the autouse eager_celery fixture
+    yield {"url": app.conf.broker_url, "queue": f"quotas-test-{run}", "options": options}
+    client = redis.Redis.from_url(app.conf.broker_url)
+    keys = list(client.scan_iter(match=f"{options['global_keyprefix']}*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def start_worker(broker: dict[str, Any]) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "DATABASE_URL": database_url(),
+        "CELERY_BROKER_URL": broker["url"],
+        "TEST_BROKER_OPTIONS": json.dumps(broker["options"]),
+        # System checks have their own tests; this worker only needs the models.
+        "CELERY_SKIP_CHECKS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    workers: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        command = [
+            sys.executable, "-c", WORKER, "--pool", "solo", "-Q", broker["queue"],
+            "-n", f"{broker['queue']}-{len(workers)}@%h", "--loglevel", "WARNING",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]  # fmt: skip
+        workers.append(subprocess.Popen(command, env=env, cwd=ROOT))
+        return workers[-1]
+
+    yield start
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+            worker.wait(10)
+
+
+def payloads(n: int) -> list[dict[str, Any]]:
+    now_ms = int(time.time() * 1000)
+    return [
+        {
+            "request_id": f"worker-test/{uuid.uuid4().hex}",
+            "scope": "worker-test",
+            "user_id": None,
+            "model": "gpt-4o",
+            "estimated_tokens": 100,
+            "prompt_tokens": 20,
+            "completion_tokens": 50,
+            "actual_tokens": 70,
+            "status": "settled",
+            "reserved_at_ms": now_ms,
+            "settled_at_ms": now_ms,
+        }
+        for _ in range(n)
+    ]
+
+
+def publish(broker: dict[str, Any], batch: list[dict[str, Any]]) -> None:
+    with (
+        Connection(broker["url"], transport_options=broker["options"]) as conn,
+        conn.Producer() as producer,
+    ):
+        for payload in batch:
+            record_usage_task.apply_async(args=[payload], queue=broker["queue"], producer=producer)
+
+
+@contextmanager
+def ledger_locked() -> Iterator[None]:
+    """Hold a lock that makes every other insert into the ledger wait."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            if connection.vendor == "sqlite":
+                cursor.execute("DELETE FROM quotas_usagerecord WHERE id < 0")  # the write lock
+            else:
+                cursor.execute("LOCK TABLE quotas_usagerecord IN SHARE ROW EXCLUSIVE MODE")
+        yield
+        transaction.set_rollback(True)
+
+
+def wait_for_rows(at_least: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    count = UsageRecord.objects.count()
+    while count < at_least and time.monotonic() < deadline:
+        time.sleep(0.01)
+        count = UsageRecord.objects.count()
+    return count
+
+
+def test_a_killed_worker_loses_no_usage_and_counts_none_twice(broker, start_worker):
+    batch = payloads(300)
+    # The same payload twice (a producer that retried a publish): still one row.
+    publish(broker, [*batch, batch[0]])
+    client = redis.Redis.from_url(broker["url"])
+    prefix = broker["options"]["global_keyprefix"]
+    worker = start_worker()
+    wait_for_rows(20, timeout=30)
+    with ledger_locked():  # the worker's next insert waits: it dies holding a message
+        assert wait_until(lambda: client.hlen(f"{prefix}unacked") >= 1, timeout=10)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+    assert 20 <= UsageRecord.objects.count() < len(batch), "the worker died mid-batch"
+
+    start_worker()
+    assert wait_for_rows(len(batch), timeout=30) == len(batch)
+    ids = list(UsageRecord.objects.values_list("request_id", flat=True))
+    assert sorted(ids) == sorted(p["request_id"] for p in batch)
+    time.sleep(0.5)  # the duplicate and any re-delivery settle down
+    assert UsageRecord.objects.count() == len(batch)
+    assert client.llen(f"{prefix}{broker['queue']}") == 0
+    assert wait_until(lambda: client.hlen(f"{prefix}unacked") == 0, timeout=10)
+
+
+def wait_until(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
