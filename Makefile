@@ -29,6 +29,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy quotas
 
 bench: venv
 	$(WITH_REDIS) $(VPY) bench/run_all.py
