@@ -1,0 +1,267 @@
+"""Check cost: microseconds per admission check, against one Redis ``PING`` round trip.
+
+Contenders, each charging 500 tokens (DRF: one request) per call:
+
+- ``quotas.services.reserve`` in steady state (the user's limits already cached in Redis),
+  and the raw ``RedisWindowStore.reserve`` under it;
+- DRF's ``UserRateThrottle`` and ``AnonRateThrottle`` on the django-redis cache;
+- ``limits``' moving window and sliding window counter on ``RedisStorage``.
+
+Calls are timed in short rounds that rotate over the contenders, so a noisy neighbour slows
+every contender alike. DRF's history list and ``limits``' moving-window list grow with every
+hit; they get a fresh key every round (at most ~100 entries), which flatters them a little.
+
+Run alone: ``python bench/check_cost.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import uuid
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import common
+from common import Row, Stats
+
+TOKENS = 500
+ROUNDS = int(os.environ.get("BENCH_COST_ROUNDS", "40"))
+CALLS_PER_ROUND = 100
+RESERVATION_TTL_MS = 600_000
+PING = "Redis PING (baseline)"
+RESERVE = "quotas services.reserve"
+STORE = "quotas RedisWindowStore.reserve"
+DRF_USER = "DRF UserRateThrottle"
+DRF_ANON = "DRF AnonRateThrottle"
+NOOP = "EVALSHA 'return 1' (same 5 keys, 11 args)"
+MAIN = (
+    PING,
+    RESERVE,
+    STORE,
+    DRF_USER,
+    DRF_ANON,
+    "limits MovingWindow.hit(cost=500)",
+    "limits SlidingWindowCounter.hit(cost=500)",
+)
+
+
+class Contender:
+    """Something to time: ``call`` is timed; ``prepare`` runs untimed before each round."""
+
+    def __init__(
+        self, name: str, call: Callable[[], Any], prepare: Callable[[int], Any] | None = None
+    ):
+        self.name = name
+        self.call = call
+        self.prepare = prepare or (lambda _round: None)
+        self.samples: list[float] = []
+        self.round_medians: list[float] = []
+
+
+def drf_throttles() -> tuple[type, type]:
+    """DRF's user and anonymous throttles at a rate that never refuses, on our cache.
+
+    DRF binds ``THROTTLE_RATES`` when the class is defined, so the rate is set explicitly.
+    """
+    from django.core.cache import caches
+    from rest_framework.throttling import AnonRateThrottle, UserRateThrottle
+
+    class BenchUserThrottle(UserRateThrottle):
+        rate = "1000000/hour"
+        cache = caches["default"]
+
+    class BenchAnonThrottle(AnonRateThrottle):
+        rate = "1000000/hour"
+        cache = caches["default"]
+
+    return BenchUserThrottle, BenchAnonThrottle
+
+
+def quota_contenders() -> list[Contender]:
+    from django_redis import get_redis_connection
+
+    from quotas import services
+
+    connection = get_redis_connection("default")
+    user = common.make_user("cost", 10**15)
+    services.reserve(user, TOKENS)  # first call loads the limits; timed calls are steady state
+    raw_user = common.make_user("cost-raw", 10**15)
+    services.reserve(raw_user, TOKENS)
+    store, scope = services.get_store(), str(raw_user.pk)
+
+    def store_reserve() -> Any:
+        return store.reserve(
+            scope, f"{scope}/{uuid.uuid4().hex}", TOKENS, ttl_ms=RESERVATION_TTL_MS
+        )
+
+    return [
+        Contender(PING, connection.ping),
+        Contender(RESERVE, lambda: services.reserve(user, TOKENS)),
+        Contender(STORE, store_reserve),
+    ]
+
+
+def drf_contenders() -> list[Contender]:
+    user_throttle, anon_throttle = drf_throttles()
+    from django.contrib.auth.models import AnonymousUser
+    from django.test import RequestFactory
+
+    state: dict[str, Any] = {}
+
+    def rotate(round_no: int) -> None:
+        # A fresh identity each round keeps the history list short (DRF re-pickles it whole).
+        address = f"10.{round_no // 250 + 1}.{round_no % 250}.{common.PID % 250}"
+        state["user"] = RequestFactory().post("/", REMOTE_ADDR=address)
+        state["user"].user = SimpleNamespace(
+            pk=f"{common.PREFIX}-drf-{round_no}", is_authenticated=True
+        )
+        state["anon"] = RequestFactory().post("/", REMOTE_ADDR=address)
+        state["anon"].user = AnonymousUser()
+
+    rotate(-1)
+    # DRF builds a new throttle per request; so do we.
+    return [
+        Contender(
+            DRF_USER,
+            lambda: user_throttle().allow_request(state["user"], None),
+            rotate,
+        ),
+        Contender(DRF_ANON, lambda: anon_throttle().allow_request(state["anon"], None)),
+    ]
+
+
+def limits_contenders() -> list[Contender]:
+    from limits import RateLimitItemPerHour
+    from limits.storage import RedisStorage
+    from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+
+    storage = RedisStorage(common.redis_url(), key_prefix=f"{common.PREFIX}:limits")
+    moving, counter = MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage)
+    item = RateLimitItemPerHour(10**9)
+    state = {"key": "moving-0"}
+
+    def rotate(round_no: int) -> None:
+        # The moving window keeps one list entry per unit of cost: drop last round's list.
+        storage.get_connection().delete(f"{storage.key_prefix}:{item.key_for(state['key'])}")
+        state["key"] = f"moving-{round_no}"
+
+    return [
+        Contender(
+            "limits MovingWindow.hit(cost=500)",
+            lambda: moving.hit(item, state["key"], cost=TOKENS),
+            rotate,
+        ),
+        Contender(
+            "limits SlidingWindowCounter.hit(cost=500)",
+            lambda: counter.hit(item, "counter", cost=TOKENS),
+        ),
+    ]
+
+
+def diagnostic_contenders() -> list[Contender]:
+    """A script call with nothing to do: the floor for any one-script design in redis-py."""
+    from django_redis import get_redis_connection
+
+    from quotas import services
+
+    connection = get_redis_connection("default")
+    noop = connection.register_script("return 1")
+    keys = services.get_store().keys("diag")
+    args = ["", 3_600_000, 60_000, 60_000, 1_000, "x" * 40, TOKENS, RESERVATION_TTL_MS, "", "", ""]
+    return [Contender(NOOP, lambda: noop(keys=keys, args=args))]
+
+
+def server_side_reserve_us(calls: int = 2000) -> tuple[float, bool]:
+    """Microseconds Redis spends running the reserve script (``INFO commandstats``).
+
+    The counter is server-wide: the second value is false when someone else ran scripts
+    meanwhile (the figure is then an average over their scripts too).
+    """
+    from django_redis import get_redis_connection
+
+    from quotas import services
+
+    connection = get_redis_connection("default")
+    user = common.make_user("cost-server", 10**15)
+    services.reserve(user, TOKENS)
+    store, scope = services.get_store(), str(user.pk)
+
+    def snapshot() -> tuple[int, int]:
+        stats = connection.info("commandstats")["cmdstat_evalsha"]
+        return int(stats["calls"]), int(stats["usec"])
+
+    calls0, usec0 = snapshot()
+    for _ in range(calls):
+        store.reserve(scope, f"{scope}/{uuid.uuid4().hex}", TOKENS, ttl_ms=RESERVATION_TTL_MS)
+    calls1, usec1 = snapshot()
+    return (usec1 - usec0) / max(calls1 - calls0, 1), calls1 - calls0 == calls
+
+
+def run() -> list[Row]:
+    """Time every contender; return the summary rows."""
+    contenders = quota_contenders() + drf_contenders() + limits_contenders()
+    contenders += diagnostic_contenders()
+    for round_no in range(ROUNDS):
+        for contender in contenders:
+            contender.prepare(round_no)
+            samples = common.measure(contender.call, CALLS_PER_ROUND, warmup=2)
+            contender.samples += samples
+            contender.round_medians.append(statistics.median(samples))
+    return rows({c.name: c for c in contenders})
+
+
+def ratio(contenders: dict[str, Contender], name: str, base: str = PING) -> float:
+    """Median over rounds of (this round's median / the base's median in the same round):
+    a neighbour's burst of load slows both sides of each ratio alike."""
+    pairs = zip(contenders[name].round_medians, contenders[base].round_medians, strict=True)
+    return statistics.median(mine / theirs for mine, theirs in pairs)
+
+
+def rows(contenders: dict[str, Contender]) -> list[Row]:
+    stats = {name: Stats.of(c.samples) for name, c in contenders.items()}
+    section = "Check cost (us per call, median / p99; ratio to one PING, median of rounds)"
+    out = []
+    for name in MAIN:
+        s, share = stats[name], ratio(contenders, name)
+        target, ok = ("<= 1.3x PING", share <= 1.3) if name == RESERVE else ("", None)
+        figure = f"{s.median:7.1f} / {s.p99:7.1f}"
+        out.append(Row(section, name, figure, f"{share:5.2f}x", target, common.verdict(ok)))
+    for name in (DRF_USER, DRF_ANON):
+        speedup = ratio(contenders, name, RESERVE)
+        out.append(
+            Row(
+                section,
+                f"services.reserve speed-up over {name}",
+                f"{speedup:.2f}x",
+                "",
+                ">= 2x",
+                common.verdict(speedup >= 2),
+            )
+        )
+    out += diagnostic_rows(stats, contenders)
+    return out
+
+
+def diagnostic_rows(stats: dict[str, Stats], contenders: dict[str, Contender]) -> list[Row]:
+    """Where a reserve's time goes (medians)."""
+    section = "Check cost breakdown (medians, us; ratio to one PING)"
+    ping = stats[PING].median
+    server_us, alone = server_side_reserve_us()
+    note = "" if alone else " (other clients' scripts ran meanwhile)"
+    figures = [
+        ("one PING round trip", ping),
+        ("EVALSHA of a no-op script, same keys and args", stats[NOOP].median),
+        ("reserve script run time inside Redis" + note, server_us),
+        ("store.reserve above the no-op EVALSHA", stats[STORE].median - stats[NOOP].median),
+        (
+            "services.reserve above store.reserve (Python)",
+            stats[RESERVE].median - stats[STORE].median,
+        ),
+    ]
+    return [Row(section, name, f"{value:7.1f}", f"{value / ping:5.2f}x") for name, value in figures]
+
+
+if __name__ == "__main__":
+    common.main(run)

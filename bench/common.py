@@ -1,0 +1,247 @@
+"""What every benchmark shares: Django set-up on a private SQLite file and a private Redis key
+prefix, clean-up of that prefix, timing helpers and the summary table.
+
+Every figure of one run is measured on the same Redis (``REDIS_URL``) and printed as a ratio
+against a baseline measured in the same run, so runs on different machines compare.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "bench"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# One prefix per run, shared with the processes the run starts (they read it from the env).
+PREFIX = os.environ.setdefault("BENCH_PREFIX", f"bench-{secrets.token_hex(4)}")
+PID = os.getpid()
+
+__all__ = [
+    "PREFIX",
+    "REPO",
+    "Row",
+    "Stats",
+    "cleanup",
+    "main",
+    "make_user",
+    "measure",
+    "print_summary",
+    "redis_client",
+    "redis_url",
+    "setup_django",
+    "verdict",
+]
+
+
+def redis_url() -> str:
+    """The Redis every figure is measured on."""
+    return os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+def bench_var_dir() -> Path:
+    """A private directory for the bench's SQLite ledger (never the developer's ``var/``)."""
+    default = Path(tempfile.gettempdir()) / f"quotas-bench-{os.getuid()}"
+    return Path(os.environ.get("BENCH_VAR_DIR") or default)
+
+
+def bench_env() -> dict[str, str]:
+    """Environment for Django in this process and in the servers the bench starts."""
+    return {
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "VAR_DIR": str(bench_var_dir()),
+        "REDIS_URL": redis_url(),
+        "BENCH_PREFIX": PREFIX,
+        "QUOTAS_KEY_PREFIX": f"{PREFIX}:q",
+    }
+
+
+# -- Django -----------------------------------------------------------------------------------
+_django_ready = False
+
+
+def setup_django() -> None:
+    """Configure Django on the bench's own SQLite file, migrate it, and point every key the
+    bench writes (quota windows, cache, throttles) under ``PREFIX``. Idempotent."""
+    global _django_ready
+    if _django_ready:
+        return
+    os.environ.update(bench_env())
+    os.environ.pop("DATABASE_URL", None)  # always the private SQLite file, never a shared DB
+    bench_var_dir().mkdir(parents=True, exist_ok=True)
+
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.test.utils import override_settings
+
+    caches = {"default": {**settings.CACHES["default"], "KEY_PREFIX": PREFIX}}
+    quotas = {**settings.QUOTAS, "KEY_PREFIX": f"{PREFIX}:q"}
+    rates = {"anon": "1000000/hour", "user": "1000000/hour"}
+    rest = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": rates}
+    override_settings(CACHES=caches, QUOTAS=quotas, REST_FRAMEWORK=rest).enable()
+    call_command("migrate", verbosity=0, interactive=False)
+    reset_quota_runtime()
+    atexit.register(cleanup)
+    _django_ready = True
+
+
+def reset_quota_runtime() -> None:
+    """Drop the per-process quota store (call after changing ``QUOTAS``)."""
+    from quotas import services
+
+    services.reset_runtime()
+
+
+def make_user(label: str, tokens_per_hour: int, **plan_fields: Any) -> Any:
+    """A fresh user on a fresh plan of its own (no request, concurrency or size caps)."""
+    from django.contrib.auth import get_user_model
+
+    from quotas.models import Plan, UserQuota
+
+    name = f"{PREFIX}-{label}-{secrets.token_hex(3)}"
+    fields: dict[str, Any] = {
+        "max_tokens_per_request": None,
+        "requests_per_minute": None,
+        "max_concurrent_requests": None,
+        "default_output_tokens": 256,
+        "tier": 0,
+        **plan_fields,
+    }
+    plan = Plan.objects.create(
+        name=name, slug=name, tokens_per_hour=tokens_per_hour, is_default=False, is_active=True,
+        **fields,
+    )  # fmt: skip
+    user = get_user_model().objects.create_user(name, password=None)
+    UserQuota.objects.create(user=user, plan=plan)
+    return user
+
+
+# -- Redis ------------------------------------------------------------------------------------
+def redis_client() -> Any:
+    """A plain redis-py client on the bench's Redis (for baselines and ``MEMORY USAGE``)."""
+    import redis
+
+    return redis.Redis.from_url(redis_url())
+
+
+def cleanup() -> None:
+    """Delete every key of this run (by ``SCAN``, only keys holding ``PREFIX``)."""
+    if os.getpid() != PID:  # a forked child inherits atexit handlers: only the parent cleans
+        return
+    client = redis_client()
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"*{PREFIX}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)
+
+
+# -- timing -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stats:
+    """Per-call latency in microseconds."""
+
+    median: float
+    p99: float
+    count: int
+
+    @classmethod
+    def of(cls, samples_us: list[float]) -> Stats:
+        ordered = sorted(samples_us)
+        return cls(statistics.median(ordered), percentile(ordered, 99), len(ordered))
+
+
+def percentile(ordered: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not ordered:
+        return float("nan")
+    rank = max(round(pct / 100 * len(ordered)) - 1, 0)
+    return ordered[min(rank, len(ordered) - 1)]
+
+
+def measure(fn: Callable[[], Any], calls: int, warmup: int = 20) -> list[float]:
+    """Run ``fn`` ``calls`` times (after ``warmup`` untimed calls); microseconds per call."""
+    for _ in range(warmup):
+        fn()
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(calls):
+        start = clock()
+        fn()
+        samples.append((clock() - start) / 1000)
+    return samples
+
+
+# -- the summary ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One line of the summary: a figure, its ratio to the run's baseline, and its target."""
+
+    section: str
+    name: str
+    figure: str
+    ratio: str = ""
+    target: str = ""
+    verdict: str = ""
+
+
+def verdict(ok: bool | None) -> str:
+    """PASS / FAIL, or an empty cell for figures without a target."""
+    if ok is None:
+        return ""
+    return "PASS" if ok else "FAIL"
+
+
+def print_summary(rows: Iterable[Row], title: str = "Summary") -> None:
+    """A plain-text table, one block per section (columns sized per block)."""
+    rows = list(rows)
+    print(f"\n{title} (Redis {redis_url()}, key prefix {PREFIX})")
+    sections: dict[str, list[Row]] = {}
+    for row in rows:
+        sections.setdefault(row.section, []).append(row)
+    for section, block in sections.items():
+        print(f"\n== {section}")
+        print_block(block)
+    failed = sum(r.verdict == "FAIL" for r in rows)
+    passed = sum(r.verdict == "PASS" for r in rows)
+    print(f"\nTargets: {passed} PASS, {failed} FAIL")
+
+
+def print_block(rows: list[Row]) -> None:
+    headers = ("figure", "value", "ratio", "target", "")
+    cells = [(r.name, r.figure, r.ratio, r.target, r.verdict) for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+    line = "  ".join(f"{{:<{width}}}" for width in widths)
+    print(line.format(*headers).rstrip())
+    print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    for cell in cells:
+        print(line.format(*cell).rstrip())
+
+
+def main(run: Callable[[], list[Row]]) -> None:
+    """Entry point of one benchmark module run on its own."""
+    setup_django()
+    started = time.monotonic()
+    try:
+        rows = run()
+    finally:
+        cleanup()
+    print_summary(rows)
+    print(f"({time.monotonic() - started:.0f} s)")
