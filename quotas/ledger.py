@@ -260,7 +260,8 @@ def rebuild_windows(user_ids: Iterable[int] | None = None) -> list[str]:
     """Seed the lost windows of these users (default: every key with ledger rows in the last
     window) from the ledger now. Returns the keys rebuilt; windows that exist are untouched."""
     if user_ids is None:
-        since = timezone.now() - timedelta(seconds=services.window_spec().window_seconds)
+        spec = services.window_spec()
+        since = timezone.now() - timedelta(milliseconds=spec.window_ms + spec.bucket_ms)
         rows = UsageRecord.objects.filter(created_at__gt=since)
         scopes = sorted(set(rows.values_list("scope", flat=True)))
     else:

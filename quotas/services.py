@@ -207,8 +207,11 @@ def estimate(body: Any) -> Estimate:
 
 
 def ledger_seed(scope: str, spec: WindowSpec, now_ms: int) -> list[tuple[int, int]]:
-    """Tokens per bucket over the last window, from the ledger (to rebuild a lost window)."""
-    since = datetime.fromtimestamp((now_ms - spec.window_ms) / 1000, tz=UTC)
+    """Tokens per bucket still live in the window, from the ledger (to rebuild a lost window).
+
+    A bucket counts until its end is a window old, so one bucket more than the window is read.
+    """
+    since = datetime.fromtimestamp((now_ms - spec.window_ms - spec.bucket_ms) / 1000, tz=UTC)
     totals: dict[int, int] = {}
     rows = UsageRecord.objects.filter(scope=scope, created_at__gt=since)
     for created_at, tokens in rows.values_list("created_at", "actual_tokens").iterator():

@@ -44,12 +44,25 @@ def test_without_stored_limits_asks_for_them_and_charges_nothing(store: Any) -> 
 def test_tokens_come_back_exactly_when_their_bucket_leaves_the_window(store: Any) -> None:
     assert reserve(store, 600, T0 + 100).allowed  # bucket [T0, T0+500)
     assert reserve(store, 400, T0 + 2_600).allowed  # bucket [T0+2500, T0+3000)
-    # The first bucket is live until T0 + 6000 (window 6 s), not at a window boundary.
-    assert not reserve(store, 600, T0 + 5_999).allowed
-    assert reserve(store, 600, T0 + 6_000).allowed
-    # The second bucket leaves at T0 + 2500 + 6000.
-    assert not reserve(store, 400, T0 + 8_499).allowed
-    assert reserve(store, 400, T0 + 8_500).allowed
+    # A bucket leaves when its end is a window (6 s) old: T0 + 6500. Never earlier, so no
+    # token counts for less than a full window; not at a window boundary.
+    assert not reserve(store, 600, T0 + 6_499).allowed
+    assert reserve(store, 600, T0 + 6_500).allowed
+    # The second bucket leaves at T0 + 3000 + 6000.
+    assert not reserve(store, 400, T0 + 8_999).allowed
+    assert reserve(store, 400, T0 + 9_000).allowed
+
+
+def test_no_true_window_ever_holds_more_than_the_budget(store: Any) -> None:
+    """Whatever the timing, tokens admitted within any 6 s stay within the budget."""
+    admitted: list[tuple[int, int]] = []
+    for i in range(400):
+        at = T0 + i * 37  # every 37 ms, across bucket edges, for 14.8 s
+        if reserve(store, 90, at).allowed:
+            admitted.append((at, 90))
+    for start, _ in admitted:
+        inside = sum(tokens for at, tokens in admitted if start <= at < start + 6_000)
+        assert inside <= 1000
 
 
 def test_a_rejected_reservation_consumes_nothing(store: Any) -> None:
@@ -67,8 +80,8 @@ def test_retry_after_is_exact(store: Any) -> None:
     reserve(store, 300, T0 + 2_100)
     refused = reserve(store, 350, T0 + 3_000)
     assert refused.status is ReserveStatus.OVER_TOKENS
-    # 350 needs 250 more tokens freed: the first bucket (300) leaves at T0 + 6000.
-    assert refused.retry_after == pytest.approx(3.0)
+    # 350 needs 250 more tokens freed: the first bucket (300) leaves at T0 + 6500.
+    assert refused.retry_after == pytest.approx(3.5)
     at = T0 + 3_000 + int(refused.retry_after * 1000)
     assert not reserve(store, 350, at - 500).allowed  # one bucket earlier
     assert reserve(store, 350, at).allowed
@@ -78,8 +91,8 @@ def test_retry_after_skips_buckets_that_do_not_free_enough(store: Any) -> None:
     reserve(store, 100, T0)
     reserve(store, 800, T0 + 1_000)
     refused = reserve(store, 500, T0 + 2_000)
-    # Freeing the 100-token bucket is not enough; the 800-token one leaves at T0 + 7000.
-    assert refused.retry_after == pytest.approx(5.0)
+    # Freeing the 100-token bucket is not enough; the 800-token one leaves at T0 + 7500.
+    assert refused.retry_after == pytest.approx(5.5)
 
 
 def test_over_the_request_cap_or_the_whole_budget_never_fits(store: Any) -> None:
@@ -104,7 +117,7 @@ def test_settle_extra_charge_past_the_limit_blocks_the_next_request(store: Any) 
     refused = reserve(store, 1, T0 + 20)
     assert refused.status is ReserveStatus.OVER_TOKENS
     # The debt sits in the original bucket and ages out with it.
-    assert refused.retry_after == pytest.approx(5.98)
+    assert refused.retry_after == pytest.approx(6.48)
 
 
 def test_settling_twice_changes_nothing(store: Any) -> None:
@@ -119,9 +132,9 @@ def test_settling_twice_changes_nothing(store: Any) -> None:
 def test_a_refund_after_the_bucket_aged_out_changes_nothing(store: Any) -> None:
     r = reserve(store, 500, T0, rid="a")
     reserve(store, 300, T0 + 3_000)
-    late = store.settle("u", "a", 0, epoch=r.epoch, now_ms=T0 + 6_100)
+    late = store.settle("u", "a", 0, epoch=r.epoch, now_ms=T0 + 6_500)
     assert late.status == 1 and late.applied == 0
-    assert store.peek("u", now_ms=T0 + 6_100).used == 300
+    assert store.peek("u", now_ms=T0 + 6_500).used == 300
 
 
 def test_settle_releases_the_concurrency_slot(store: Any) -> None:
@@ -140,8 +153,9 @@ def test_requests_per_minute_slide_and_report_retry_after(store: Any) -> None:
         assert reserve(store, 1, T0 + i * 1_000, limits=rpm).allowed
     refused = reserve(store, 1, T0 + 10_000, limits=rpm)
     assert refused.status is ReserveStatus.OVER_REQUESTS
-    assert refused.retry_after == pytest.approx(50.0)  # the first request leaves at T0 + 60 s
-    assert reserve(store, 1, T0 + 60_000, limits=rpm).allowed
+    assert refused.retry_after == pytest.approx(51.0)  # the first request leaves at T0 + 61 s
+    assert not reserve(store, 1, T0 + 60_999, limits=rpm).allowed
+    assert reserve(store, 1, T0 + 61_000, limits=rpm).allowed
 
 
 def test_all_or_nothing_across_limits(store: Any) -> None:

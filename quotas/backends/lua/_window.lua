@@ -27,21 +27,28 @@ local function clock(override)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Opens a window at `now`: drops the buckets that left it (amortised O(1): each bucket is
--- dropped once, and the cursor never scans past the newest bucket charged).
 local function slot(nb, b)
   return b % nb
 end
 
+-- Opens a window at `now`: drops the buckets that left it (amortised O(1): each bucket is
+-- dropped once, and the cursor never scans past the newest bucket charged), and reads the
+-- hash's bookkeeping fields in the same call.
+-- A bucket leaves the window when its *end* is a window old, so no token ever stops counting
+-- before it is a full window old: window / bucket + 1 buckets are live at once.
 local function open_window(key, now, window_ms, bucket_ms)
-  local nb = math.floor(window_ms / bucket_ms)
+  local nb = math.floor(window_ms / bucket_ms) + 1
   local cur = math.floor(now / bucket_ms)
-  local w = {key = key, nb = nb, bms = bucket_ms, ttl = window_ms + bucket_ms,
+  local w = {key = key, nb = nb, bms = bucket_ms, ttl = window_ms + 2 * bucket_ms,
              cur = cur, first = cur - nb + 1}
-  local vals = redis.call('HMGET', key, 't', 'o', 'n')
+  local vals = redis.call('HMGET', key, 't', 'o', 'n', 'e', 'rv', 'cfg')
   local total = tonumber(vals[1]) or 0
   local oldest = tonumber(vals[2])
   w.newest = tonumber(vals[3])
+  w.epoch = vals[4] or nil
+  w.reserved = tonumber(vals[5]) or 0
+  w.cfg = vals[6] or nil
+  w.has_cursor = oldest ~= nil
   if oldest and oldest < w.first then
     local stop = w.first - 1
     if w.newest and w.newest < stop then stop = w.newest end
@@ -59,13 +66,19 @@ local function open_window(key, now, window_ms, bucket_ms)
   return w
 end
 
--- Adds tokens to the current bucket (negative amounts never take a bucket below zero).
-local function charge(w, tokens)
+-- Adds tokens to the current bucket and writes the bookkeeping (plus any `extra` field/value
+-- pairs) in one HSET.
+local function charge(w, tokens, extra)
   redis.call('HINCRBY', w.key, slot(w.nb, w.cur), tokens)
   w.total = w.total + tokens
   if not w.newest or w.newest < w.cur then w.newest = w.cur end
-  redis.call('HSET', w.key, 't', w.total, 'n', w.newest)
-  redis.call('HSETNX', w.key, 'o', w.first)
+  local fields = {'t', w.total, 'n', w.newest}
+  if not w.has_cursor then
+    fields[#fields + 1], fields[#fields + 2] = 'o', w.first
+    w.has_cursor = true
+  end
+  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
+  redis.call('HSET', w.key, unpack(fields))
   redis.call('PEXPIRE', w.key, w.ttl)
 end
 
@@ -101,33 +114,30 @@ local function parse_cfg(cfg)
           cap = tonumber(cap), out = tonumber(out), slug = slug}
 end
 
--- Loads the user's limits. When the caller passes them (ARGV cfg), stores them; when the
--- window has no epoch, it was lost or never built: seed it from the ledger figures the caller
--- passed (pairs of bucket index, tokens) and stamp the caller's new epoch.
--- Returns the parsed config, or nil and whether the window has an epoch.
-local function load_cfg(key, now, window_ms, bucket_ms, cfg_arg, epoch_arg, seed_from)
+-- The user's limits for an open window `w`. When the caller passes them (`cfg_arg`), they are
+-- stored; when the window has no epoch it was lost or never built: it is seeded from the
+-- ledger figures the caller passed (ARGV pairs of bucket index, tokens, from `seed_from`),
+-- stamped with the caller's new epoch, and reopened.
+-- Returns the parsed config (nil when none is stored or passed) and the window.
+local function load_cfg(w, now, window_ms, bucket_ms, cfg_arg, epoch_arg, seed_from)
   if cfg_arg == '' then
-    local stored = redis.call('HGET', key, 'cfg')
-    if stored then return parse_cfg(stored) end
-    return nil, redis.call('HEXISTS', key, 'e')
+    return w.cfg and parse_cfg(w.cfg), w
   end
-  if redis.call('HEXISTS', key, 'e') == 0 then
-    local nb = math.floor(window_ms / bucket_ms)
-    local first = math.floor(now / bucket_ms) - nb + 1
-    local total, oldest, newest = 0, nil, nil
+  if not w.epoch then
+    local total, oldest, newest = w.total, nil, w.newest
     for i = seed_from, #ARGV, 2 do
       local b, v = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-      if b >= first and v > 0 then
-        redis.call('HINCRBY', key, slot(nb, b), v)
+      if b >= w.first and b <= w.cur and v > 0 then
+        redis.call('HINCRBY', w.key, slot(w.nb, b), v)
         total = total + v
         if not oldest or b < oldest then oldest = b end
         if not newest or b > newest then newest = b end
       end
     end
-    redis.call('HSET', key, 'e', epoch_arg, 't', total, 'o', oldest or first)
-    if newest then redis.call('HSET', key, 'n', newest) end
+    redis.call('HSET', w.key, 'e', epoch_arg, 't', total, 'o', oldest or w.first)
+    if newest then redis.call('HSET', w.key, 'n', newest) end
   end
-  redis.call('HSET', key, 'cfg', cfg_arg)
-  redis.call('PEXPIRE', key, window_ms + bucket_ms)
-  return parse_cfg(cfg_arg)
+  redis.call('HSET', w.key, 'cfg', cfg_arg)
+  redis.call('PEXPIRE', w.key, w.ttl)
+  return parse_cfg(cfg_arg), open_window(w.key, now, window_ms, bucket_ms)
 end

@@ -14,13 +14,13 @@
 local now = clock(ARGV[1])
 local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local rid, tokens, ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-local cfg, has_epoch = load_cfg(KEYS[1], now, window_ms, bucket_ms, ARGV[9], ARGV[10], 13)
-if not cfg then return {-1, has_epoch} end
+local cfg, w = load_cfg(open_window(KEYS[1], now, window_ms, bucket_ms), now, window_ms,
+                        bucket_ms, ARGV[9], ARGV[10], 13)
+if not cfg then return {-1, w.epoch and 1 or 0} end
 if ARGV[12] == '1' then tokens = tokens + cfg.out end
 
-local w = open_window(KEYS[1], now, window_ms, bucket_ms)
 local q = nil
-local status, retry, rpm_remaining, rpm_reset = 1, 0, -1, 0
+local status, retry, rpm_remaining = 1, 0, -1
 if cfg.rpm > 0 then
   q = open_window(KEYS[2], now, tonumber(ARGV[4]), tonumber(ARGV[5]))
   rpm_remaining = cfg.rpm - q.total
@@ -48,20 +48,19 @@ else
   end
 end
 
-local reserved = tonumber(redis.call('HGET', KEYS[1], 'rv')) or 0
-local epoch = redis.call('HGET', KEYS[1], 'e') or ''
+local reserved = w.reserved
 if status == 1 then
-  charge(w, tokens)
+  reserved = reserved + tokens
+  charge(w, tokens, {'rv', reserved})
   if q then
     charge(q, 1)
     rpm_remaining = rpm_remaining - 1
   end
-  reserved = redis.call('HINCRBY', KEYS[1], 'rv', tokens)
   redis.call('ZADD', KEYS[3], now + ttl, rid)
   redis.call('HSET', KEYS[4], rid, w.cur .. ':' .. tokens .. ':' .. now .. ':' .. ARGV[11])
   redis.call('PEXPIRE', KEYS[3], ttl + window_ms)
   redis.call('PEXPIRE', KEYS[4], ttl + window_ms)
 end
 return {status, cfg.tokens, cfg.tokens - w.total, reset_ms(w, now), retry, reserved,
-        cfg.rpm, rpm_remaining, epoch, cfg.slug, cfg.cap, w.cur, now, tokens,
+        cfg.rpm, rpm_remaining, w.epoch or '', cfg.slug, cfg.cap, w.cur, now, tokens,
         q and reset_ms(q, now) or 0}

@@ -10,6 +10,6 @@ if vals[1] then
   redis.call('HSET', KEYS[1], 'e', vals[1], 'rs', now)
   if vals[2] then redis.call('HSET', KEYS[1], 'cfg', vals[2]) end
   if vals[3] then redis.call('HSET', KEYS[1], 'rv', vals[3]) end
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]))
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 2 * tonumber(ARGV[3]))
 end
 return 1

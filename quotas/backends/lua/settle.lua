@@ -13,15 +13,14 @@ local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local rid, actual = ARGV[6], tonumber(ARGV[7])
 local rec = redis.call('HGET', KEYS[4], rid)
 local w = open_window(KEYS[1], now, window_ms, bucket_ms)
-local cfg_raw = redis.call('HGET', KEYS[1], 'cfg')
 local limit = 0
-if cfg_raw then limit = parse_cfg(cfg_raw).tokens end
+if w.cfg then limit = parse_cfg(w.cfg).tokens end
 
 if not rec then
   -- Unknown id: a repeated settle (same epoch, or the caller does not know it) changes nothing.
   -- Otherwise Redis lost the reservation; a known actual figure is still charged (status 2) or
   -- left for the ledger row to seed the window when it is rebuilt (status 3).
-  local epoch = redis.call('HGET', KEYS[1], 'e')
+  local epoch = w.epoch
   local status = 0
   if actual >= 0 and ARGV[8] ~= '' then
     if not epoch then
@@ -54,11 +53,8 @@ if bucket >= w.first then
     redis.call('HSET', KEYS[1], field, after)
   end
   w.total = math.max(w.total + applied, 0)
-  redis.call('HSET', KEYS[1], 't', w.total)
 end
+redis.call('HSET', KEYS[1], 't', w.total, 'rv', math.max(w.reserved - estimate, 0))
 redis.call('HDEL', KEYS[4], rid)
 redis.call('ZREM', KEYS[3], rid)
-if redis.call('HINCRBY', KEYS[1], 'rv', -estimate) < 0 then
-  redis.call('HSET', KEYS[1], 'rv', 0)
-end
 return {1, applied, estimate, created, limit, limit - w.total, reset_ms(w, now), actual, model}
