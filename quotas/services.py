@@ -88,16 +88,27 @@ _runtime: dict[str, Any] = {}
 
 
 def reset_runtime() -> None:
-    """Forget the per-process store and breaker (settings changed)."""
+    """Forget the per-process store, breakers and derived settings (settings changed)."""
     _runtime.clear()
 
 
 def window_spec() -> WindowSpec:
-    return WindowSpec.from_seconds(
-        quota_settings.WINDOW_SECONDS,
-        quota_settings.BUCKET_SECONDS,
-        quota_settings.RPM_BUCKET_SECONDS,
-    )
+    """The window geometry from the settings (derived once per process and settings change)."""
+    spec = _runtime.get("spec")
+    if spec is None:
+        spec = _runtime["spec"] = WindowSpec.from_seconds(
+            quota_settings.WINDOW_SECONDS,
+            quota_settings.BUCKET_SECONDS,
+            quota_settings.RPM_BUCKET_SECONDS,
+        )
+    return spec
+
+
+def _reservation_ttl_ms() -> int:
+    ttl = _runtime.get("ttl_ms")
+    if ttl is None:
+        ttl = _runtime["ttl_ms"] = int(quota_settings.RESERVATION_TTL_SECONDS * 1000)
+    return ttl
 
 
 def get_store() -> Any:
@@ -258,7 +269,7 @@ def _reserve_in_store(
     user: User | None, scope: str, rid: str, tokens: int, model: str, add_output: bool
 ) -> ReserveResult:
     store = get_store()
-    ttl_ms = int(quota_settings.RESERVATION_TTL_SECONDS * 1000)
+    ttl_ms = _reservation_ttl_ms()
     result = store.reserve(
         scope, rid, tokens, ttl_ms=ttl_ms, model=model, add_default_output=add_output
     )

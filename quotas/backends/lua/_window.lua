@@ -67,11 +67,14 @@ local function open_window(key, now, window_ms, bucket_ms)
 end
 
 -- Adds tokens to the current bucket and writes the bookkeeping (plus any `extra` field/value
--- pairs) in one HSET.
+-- pairs) in one HSET. The TTL is refreshed once per bucket: one set earlier in the same bucket
+-- already outlives every bucket charged so far (and the hash never empties while it holds
+-- tokens, so it cannot have been recreated without one).
 local function charge(w, tokens, extra)
   redis.call('HINCRBY', w.key, slot(w.nb, w.cur), tokens)
   w.total = w.total + tokens
-  if not w.newest or w.newest < w.cur then w.newest = w.cur end
+  local first_in_bucket = not w.newest or w.newest < w.cur
+  if first_in_bucket then w.newest = w.cur end
   local fields = {'t', w.total, 'n', w.newest}
   if not w.has_cursor then
     fields[#fields + 1], fields[#fields + 2] = 'o', w.first
@@ -79,7 +82,7 @@ local function charge(w, tokens, extra)
   end
   for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
   redis.call('HSET', w.key, unpack(fields))
-  redis.call('PEXPIRE', w.key, w.ttl)
+  if first_in_bucket then redis.call('PEXPIRE', w.key, w.ttl) end
 end
 
 -- Milliseconds until `need` more fits under `limit`: the moment enough counted tokens have

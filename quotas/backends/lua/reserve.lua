@@ -26,9 +26,7 @@ if cfg.rpm > 0 then
   rpm_remaining = cfg.rpm - q.total
 end
 
-if redis.call('HEXISTS', KEYS[4], rid) == 1 then
-  status = 6
-elseif cfg.cap > 0 and tokens > cfg.cap then
+if cfg.cap > 0 and tokens > cfg.cap then
   status = 4
 elseif tokens > cfg.tokens then
   status = 5
@@ -49,6 +47,10 @@ else
 end
 
 local reserved = w.reserved
+local record = w.cur .. ':' .. tokens .. ':' .. now .. ':' .. ARGV[11]
+if status == 1 and redis.call('HSETNX', KEYS[4], rid, record) == 0 then
+  status = 6  -- the id is taken: charge nothing
+end
 if status == 1 then
   reserved = reserved + tokens
   charge(w, tokens, {'rv', reserved})
@@ -57,7 +59,7 @@ if status == 1 then
     rpm_remaining = rpm_remaining - 1
   end
   redis.call('ZADD', KEYS[3], now + ttl, rid)
-  redis.call('HSET', KEYS[4], rid, w.cur .. ':' .. tokens .. ':' .. now .. ':' .. ARGV[11])
+  -- Every time: settles delete these keys when they empty, so any call may recreate them.
   redis.call('PEXPIRE', KEYS[3], ttl + window_ms)
   redis.call('PEXPIRE', KEYS[4], ttl + window_ms)
 end
