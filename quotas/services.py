@@ -61,9 +61,9 @@ User: TypeAlias = AbstractBaseUser | AnonymousUser
 class Reservation:
     """Tokens held for one request until it is settled.
 
-    ``remaining`` and ``reset_seconds`` describe the user's budget right after this
-    reservation; ``degraded`` is true when Redis was unavailable and the request was let
-    through under the fail-open policy (its usage still goes to the ledger).
+    ``state`` (and ``limit``, ``remaining``, ``reset_seconds``) describe the user's budget
+    right after this reservation; ``degraded`` is true when Redis was unavailable and the
+    request was let through under the fail-open policy (its usage still goes to the ledger).
     """
 
     id: str
@@ -71,16 +71,23 @@ class Reservation:
     user_id: int | None
     model: str
     estimated_tokens: int
-    limit: int
-    remaining: int
-    reset_seconds: float
     reserved_at_ms: int
+    state: QuotaState
     epoch: str = ""
-    requests_limit: int = 0
-    requests_remaining: int = -1
     plan_slug: str = ""
     degraded: bool = False
-    state: QuotaState | None = None
+
+    @property
+    def limit(self) -> int:
+        return self.state.limit
+
+    @property
+    def remaining(self) -> int:
+        return self.state.remaining
+
+    @property
+    def reset_seconds(self) -> float:
+        return self.state.reset_seconds
 
 
 # -- runtime: the store and the breaker, one per process ----------------------------------
@@ -313,15 +320,10 @@ def _decide(
             user_id=_user_id(user),
             model=model,
             estimated_tokens=tokens,
-            limit=result.limit,
-            remaining=result.remaining,
-            reset_seconds=result.reset_seconds,
             reserved_at_ms=result.now_ms,
-            epoch=result.epoch,
-            requests_limit=result.requests_limit,
-            requests_remaining=result.requests_remaining,
-            plan_slug=result.plan_slug,
             state=state,
+            epoch=result.epoch,
+            plan_slug=result.plan_slug,
         )
     if result.status is ReserveStatus.DUPLICATE_ID:
         raise ValueError(f"Reservation {rid!r} already exists: request ids must be unique.")
@@ -387,21 +389,17 @@ def _degraded_reservation(
         raise RequestTooLarge(
             limit=limits.tokens_per_window, requested=tokens, reason="the whole budget"
         )
+    window = window_spec().window_seconds
     return Reservation(
         id=rid,
         scope=scope,
         user_id=_user_id(user),
         model=model,
         estimated_tokens=tokens,
-        limit=limits.tokens_per_window,
-        remaining=limits.tokens_per_window,
-        reset_seconds=0.0,
         reserved_at_ms=_now_ms(),
+        state=QuotaState(limits.tokens_per_window, 0, 0.0, window, degraded=True),
         plan_slug=limits.plan_slug,
         degraded=True,
-        state=QuotaState(
-            limits.tokens_per_window, 0, 0.0, window_spec().window_seconds, degraded=True
-        ),
     )
 
 
@@ -522,10 +520,8 @@ def _as_reservation(reservation_or_id: Reservation | str) -> Reservation:
         user_id=int(scope) if scope.isdigit() else None,
         model="",
         estimated_tokens=0,
-        limit=0,
-        remaining=0,
-        reset_seconds=0.0,
         reserved_at_ms=_now_ms(),
+        state=QuotaState(0, 0, 0.0, window_spec().window_seconds),
     )
 
 
