@@ -1,0 +1,102 @@
+"""Redis stopped for 10 s under steady HTTP load, through a real gunicorn server.
+
+Fail-open: no 5xx, no request held past the socket timeout, every served request in the
+ledger; after Redis comes back (empty, as a restart without persistence leaves it), the window
+is rebuilt from the ledger and enforcement resumes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from rest_framework.authtoken.models import Token
+
+from project.devtools.redis_server import start_private_redis
+from quotas.models import UsageRecord
+from tests.gateway_server import running_gateway
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+BODY = json.dumps(
+    {"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}
+)
+UP_BEFORE, DOWN, UP_AFTER = 2.0, 10.0, 7.0  # seconds; after: the breaker probes every 5 s
+SLOWEST = 1.5  # seconds: 0.25 s socket timeouts, so no request should come near this
+
+
+def _call(port: int, token: str) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    started = time.monotonic()
+    try:
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            BODY,
+            {
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json",
+            },
+        )
+        response = conn.getresponse()
+        response.read()
+        return {
+            "at": started,
+            "status": response.status,
+            "seconds": time.monotonic() - started,
+            "degraded": response.getheader("X-Quota-Degraded"),
+            "remaining": response.getheader("X-RateLimit-Remaining"),
+        }
+    finally:
+        conn.close()
+
+
+def _load(port: int, token: str, until: float, results: list[dict[str, Any]]) -> None:
+    while time.monotonic() < until:
+        results.append(_call(port, token))
+        time.sleep(0.02)
+
+
+def test_redis_down_for_10_seconds_under_load(tmp_path, make_plan, make_user):
+    user = make_user(plan=make_plan(tokens_per_hour=10_000_000))
+    token = Token.objects.create(user=user).key
+    redis = start_private_redis(data_dir=tmp_path)
+    results: list[dict[str, Any]] = []
+    try:
+        with running_gateway("outage", workers=2, REDIS_URL=redis.url) as port:
+            start = time.monotonic()
+            end = start + UP_BEFORE + DOWN + UP_AFTER
+            clients = [
+                threading.Thread(target=_load, args=(port, token, end, results)) for _ in range(4)
+            ]
+            for client in clients:
+                client.start()
+            time.sleep(UP_BEFORE)
+            redis.stop()
+            stopped = time.monotonic()
+            time.sleep(DOWN)
+            redis.start()
+            restarted = time.monotonic()
+            for client in clients:
+                client.join()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/quotas/me/", headers={"Authorization": f"Bearer {token}"})
+            me = json.loads(conn.getresponse().read())
+    finally:
+        redis.stop()
+
+    assert [r for r in results if r["status"] != 200] == []  # no 5xx, no 4xx either
+    assert max(r["seconds"] for r in results) < SLOWEST
+    during = [r for r in results if stopped + 0.5 < r["at"] < restarted - 0.5]
+    assert during and all(r["degraded"] == "redis-unavailable" for r in during)
+    last = [r for r in results if r["at"] > restarted + 5.5]
+    assert last and all(r["degraded"] is None and r["remaining"] for r in last)
+    records = UsageRecord.objects.filter(user=user)
+    assert records.count() == len(results)  # every served request has its row
+    assert records.filter(status="degraded").count() >= len(during)
+    total = sum(records.values_list("actual_tokens", flat=True))
+    assert me["used"] == total  # the rebuilt window matches the ledger
