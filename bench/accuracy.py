@@ -172,17 +172,7 @@ def rows(admitted: dict[str, list[float]]) -> list[Row]:
     out = []
     for name, times in admitted.items():
         most = most_in_window(times, WINDOW) * COST
-        ours = name.startswith("quotas")
-        out.append(
-            Row(
-                section,
-                name,
-                f"{most} / {BUDGET} tokens",
-                f"{most / BUDGET:.3f}",
-                "<= 1.0" if ours else "",
-                common.verdict(most <= BUDGET) if ours else "",
-            )
-        )
+        out.append(common.budget_row(section, name, most, BUDGET, " tokens"))
     return out
 
 

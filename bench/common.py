@@ -202,6 +202,19 @@ class Row:
     verdict: str = ""
 
 
+def budget_row(section: str, name: str, admitted: int, budget: int, unit: str = "") -> Row:
+    """A figure that must stay within a budget; quotas' own rows carry the target (<= 1.0)."""
+    ours = name.startswith("quotas")
+    return Row(
+        section,
+        name,
+        f"{admitted} / {budget}{unit}",
+        f"{admitted / budget:.3f}",
+        "<= 1.0" if ours else "",
+        verdict(admitted <= budget) if ours else "",
+    )
+
+
 def verdict(ok: bool | None) -> str:
     """PASS / FAIL, or an empty cell for figures without a target."""
     if ok is None:

@@ -145,18 +145,8 @@ def run() -> list[Row]:
     for name, make_factory in LIMITERS.items():
         for level in LEVELS:
             admitted = hammer(make_factory(level), level)
-            ratio = admitted / BUDGET_REQUESTS
-            ours = name.startswith("quotas")
-            rows.append(
-                Row(
-                    section,
-                    f"{name}, {level} x {THREADS}",
-                    f"{admitted} / {BUDGET_REQUESTS}",
-                    f"{ratio:.3f}",
-                    "<= 1.0" if ours else "",
-                    common.verdict(admitted <= BUDGET_REQUESTS) if ours else "",
-                )
-            )
+            label = f"{name}, {level} x {THREADS}"
+            rows.append(common.budget_row(section, label, admitted, BUDGET_REQUESTS))
     return rows
 
 
