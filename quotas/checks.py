@@ -85,11 +85,32 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
     return errors
 
 
-@register("quotas")
+@register("quotas", Tags.urls)
 def check_middleware(**kwargs: Any) -> list[CheckMessage]:
+    if "quotas.middleware.QuotaMiddleware" in settings.MIDDLEWARE:
+        return []
     rest = getattr(settings, "REST_FRAMEWORK", {}) or {}
     throttles = rest.get("DEFAULT_THROTTLE_CLASSES", [])
-    uses_throttle = any("TokenQuotaThrottle" in str(path) for path in throttles)
-    if uses_throttle and "quotas.middleware.QuotaMiddleware" not in settings.MIDDLEWARE:
+    if any("TokenQuotaThrottle" in str(path) for path in throttles) or _a_view_uses_it():
         return [Warning(W001_MSG, hint=W001_HINT, id="quotas.W001")]
     return []
+
+
+def _a_view_uses_it() -> bool:
+    """Whether a DRF view in the URLconf lists ``TokenQuotaThrottle`` itself."""
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    from quotas.throttling import TokenQuotaThrottle
+
+    def walk(patterns: list[Any]) -> bool:
+        for pattern in patterns:
+            if isinstance(pattern, URLResolver) and walk(pattern.url_patterns):
+                return True
+            if isinstance(pattern, URLPattern):
+                view = getattr(pattern.callback, "cls", None)
+                throttles = getattr(view, "throttle_classes", ())
+                if any(issubclass(t, TokenQuotaThrottle) for t in throttles):
+                    return True
+        return False
+
+    return walk(get_resolver().url_patterns)

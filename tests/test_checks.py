@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from django.conf import settings
 from django.core.checks import Error, Warning, run_checks
 from django.test import override_settings
@@ -53,6 +54,13 @@ def test_bad_window_geometry_policy_numbers_and_typos():
     assert "multiple of BUCKET_SECONDS" in errors[0].msg
     assert errors[1].msg == checks.E004_MSG.format(value="maybe")
     assert errors[3].msg == checks.E006_MSG.format(keys="WINDOW_SECONDZ")
+
+
+@pytest.mark.urls("tests.enforced_urls")
+def test_a_view_with_the_throttle_but_no_middleware_warns():
+    middleware = [m for m in settings.MIDDLEWARE if "Quota" not in m]
+    with override_settings(MIDDLEWARE=middleware):
+        assert quota_errors() == [Warning(checks.W001_MSG, hint=checks.W001_HINT, id="quotas.W001")]
 
 
 def test_throttle_without_the_middleware_warns():
