@@ -147,6 +147,13 @@ def simple_error(status: int, code: str, message: str) -> JsonResponse:
     return JsonResponse(error_payload(code, message), status=status)
 
 
+def unavailable_retry_after() -> int:
+    """``Retry-After`` of a 503 under the fail-closed policy: when the breaker probes again."""
+    from quotas.services import get_breaker
+
+    return max(ceil_seconds(get_breaker().retry_after()), 1)
+
+
 def client_address(request: HttpRequest) -> str:
     """The client's address for anonymous quotas: ``REMOTE_ADDR`` (put a proxy-aware
     middleware in front if you sit behind one: forwarded headers are trivially spoofed)."""

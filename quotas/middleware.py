@@ -34,7 +34,13 @@ from quotas.enforcement import (
     state_of,
 )
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
-from quotas.http import error_body, error_status, set_headers, simple_error
+from quotas.http import (
+    error_body,
+    error_status,
+    set_headers,
+    simple_error,
+    unavailable_retry_after,
+)
 
 __all__ = ["QuotaMiddleware"]
 
@@ -81,23 +87,27 @@ class QuotaMiddleware:
             return simple_error(403, "quota_not_configured", str(exc))
         except StoreUnavailable:
             response = simple_error(503, "quota_unavailable", "Quota service unavailable.")
-            response["Retry-After"] = str(max(int(services.get_breaker().retry_after()) + 1, 1))
+            response["Retry-After"] = str(unavailable_retry_after())
             return response
         return None
 
     def _settle(self, request: HttpRequest, reservation: Any, response: HttpResponseBase) -> None:
-        if response.status_code >= 400:
-            services.refund(reservation)
-        elif isinstance(response, StreamingHttpResponse):
+        failed = response.status_code >= 400
+        if isinstance(response, StreamingHttpResponse) and not failed:
+            # Headers are already on their way: the stream settles when it ends.
             prompt = getattr(request, PROMPT_ATTR, None)
             response.streaming_content = StreamMeter(
                 response.streaming_content, reservation, prompt
             )
+            return
+        if failed:
+            outcome = services.refund(reservation)
         else:
             outcome = _settle_with(reservation, _usage_of(response))
-            state = state_of(request)
-            if state is not None and outcome.remaining is not None:
-                setattr(request, STATE_ATTR, replace(state, remaining=outcome.remaining))
+        state = state_of(request)
+        if state is not None and outcome.remaining is not None:
+            # The headers tell the budget after this request's real cost.
+            setattr(request, STATE_ATTR, replace(state, remaining=outcome.remaining))
 
 
 def _settle_with(reservation: Any, usage: dict[str, int]) -> services.Settlement:

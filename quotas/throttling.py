@@ -17,13 +17,11 @@ from rest_framework import exceptions, status
 from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
-from quotas import services
 from quotas.conf import quota_settings
 from quotas.core.estimate import InvalidRequest
-from quotas.core.types import ceil_seconds
 from quotas.enforcement import AnonymousNotAllowed, enforce
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
-from quotas.http import error_body, error_payload, error_status
+from quotas.http import error_body, error_payload, error_status, unavailable_retry_after
 
 __all__ = ["QuotaRejected", "TokenQuotaThrottle"]
 
@@ -54,9 +52,9 @@ class QuotaUnavailable(exceptions.APIException):
     default_detail = "Quota service unavailable; try again shortly."
     default_code = "quota_unavailable"
 
-    def __init__(self, wait: float) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.wait = max(ceil_seconds(wait), 1)
+        self.wait = unavailable_retry_after()
 
 
 class QuotaNotConfigured(exceptions.PermissionDenied):
@@ -87,7 +85,7 @@ class TokenQuotaThrottle(BaseThrottle):
         except ConfigurationError as exc:
             raise QuotaNotConfigured(str(exc)) from exc
         except StoreUnavailable as exc:
-            raise QuotaUnavailable(services.get_breaker().retry_after()) from exc
+            raise QuotaUnavailable() from exc
         return True
 
     def wait(self) -> float | None:

@@ -79,7 +79,9 @@ def test_a_request_that_can_never_fit_is_a_413_without_retry_after(client):
 
 def test_a_failed_view_refunds_everything(client, on_commit):
     with on_commit(execute=True):
-        assert post(client, "/failing/").status_code == 502
+        response = post(client, "/failing/")
+    assert response.status_code == 502
+    assert response["X-RateLimit-Remaining"] == "1000"  # the headers count the refund
     assert client.get("/quotas/me/").json()["used"] == 0
     assert UsageRecord.objects.get().status == "refunded"
 
