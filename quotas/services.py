@@ -54,6 +54,9 @@ __all__ = [
 
 logger = logging.getLogger("quotas")
 
+# The epoch of reservations served while Redis was unavailable (real epochs are hex).
+DEGRADED_EPOCH = "degraded"
+
 User: TypeAlias = AbstractBaseUser | AnonymousUser
 
 
@@ -398,6 +401,7 @@ def _degraded_reservation(
         estimated_tokens=tokens,
         reserved_at_ms=_now_ms(),
         state=QuotaState(limits.tokens_per_window, 0, 0.0, window, degraded=True),
+        epoch=DEGRADED_EPOCH,
         plan_slug=limits.plan_slug,
         degraded=True,
     )
@@ -439,17 +443,12 @@ def settle(
     reservation = _as_reservation(reservation_or_id)
     actual = _actual_tokens(prompt_tokens, completion_tokens, total_tokens)
     if reservation.degraded:
+        # Served without Redis, so nothing was charged: the settle script charges the real
+        # usage to a built window now (its epoch never matches DEGRADED_EPOCH), or leaves it
+        # to the ledger row when the window is still to be rebuilt.
         status = "degraded"
-        outcome = Settlement(
-            reservation.id,
-            reservation.estimated_tokens,
-            reservation.estimated_tokens if actual is None else actual,
-            0,
-            True,
-            None,
-        )
-    else:
-        outcome, reservation = _settle_in_store(reservation, actual)
+        actual = reservation.estimated_tokens if actual is None else actual
+    outcome, reservation = _settle_in_store(reservation, actual)
     if outcome.settled_now:
         send_to_ledger(
             usage_payload(

@@ -257,3 +257,31 @@ def test_plan_model_validation(make_plan):
         make_plan(slug="b", is_default=True)
     with pytest.raises(IntegrityError), transaction.atomic():
         Plan.objects.create(name="Z", slug="z", tokens_per_hour=10, max_tokens_per_request=11)
+
+
+def test_usage_served_while_degraded_is_charged_once_redis_answers(
+    make_plan, make_user, quota_config, on_commit
+):
+    from django.conf import settings
+    from django.test import override_settings
+
+    user = make_user(plan=make_plan(tokens_per_hour=1000))
+    with on_commit(execute=True):
+        services.settle(services.reserve(user, 100), total_tokens=100)  # the window is built
+    broken = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": "redis://127.0.0.1:1/0",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.2},
+    }
+    with override_settings(CACHES={**settings.CACHES, "broken": broken}):
+        quota_config(CACHE_ALIAS="broken")
+        degraded = services.reserve(user, 300)
+    assert degraded.degraded
+    quota_config()  # Redis answers again before the request finishes
+    with on_commit(execute=True):
+        services.settle(degraded, total_tokens=250)
+    assert services.budget_for(user)["used"] == 350
+    assert UsageRecord.objects.get(request_id=degraded.id).status == "degraded"
+    with on_commit(execute=True):
+        assert not services.settle(degraded, total_tokens=250).settled_now  # once
+    assert services.budget_for(user)["used"] == 350

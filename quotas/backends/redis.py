@@ -82,11 +82,19 @@ class RedisWindowStore:
         override = "" if now_ms is None else str(int(now_ms))
         return [override, spec.window_ms, spec.bucket_ms, spec.rpm_window_ms, spec.rpm_bucket_ms]
 
-    def _run(self, name: str, scope: str, args: Sequence[Any], now_ms: int | None) -> Any:
+    def _run(
+        self,
+        name: str,
+        scope: str,
+        args: Sequence[Any],
+        now_ms: int | None,
+        extra_keys: Sequence[str] = (),
+    ) -> Any:
         script = self._scripts.get(name)
         if script is None:
             script = self._scripts[name] = self.client.register_script(script_source(name))
-        return self._call(script, keys=self.keys(scope), args=[*self._common(now_ms), *args])
+        keys = [*self.keys(scope), *extra_keys]
+        return self._call(script, keys=keys, args=[*self._common(now_ms), *args])
 
     @staticmethod
     def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -152,7 +160,8 @@ class RedisWindowStore:
         charges a reservation Redis no longer knows.
         """
         actual = -1 if actual_tokens is None else int(actual_tokens)
-        raw = self._run("settle", scope, [reservation_id, actual, epoch], now_ms)
+        marker = f"{self.prefix}:{{{scope}}}:s:{reservation_id}"
+        raw = self._run("settle", scope, [reservation_id, actual, epoch], now_ms, [marker])
         return SettleResult.from_script(raw)
 
     def peek(
@@ -269,9 +278,6 @@ class RedisWindowStore:
         for key in self.keys(scope):
             total += self._call(self.client.memory_usage, key, samples=0) or 0
         return total
-
-    def ping(self) -> bool:
-        return bool(self._call(self.client.ping))
 
     @staticmethod
     def _expired(scope: str, rid: bytes | str, rec: bytes | str) -> ExpiredReservation:

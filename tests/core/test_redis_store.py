@@ -200,3 +200,13 @@ def test_memory_after_1000_reservations_over_one_window(store: Any) -> None:
         r = reserve(store, 500, at, rid=f"r{i}", limits=rpm)
         store.settle("u", f"r{i}", 450, epoch=r.epoch, now_ms=at + 3)
     assert store.memory_usage("u") <= 2048
+
+
+def test_a_reservation_redis_lost_is_charged_once_however_often_it_is_settled(store: Any) -> None:
+    lost = reserve(store, 300, T0, rid="a", epoch="e1")
+    store.client.delete(*store.keys("u"))  # Redis loses the window and the reservation
+    reserve(store, 100, T0 + 10, epoch="e2")  # rebuilt (empty ledger), new epoch
+    first = store.settle("u", "a", 250, epoch=lost.epoch, now_ms=T0 + 20)
+    again = store.settle("u", "a", 250, epoch=lost.epoch, now_ms=T0 + 30)
+    assert (first.status, first.applied, again.status) == (2, 250, 0)
+    assert store.peek("u", now_ms=T0 + 40).used == 350

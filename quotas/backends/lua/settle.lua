@@ -1,6 +1,7 @@
 -- settle: apply actual - estimate to the bucket the reservation was charged to, release its
 -- concurrency slot, forget it. Idempotent: an unknown reservation id changes nothing.
--- KEYS and ARGV[1..5]: see _window.lua.
+-- KEYS and ARGV[1..5]: see _window.lua. KEYS[6]: this id's settled marker (a string key
+-- that makes a repeated settle of an id Redis does not know change nothing).
 -- ARGV[6] reservation id, ARGV[7] actual tokens (integer >= 0; -1: the estimate stands),
 -- ARGV[8] the epoch the reservation was made in ("" when unknown: never charge anew).
 -- Returns {status, tokens applied to the window, estimate, reserved at ms, limit, remaining,
@@ -22,12 +23,15 @@ if not rec then
   -- left for the ledger row to seed the window when it is rebuilt (status 3).
   local epoch = w.epoch
   local status = 0
-  if actual >= 0 and ARGV[8] ~= '' then
-    if not epoch then
-      status = 3
-    elseif epoch ~= ARGV[8] then
-      status = 2
-      charge(w, actual)
+  if actual >= 0 and ARGV[8] ~= '' and epoch ~= ARGV[8] then
+    -- Claim the id first: a repeat of this settle finds the marker and changes nothing.
+    if redis.call('SET', KEYS[6], 1, 'NX', 'PX', w.ttl) then
+      if epoch then
+        status = 2
+        charge(w, actual)
+      else
+        status = 3
+      end
     end
   end
   local charged = 0
