@@ -307,7 +307,25 @@ def _config_for(
     seed = ledger_seed(scope, window_spec(), _now_ms()) if rebuild else []
     if rebuild and seed:
         logger.info("quotas: rebuilt the window of %s from the ledger", scope)
+        transaction.on_commit(lambda: _schedule_audit(scope))
     return limits, seed, uuid.uuid4().hex[:8]
+
+
+def _schedule_audit(scope: str) -> None:
+    """Audit a rebuilt window once the usage in flight at the rebuild has landed.
+
+    A rebuild reads the ledger as it stands; rows other processes are still writing (requests
+    served while their circuit breakers were open) are missing from it. Every breaker probes
+    within ``BREAKER_RESET_SECONDS``, so an audit a little later sees them all. If the broker
+    cannot take the task, the periodic ``audit_windows`` repairs the window instead.
+    """
+    from quotas.tasks import audit_window_task
+
+    countdown = 2 * quota_settings.BREAKER_RESET_SECONDS + 5
+    try:
+        audit_window_task.apply_async(args=[scope], countdown=countdown, retry=False)
+    except Exception:  # the broker is down: the periodic audit will get there
+        logger.warning("quotas: could not schedule the audit of rebuilt window %s", scope)
 
 
 def _decide(

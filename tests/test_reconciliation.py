@@ -200,6 +200,25 @@ def test_after_redis_lost_the_windows_the_budget_matches_the_ledger(
     assert services.reserve(user, 880).remaining == 0
 
 
+def test_a_rebuild_schedules_an_audit_for_usage_still_in_flight(
+    user, settled, redis_client, isolated_quotas, on_commit, monkeypatch
+):
+    from quotas.tasks import audit_window_task
+
+    sent: list[tuple[Any, Any]] = []
+    monkeypatch.setattr(
+        audit_window_task, "apply_async", lambda args, **kw: sent.append((args, kw["countdown"]))
+    )
+    settled(services.reserve(user, 300), total_tokens=120)
+    with on_commit(execute=True):
+        services.reserve(user, 10)  # the window exists: nothing to audit
+    assert sent == []
+    flush_redis(redis_client, isolated_quotas)
+    with on_commit(execute=True):
+        services.reserve(user, 10)  # rebuilt from the ledger
+    assert sent == [([str(user.pk)], 2 * 5.0 + 5)]
+
+
 def test_quotas_rebuild_seeds_lost_windows_from_the_ledger(
     make_plan, make_user, settled, redis_client, isolated_quotas
 ):
