@@ -210,14 +210,15 @@ def test_zero_overshoot_with_8_processes_of_16_threads(make_plan, make_user, quo
     # This measures atomicity, not the failure policy: 128 threads on two cores can stall a
     # thread past the demo's 0.25 s socket timeout, and fail-open would then serve without
     # Redis. So: patient sockets, and fail-closed, so a failure shows up as a failure.
-    patient = {
-        **settings.CACHES["default"],
-        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 10, "SOCKET_TIMEOUT": 10},
-    }
+    # (django-redis keeps one pool per URL: the timeouts go in the URL to get a new pool.)
+    url = settings.REDIS_URL
+    url += ("&" if "?" in url else "?") + "socket_timeout=10&socket_connect_timeout=10"
+    patient = {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": url}
     limit = 60_000
     user = make_user(plan=make_plan(tokens_per_hour=limit))
-    with override_settings(CACHES={**settings.CACHES, "default": patient}):
-        quota_config(FAILURE_POLICY="closed")
+    with override_settings(CACHES={**settings.CACHES, "patient": patient}):
+        quota_config(FAILURE_POLICY="closed", CACHE_ALIAS="patient")
+        assert services.get_store().client.connection_pool.connection_kwargs["socket_timeout"] == 10
         services.reserve(user, 0)  # cache the limits: the children then need no database
         connections.close_all()  # children must not share the parent's database sockets
         with multiprocessing.get_context("fork").Pool(8) as pool:
