@@ -123,9 +123,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 }
 CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER", "0") == "1"
 CELERY_BEAT_SCHEDULE = {
-    "quotas-expire-reservations": {
-        "task": "quotas.tasks.expire_reservations",
-        "schedule": 30.0,
+    # Writes the ledger rows waiting in Redis (and expires overdue reservations): how often
+    # it runs is how fresh the ledger is, and how much usage a Redis that loses its data
+    # without persistence could take with it.
+    "quotas-flush-ledger": {
+        "task": "quotas.tasks.flush_ledger",
+        "schedule": 2.0,
     },
     "quotas-audit-windows": {
         "task": "quotas.tasks.audit_windows",

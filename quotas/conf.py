@@ -50,6 +50,11 @@ DEFAULTS: dict[str, Any] = {
     "ALERT_THRESHOLD": 0.8,
     # Largest request body the estimator reads, in bytes.
     "MAX_BODY_BYTES": 1_000_000,
+    # Ledger records are sent to the Celery worker in batches: one task per process every
+    # this many seconds (0: one task per request, after the transaction commits) ...
+    "LEDGER_BATCH_SECONDS": 0.05,
+    # ... or as soon as this many records are waiting.
+    "LEDGER_BATCH_SIZE": 200,
 }
 
 

@@ -3,9 +3,10 @@
 Plain functions; ``quotas.tasks`` wraps them in Celery tasks and the ``quotas_rebuild``
 command calls them. Every function is idempotent, so a re-delivered task changes nothing:
 
-- ``expire_reservations``: reservations never settled within their TTL get a ledger row
-  charged at their estimate, exactly once (the row is written before the Redis outbox entry
-  is dropped, and ``request_id`` is unique).
+- ``flush_ledger``: write the ledger rows waiting in the Redis outbox, in bulk, exactly once
+  (a row is written before its outbox record is dropped, and ``request_id`` is unique). A
+  settle puts its record there atomically with the settle; reservations never settled within
+  their TTL are moved there first, charged at their estimate.
 - ``audit_windows``: repair drift between a window and the ledger (usage recorded while Redis
   was down, settles that never reached Redis), by compare-and-set of absolute bucket figures.
 - ``rebuild_windows``: seed lost windows from the ledger now, instead of on each user's next
@@ -27,10 +28,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from quotas import services
-from quotas.backends.redis import ExpiredReservation, RedisWindowStore, WindowContents
+from quotas.backends.redis import LedgerEntry, RedisWindowStore, WindowContents
 from quotas.conf import quota_settings
 from quotas.core.types import WindowSpec
-from quotas.exceptions import ConfigurationError
+from quotas.exceptions import ConfigurationError, StoreUnavailable
 from quotas.models import UsageRecord
 from quotas.signals import reservation_expired
 
@@ -38,9 +39,10 @@ __all__ = [
     "AuditOutcome",
     "audit_window",
     "audit_windows",
-    "expire_reservations",
+    "flush_ledger",
     "rebuild_window",
     "rebuild_windows",
+    "write_usage",
 ]
 
 logger = logging.getLogger("quotas")
@@ -68,61 +70,92 @@ def _user_id_of(scope: str) -> int | None:
     return pk if get_user_model().objects.filter(pk=pk).exists() else None
 
 
-# -- expiry ---------------------------------------------------------------------------------
-def expire_reservations(*, batch: int = 500) -> int:
-    """Charge every reservation past its TTL at its estimate; return the ledger rows created.
+# -- the outbox -----------------------------------------------------------------------------
+def flush_ledger(*, batch: int = 500) -> int:
+    """Write every ledger row waiting in the Redis outbox, after moving the reservations past
+    their TTL there (charged at their estimate); return the rows created.
 
-    Covers keys with pending reservations and keys whose outbox still holds entries (a sweep
-    that died after moving them). Safe to run concurrently and repeatedly.
+    Covers keys with pending reservations and keys whose outbox holds records. Safe to run
+    concurrently and repeatedly.
     """
     store = services.get_store()
     scopes = set(store.iter_scopes("p")) | set(store.iter_scopes("x"))
-    return sum(expire_scope(store, scope, batch=batch) for scope in sorted(scopes))
+    return sum(flush_scope(store, scope, batch=batch) for scope in sorted(scopes))
 
 
-def expire_scope(store: RedisWindowStore, scope: str, *, batch: int = 500) -> int:
-    """Expire one quota key's overdue reservations, ``batch`` at a time."""
+def flush_scope(store: RedisWindowStore, scope: str, *, batch: int = 500) -> int:
+    """Expire one quota key's overdue reservations and write its outbox, ``batch`` at a time."""
     created = 0
     while True:
-        outbox = store.expire(scope, batch=batch)
-        created += _write_expired(scope, outbox)
-        # Only after the rows are committed: a crash before this line leaves the entries in
+        moved = store.expire(scope, batch=batch)
+        entries = store.outbox(scope, batch=batch)
+        created += _write_rows(scope, entries)
+        # Only after the rows are committed: a crash before this line leaves the records in
         # the outbox, and the next sweep finds their rows already written.
-        store.ack_expired(scope, [entry.reservation_id for entry in outbox])
-        if len(outbox) < batch:
+        store.ack_outbox(scope, [entry.reservation_id for entry in entries])
+        if moved < batch and len(entries) < batch:
             return created
 
 
-def _write_expired(scope: str, outbox: list[ExpiredReservation]) -> int:
-    if not outbox:
+def write_usage(payloads: Iterable[dict[str, Any]]) -> int:
+    """Write the rows of these ledger records (``services.usage_payload`` dicts) that do not
+    exist yet, then drop their outbox copies; returns the rows created. Idempotent."""
+    by_scope: dict[str, list[LedgerEntry]] = {}
+    for payload in payloads:
+        entry = LedgerEntry.from_payload(payload)
+        by_scope.setdefault(entry.scope, []).append(entry)
+    created = 0
+    for scope, entries in by_scope.items():
+        created += _write_rows(scope, entries)
+        try:
+            services.get_store().ack_outbox(scope, [e.reservation_id for e in entries])
+        except StoreUnavailable:  # the sweep finds their rows written and drops them later
+            logger.info("quotas: Redis unavailable; outbox of %s left to the sweep", scope)
+    return created
+
+
+def _write_rows(scope: str, entries: list[LedgerEntry]) -> int:
+    """Create the rows of these records that do not exist yet (in one transaction)."""
+    if not entries:
         return 0
     user_id = _user_id_of(scope)
+    now_ms = _ms(timezone.now())
+    ids = [entry.reservation_id for entry in entries]
     with transaction.atomic():
-        new = [entry for entry in outbox if services.record_usage(_payload(entry, user_id))]
-    for entry in new:
-        reservation_expired.send(
-            sender=UsageRecord,
-            scope=scope,
-            reservation_id=entry.reservation_id,
-            estimated_tokens=entry.estimate,
+        existing = set(
+            UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
         )
+        new = [entry for entry in entries if entry.reservation_id not in existing]
+        # ignore_conflicts: a concurrent sweep may write the same rows; either one wins.
+        UsageRecord.objects.bulk_create(
+            [_row(entry, user_id, now_ms) for entry in new], ignore_conflicts=True
+        )
+    for entry in new:
+        if entry.status == UsageRecord.Status.EXPIRED:
+            reservation_expired.send(
+                sender=UsageRecord,
+                scope=scope,
+                reservation_id=entry.reservation_id,
+                estimated_tokens=entry.estimate,
+            )
     return len(new)
 
 
-def _payload(entry: ExpiredReservation, user_id: int | None) -> dict[str, Any]:
-    return {
-        "request_id": entry.reservation_id,
-        "scope": entry.scope,
-        "user_id": user_id,
-        "model": entry.model,
-        "estimated_tokens": entry.estimate,
-        "prompt_tokens": None,
-        "completion_tokens": None,
-        "actual_tokens": entry.estimate,
-        "status": "expired",
-        "reserved_at_ms": entry.reserved_at_ms,
-        "settled_at_ms": _ms(timezone.now()),
-    }
+def _row(entry: LedgerEntry, user_id: int | None, now_ms: int) -> UsageRecord:
+    settled_at = entry.settled_at_ms if entry.settled_at_ms is not None else now_ms
+    return UsageRecord(
+        request_id=entry.reservation_id,
+        scope=entry.scope,
+        user_id=user_id,
+        model=entry.model,
+        estimated_tokens=entry.estimate,
+        prompt_tokens=entry.prompt_tokens,
+        completion_tokens=entry.completion_tokens,
+        actual_tokens=entry.actual,
+        status=entry.status,
+        created_at=_moment(entry.reserved_at_ms),
+        settled_at=_moment(settled_at),
+    )
 
 
 # -- audit ----------------------------------------------------------------------------------
@@ -197,9 +230,12 @@ def _replay_settles(store: RedisWindowStore, scope: str, contents: WindowContent
 
 
 def _expected(scope: str, contents: WindowContents, spec: WindowSpec) -> Counter[int]:
-    """Tokens each live bucket should hold, by the ledger (since the last admin reset)."""
-    since = _moment(max(contents.first_bucket * spec.bucket_ms, contents.reset_ms + 1))
-    rows = UsageRecord.objects.filter(scope=scope, created_at__gte=since)
+    """Tokens each live bucket should hold, by the ledger (since the last admin reset).
+
+    The outbox's records are ledger rows not yet written: they count like rows.
+    """
+    since_ms = max(contents.first_bucket * spec.bucket_ms, contents.reset_ms + 1)
+    rows = UsageRecord.objects.filter(scope=scope, created_at__gte=_moment(since_ms))
     expected: Counter[int] = Counter()
     recorded = set()
     for request_id, created_at, tokens in rows.values_list(
@@ -207,10 +243,14 @@ def _expected(scope: str, contents: WindowContents, spec: WindowSpec) -> Counter
     ).iterator():
         expected[spec.bucket_of(_ms(created_at))] += tokens
         recorded.add(request_id)
+    for entry in contents.outbox:
+        if entry.reservation_id not in recorded and entry.reserved_at_ms >= since_ms:
+            expected[spec.bucket_of(entry.reserved_at_ms)] += entry.actual
+        recorded.add(entry.reservation_id)
     reset_bucket = spec.bucket_of(contents.reset_ms) if contents.reset_ms else None
     held = {
         rid: entry
-        for rid, entry in {**contents.outbox, **contents.pending}.items()
+        for rid, entry in contents.pending.items()
         if reset_bucket is None or entry[0] > reset_bucket  # reserved before a reset: gone
     }
     unrecorded = {rid for rid in held if rid not in recorded}

@@ -24,6 +24,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from quotas.batching import Batcher
 from quotas.conf import quota_settings
 from quotas.core.breaker import BreakerState, CircuitBreaker
 from quotas.core.estimate import Estimate
@@ -455,8 +456,9 @@ def settle(
 
     Give ``total_tokens``, or ``prompt_tokens`` and/or ``completion_tokens``; with none of
     them the estimate stands. The difference goes to the bucket the reservation was charged
-    to. The ledger row is written by a Celery task after the current transaction commits (or
-    directly when the broker cannot take it).
+    to, and the ledger record goes to the Redis outbox in the same atomic step. The record
+    is also sent to the Celery worker in this process's next batch (see ``send_to_ledger``);
+    whichever arrives first writes the row, exactly once.
     """
     reservation = _as_reservation(reservation_or_id)
     actual = _actual_tokens(prompt_tokens, completion_tokens, total_tokens)
@@ -466,7 +468,9 @@ def settle(
         # to the ledger row when the window is still to be rebuilt.
         status = "degraded"
         actual = reservation.estimated_tokens if actual is None else actual
-    outcome, reservation = _settle_in_store(reservation, actual)
+    outcome, reservation = _settle_in_store(
+        reservation, actual, status, prompt_tokens, completion_tokens
+    )
     if outcome.settled_now:
         send_to_ledger(
             usage_payload(
@@ -490,20 +494,33 @@ def refund(reservation_or_id: Reservation | str) -> Settlement:
 
 
 def _settle_in_store(
-    reservation: Reservation, actual: int | None
+    reservation: Reservation,
+    actual: int | None,
+    status: str,
+    prompt: int | None,
+    completion: int | None,
 ) -> tuple[Settlement, Reservation]:
     try:
         result = _guarded(
-            get_store().settle, reservation.scope, reservation.id, actual, epoch=reservation.epoch
+            get_store().settle,
+            reservation.scope,
+            reservation.id,
+            actual,
+            epoch=reservation.epoch,
+            status=status,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            estimate=reservation.estimated_tokens,
+            reserved_at_ms=reservation.reserved_at_ms,
+            model=reservation.model,
         )
     except StoreUnavailable:
         # The ledger row is still written; the window keeps the estimate until the audit
         # task repairs it or it ages out.
         logger.warning("quotas: Redis unavailable while settling %s; ledger only", reservation.id)
         used = reservation.estimated_tokens if actual is None else actual
-        return Settlement(
-            reservation.id, reservation.estimated_tokens, used, 0, True, None
-        ), reservation
+        settlement = Settlement(reservation.id, reservation.estimated_tokens, used, 0, True, None)
+        return settlement, reservation
     if result.status == 1:
         # Redis knows the reservation best (settling by id alone knows nothing else).
         reservation = replace(
@@ -583,47 +600,55 @@ def usage_payload(
     }
 
 
-def record_usage(payload: dict[str, Any]) -> bool:
-    """Write one ledger row; a repeated payload (same ``request_id``) changes nothing.
-
-    Returns whether a row was created.
-    """
-    defaults = dict(payload)
-    request_id = defaults.pop("request_id")
-    reserved_at = defaults.pop("reserved_at_ms")
-    settled_at = defaults.pop("settled_at_ms", None)
-    defaults["created_at"] = datetime.fromtimestamp(reserved_at / 1000, tz=UTC)
-    defaults["settled_at"] = (
-        datetime.fromtimestamp(settled_at / 1000, tz=UTC) if settled_at else None
-    )
-    _, created = UsageRecord.objects.get_or_create(request_id=request_id, defaults=defaults)
-    return created
-
-
 def send_to_ledger(payload: dict[str, Any]) -> None:
-    """Queue the ledger row after the current transaction commits; write it directly when the
-    broker cannot take the task, so no usage is ever lost."""
-    transaction.on_commit(lambda: _enqueue_or_write(payload))
+    """Send a ledger record to the Celery worker: in this process's next batch (every
+    ``LEDGER_BATCH_SECONDS``), or alone after the current transaction commits when that is 0.
+    Rows are written directly when the broker cannot take the task, so no usage is lost."""
+    if quota_settings.LEDGER_BATCH_SECONDS > 0:
+        _ledger_batcher().add(payload)
+    else:
+        transaction.on_commit(lambda: _enqueue_or_write([payload]))
 
 
-def _enqueue_or_write(payload: dict[str, Any]) -> None:
+def flush_ledger_batch() -> int:
+    """Send this process's waiting ledger records now; returns how many were sent."""
+    return _ledger_batcher().flush()
+
+
+def _ledger_batcher() -> Batcher:
+    # One per process for its whole life (it outlives settings changes: it reads them live).
+    global _batcher
+    if _batcher is None:
+        _batcher = Batcher(
+            _enqueue_or_write,
+            interval=lambda: max(float(quota_settings.LEDGER_BATCH_SECONDS), 0.001),
+            size=lambda: int(quota_settings.LEDGER_BATCH_SIZE),
+        )
+    return _batcher
+
+
+_batcher: Batcher | None = None
+
+
+def _enqueue_or_write(payloads: list[dict[str, Any]]) -> None:
+    from quotas import ledger
     from quotas.tasks import record_usage_task
 
     # A dead broker costs one failed publish (up to its socket timeout) per probe period,
-    # not one per request: while its breaker is open, rows are written directly.
+    # not one per batch: while its breaker is open, rows are written directly.
     breaker = _broker_breaker()
     if breaker.allow():
         try:
-            record_usage_task.apply_async(args=[payload], retry=False)
-        except Exception:  # the broker is down or refused: write the row ourselves
+            record_usage_task.apply_async(args=[payloads], retry=False)
+        except Exception:  # the broker is down or refused: write the rows ourselves
             breaker.record_failure()
             logger.warning(
-                "quotas: broker unavailable; writing usage %s directly", payload["request_id"]
+                "quotas: broker unavailable; writing %d usage records directly", len(payloads)
             )
         else:
             breaker.record_success()
             return
-    record_usage(payload)
+    ledger.write_usage(payloads)
 
 
 def _broker_breaker() -> CircuitBreaker:

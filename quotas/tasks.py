@@ -2,13 +2,15 @@
 
 Every task is safe to run twice (``acks_late``: a worker that dies mid-task gets its message
 re-delivered), so retries and re-deliveries never count usage twice. A host schedules
-``expire_reservations`` (e.g. every 30 s) and ``audit_windows`` (e.g. every 5 min) with Celery
-beat; ``record_usage`` is queued by ``services.settle`` after the transaction commits.
+``flush_ledger`` (e.g. every 5 s: it sets how fresh the ledger is) and ``audit_windows`` (e.g.
+every 5 min) with Celery beat. ``record_usage`` is queued by ``services.settle``, one task per
+batch of records (``LEDGER_BATCH_SECONDS``); the settle also puts each record in the Redis
+outbox, so ``flush_ledger`` writes the rows of a batch that was never sent.
 
-A dead broker must not slow requests down: ``services.settle`` publishes with ``retry=False``
-and writes the row itself when publishing fails. Give the broker short socket timeouts and
-``"max_retries": 0`` in ``CELERY_BROKER_TRANSPORT_OPTIONS``, or kombu keeps reconnecting for
-up to ``CELERY_BROKER_CONNECTION_TIMEOUT`` on every publish.
+A dead broker must not slow requests down either: batches are published with
+``retry=False``, and the rows are written directly when publishing fails. Give the broker
+short socket timeouts and ``"max_retries": 0`` in ``CELERY_BROKER_TRANSPORT_OPTIONS``, or
+kombu keeps reconnecting for up to ``CELERY_BROKER_CONNECTION_TIMEOUT`` on every publish.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from typing import Any
 from celery import shared_task
 from django.db import DatabaseError
 
-from quotas import ledger, services
+from quotas import ledger
 from quotas.exceptions import StoreUnavailable
 
 __all__ = [
     "audit_window_task",
     "audit_windows_task",
-    "expire_reservations_task",
+    "flush_ledger_task",
     "rebuild_windows_task",
     "record_usage_task",
 ]
@@ -48,15 +50,17 @@ PERIODIC = {
     retry_backoff_max=300,
     max_retries=None,
 )
-def record_usage_task(payload: dict[str, Any]) -> bool:
-    """Write one usage ledger row; a re-delivered payload changes nothing."""
-    return services.record_usage(payload)
+def record_usage_task(payloads: list[dict[str, Any]] | dict[str, Any]) -> int:
+    """Write the ledger rows of a batch of usage records (or of one); returns the rows
+    created. A re-delivered batch changes nothing."""
+    return ledger.write_usage([payloads] if isinstance(payloads, dict) else payloads)
 
 
-@shared_task(name="quotas.tasks.expire_reservations", **PERIODIC)
-def expire_reservations_task() -> int:
-    """Charge reservations never settled within their TTL at their estimate (one row each)."""
-    return ledger.expire_reservations()
+@shared_task(name="quotas.tasks.flush_ledger", **PERIODIC)
+def flush_ledger_task() -> int:
+    """Write the ledger rows waiting in the Redis outbox (settled requests, and reservations
+    never settled within their TTL, charged at their estimate); returns the rows created."""
+    return ledger.flush_ledger()
 
 
 @shared_task(name="quotas.tasks.audit_windows", **PERIODIC)

@@ -19,7 +19,9 @@ from quotas import services
 
 
 def quotas_settings(**overrides: Any) -> dict[str, Any]:
-    return {**settings.QUOTAS, **overrides}
+    # One ledger task per settle, after commit, so a test sees its rows at once; the batched
+    # path has its own tests (and the tests on real servers use it).
+    return {**settings.QUOTAS, "LEDGER_BATCH_SECONDS": 0, **overrides}
 
 
 @pytest.fixture

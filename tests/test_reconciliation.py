@@ -26,7 +26,7 @@ from quotas.signals import (
     reservation_expired,
     usage_settled,
 )
-from quotas.tasks import audit_windows_task, expire_reservations_task, record_usage_task
+from quotas.tasks import audit_windows_task, flush_ledger_task, record_usage_task
 from tests.conftest import quotas_settings
 
 pytestmark = pytest.mark.django_db
@@ -113,11 +113,11 @@ def test_an_unsettled_reservation_is_charged_at_its_estimate_once(
     quota_config(RESERVATION_TTL_SECONDS=1)
     expired = received(reservation_expired)
     reservation = services.reserve(user, 400, model="gpt-4o")
-    assert ledger.expire_reservations() == 0  # not overdue yet
+    assert ledger.flush_ledger() == 0  # not overdue yet
     time.sleep(1.1)
 
-    assert ledger.expire_reservations() == 1
-    assert ledger.expire_reservations() == 0
+    assert ledger.flush_ledger() == 1
+    assert ledger.flush_ledger() == 0
     row = UsageRecord.objects.get()
     assert (row.request_id, row.status, row.model) == (reservation.id, "expired", "gpt-4o")
     assert (row.estimated_tokens, row.actual_tokens, row.difference, row.user) == (
@@ -151,15 +151,15 @@ def test_a_sweep_that_dies_between_the_row_and_the_ack_charges_once(
         raise SystemExit("worker killed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(RedisWindowStore, "ack_expired", die)
+        patch.setattr(RedisWindowStore, "ack_outbox", die)
         with pytest.raises(SystemExit):
-            ledger.expire_reservations()
+            ledger.flush_ledger()
     store = services.get_store()
-    assert [e.reservation_id for e in store.expired_outbox(str(user.pk))] == [reservation.id]
+    assert [e.reservation_id for e in store.outbox(str(user.pk))] == [reservation.id]
     assert UsageRecord.objects.filter(request_id=reservation.id).count() == 1
 
-    assert expire_reservations_task.delay().get() == 0  # the re-delivered task
-    assert store.expired_outbox(str(user.pk)) == []
+    assert flush_ledger_task.delay().get() == 0  # the re-delivered task
+    assert store.outbox(str(user.pk)) == []
     assert UsageRecord.objects.filter(request_id=reservation.id).count() == 1
     assert len(expired) == 1
     assert used(user) == 250
@@ -169,7 +169,7 @@ def test_many_overdue_reservations_are_swept_in_batches(user, quota_config):
     quota_config(RESERVATION_TTL_SECONDS=1)
     ids = {services.reserve(user, 10).id for _ in range(7)}
     time.sleep(1.1)
-    assert ledger.expire_reservations(batch=3) == 7
+    assert ledger.flush_ledger(batch=3) == 7
     assert set(UsageRecord.objects.values_list("request_id", flat=True)) == ids
 
 
@@ -293,7 +293,7 @@ def test_the_audit_replays_a_settle_that_never_reached_redis(
     budget = services.budget_for(user)
     assert (budget["used"], budget["reserved"], budget["in_flight"]) == (200, 0, 0)
     time.sleep(1.1)
-    assert ledger.expire_reservations() == 0  # settled now: it never expires
+    assert ledger.flush_ledger() == 0  # settled now: it never expires
     assert UsageRecord.objects.count() == 1 and used(user) == 200
 
 
@@ -307,7 +307,7 @@ def test_the_audit_lowers_an_old_bucket_charged_more_than_the_ledger_says(
     with settle_fails():
         settled(reservation, total_tokens=100)
     time.sleep(1.1)
-    assert ledger.expire_reservations() == 0  # the ledger already has the request's row
+    assert ledger.flush_ledger() == 0  # the ledger already has the request's row
     assert used(user) == 500
 
     # Young buckets may still have rows in the task queue: not lowered yet.
@@ -335,12 +335,32 @@ def test_the_audit_leaves_alone_usage_whose_row_is_still_queued(user, on_commit,
     assert used(user) == ledger_total(user) == 550
 
 
-def test_raises_never_take_the_window_above_the_ledger_total(user, on_commit, dead_redis):
-    # 200 settled in Redis whose row is still queued, and 250 recorded while Redis was down:
-    # the audit cannot tell the queued row from an over-charge, so it adds only what the
-    # ledger's total allows, and the rest on a later run.
+def test_the_audit_counts_records_still_in_the_outbox_as_ledger_rows(user, on_commit, dead_redis):
+    # 200 settled in Redis whose row is still queued (its record waits in the outbox), and 250
+    # recorded while Redis was down: the audit adds exactly the 250.
     with on_commit() as queued:
         services.settle(services.reserve(user, 200))
+    with dead_redis(), on_commit(execute=True):
+        services.settle(services.reserve(user, 250))
+    [outcome] = ledger.audit_windows()
+    assert outcome.adjusted == 250
+    assert used(user) == 450
+
+    for callback in queued:
+        callback()
+    assert ledger.audit_windows() == []
+    assert used(user) == 450 == ledger_total(user)
+
+
+def test_raises_never_take_the_window_above_the_ledger_total(
+    user, on_commit, dead_redis, redis_client
+):
+    # 200 in a young bucket that neither a row nor the outbox explains, and 250 recorded while
+    # Redis was down: the audit cannot tell a record in flight from an over-charge, so it adds
+    # only what the ledger's total allows, and the rest on a later run.
+    with on_commit() as queued:
+        services.settle(services.reserve(user, 200))
+    redis_client.delete(services.get_store().keys(str(user.pk))[4])  # the outbox
     with dead_redis(), on_commit(execute=True):
         services.settle(services.reserve(user, 250))
     [outcome] = ledger.audit_windows()
@@ -384,8 +404,11 @@ def test_a_redelivered_record_usage_task_never_counts_twice(user, on_commit):
         "completion_tokens": None, "actual_tokens": 280, "status": "settled",
         "reserved_at_ms": int(payload["created_at"].timestamp() * 1000),
     }  # fmt: skip
-    assert record_usage_task.apply(args=[task_payload]).get() is False
+    assert record_usage_task.apply(args=[[task_payload]]).get() == 0  # a batch of one
+    assert record_usage_task.apply(args=[task_payload]).get() == 0  # a message of old
     assert UsageRecord.objects.count() == 1 and ledger_total(user) == 280
+    assert ledger.flush_ledger() == 0  # the outbox copy was dropped with the first write
+    assert services.get_store().outbox(str(user.pk)) == []
 
 
 def test_every_scheduled_task_is_registered():

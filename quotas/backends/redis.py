@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from quotas.core.types import Limits, ReserveResult, SettleResult, Snapshot, WindowSpec
 from quotas.exceptions import StoreUnavailable
 
-__all__ = ["ExpiredReservation", "RedisWindowStore", "WindowContents"]
+__all__ = ["LedgerEntry", "RedisWindowStore", "WindowContents"]
 
 T = TypeVar("T")
 KEY_SUFFIXES = ("w", "q", "p", "r", "x")
@@ -33,15 +33,61 @@ def script_source(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class ExpiredReservation:
-    """A reservation that reached its TTL unsettled, waiting in the outbox for its ledger row."""
+class LedgerEntry:
+    """A reservation's ledger record, waiting in the outbox for its row: settled (``status``
+    "settled", "refunded" or "degraded", with the actual usage) or "expired" (reached its TTL
+    unsettled: charged at its estimate, ``settled_at_ms`` is ``None``)."""
 
     scope: str
     reservation_id: str
-    bucket: int
+    status: str
     estimate: int
+    actual: int
     reserved_at_ms: int
-    model: str
+    settled_at_ms: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    model: str = ""
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> LedgerEntry:
+        """The entry of a ``services.usage_payload`` dict (what the Celery task receives)."""
+        return cls(
+            scope=str(payload["scope"]),
+            reservation_id=str(payload["request_id"]),
+            status=str(payload["status"]),
+            estimate=int(payload["estimated_tokens"]),
+            actual=int(payload["actual_tokens"]),
+            reserved_at_ms=int(payload["reserved_at_ms"]),
+            settled_at_ms=payload.get("settled_at_ms"),
+            prompt_tokens=payload.get("prompt_tokens"),
+            completion_tokens=payload.get("completion_tokens"),
+            model=str(payload.get("model") or ""),
+        )
+
+    @classmethod
+    def parse(cls, scope: str, rid: bytes | str, rec: bytes | str) -> LedgerEntry:
+        """Read an outbox record as ``settle.lua`` or ``expire.lua`` wrote it."""
+        text = _text(rec)
+        if text.startswith("s:"):
+            _, estimate, actual, reserved_at, settled_at, prompt, completion, status, model = (
+                text.split(":", 8)
+            )
+            return cls(
+                scope,
+                _text(rid),
+                status,
+                int(estimate),
+                int(actual),
+                int(reserved_at),
+                int(settled_at),
+                int(prompt) if prompt else None,
+                int(completion) if completion else None,
+                model,
+            )
+        _bucket, estimate, reserved_at, model = text.split(":", 3)
+        tokens = int(estimate)
+        return cls(scope, _text(rid), "expired", tokens, tokens, int(reserved_at), model=model)
 
 
 @dataclass(frozen=True)
@@ -49,8 +95,9 @@ class WindowContents:
     """One consistent read of a token window, for the audit.
 
     ``epoch`` is empty when the window was never built or was lost (nothing else is read).
-    ``buckets`` maps bucket index to tokens (non-empty live buckets only); ``pending`` and
-    ``outbox`` map reservation ids to ``(bucket index, estimate)``.
+    ``buckets`` maps bucket index to tokens (non-empty live buckets only); ``pending`` maps
+    reservation ids to ``(bucket index, estimate)``; ``outbox`` holds the ledger records not
+    yet written as rows.
     """
 
     epoch: str
@@ -59,7 +106,7 @@ class WindowContents:
     current_bucket: int
     buckets: dict[int, int]
     pending: dict[str, tuple[int, int]]
-    outbox: dict[str, tuple[int, int]]
+    outbox: list[LedgerEntry]
     reset_ms: int = 0
 
 
@@ -152,16 +199,36 @@ class RedisWindowStore:
         actual_tokens: int | None,
         *,
         epoch: str,
+        status: str = "settled",
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        estimate: int = 0,
+        reserved_at_ms: int = 0,
+        model: str = "",
         now_ms: int | None = None,
     ) -> SettleResult:
-        """Apply ``actual - estimate`` to the reservation's bucket; idempotent by id.
+        """Apply ``actual - estimate`` to the reservation's bucket and put its ledger record
+        (``status``, the token figures) in the outbox, atomically; idempotent by id.
 
         ``actual_tokens=None`` keeps the estimate. ``epoch=""`` (settling by id alone) never
-        charges a reservation Redis no longer knows.
+        charges a reservation Redis no longer knows. ``estimate``, ``reserved_at_ms`` and
+        ``model`` are the caller's figures, recorded when Redis no longer knows the
+        reservation (Redis's own figures win when it does).
         """
         actual = -1 if actual_tokens is None else int(actual_tokens)
         marker = f"{self.prefix}:{{{scope}}}:s:{reservation_id}"
-        raw = self._run("settle", scope, [reservation_id, actual, epoch], now_ms, [marker])
+        args = [
+            reservation_id,
+            actual,
+            epoch,
+            status,
+            "" if prompt_tokens is None else int(prompt_tokens),
+            "" if completion_tokens is None else int(completion_tokens),
+            int(estimate),
+            int(reserved_at_ms),
+            model,
+        ]
+        raw = self._run("settle", scope, args, now_ms, [marker])
         return SettleResult.from_script(raw)
 
     def peek(
@@ -181,20 +248,25 @@ class RedisWindowStore:
             return bool(int(raw[1]))
         return Snapshot.from_script(raw)
 
-    def expire(
-        self, scope: str, *, batch: int = 500, now_ms: int | None = None
-    ) -> list[ExpiredReservation]:
-        """Move reservations past their deadline to the outbox and return the outbox."""
-        self._run("expire", scope, [batch], now_ms)
-        return self.expired_outbox(scope)
+    def expire(self, scope: str, *, batch: int = 500, now_ms: int | None = None) -> int:
+        """Move up to ``batch`` reservations past their deadline to the outbox; return how
+        many moved."""
+        return len(self._run("expire", scope, [batch], now_ms)) // 2
 
-    def expired_outbox(self, scope: str) -> list[ExpiredReservation]:
-        """Expired reservations whose ledger rows are not yet acknowledged."""
-        raw = self._call(self.client.hgetall, self.keys(scope)[4])
-        return [self._expired(scope, rid, rec) for rid, rec in raw.items()]
+    def outbox(self, scope: str, *, batch: int = 500) -> list[LedgerEntry]:
+        """Up to about ``batch`` ledger records whose rows are not yet acknowledged."""
+        key = self.keys(scope)[4]
+        entries: list[LedgerEntry] = []
+        cursor = 0
+        while True:
+            reply: Any = self._call(self.client.hscan, key, cursor, count=batch)
+            cursor, records = int(reply[0]), reply[1]
+            entries += [LedgerEntry.parse(scope, rid, rec) for rid, rec in records.items()]
+            if not cursor or len(entries) >= batch:
+                return entries
 
-    def ack_expired(self, scope: str, reservation_ids: Sequence[str]) -> None:
-        """Forget outbox entries once their ledger rows are written."""
+    def ack_outbox(self, scope: str, reservation_ids: Sequence[str]) -> None:
+        """Forget outbox records once their ledger rows are written."""
         if reservation_ids:
             self._call(self.client.hdel, self.keys(scope)[4], *reservation_ids)
 
@@ -208,7 +280,10 @@ class RedisWindowStore:
             current_bucket=int(raw[3]),
             buckets={int(b): int(v) for b, v in zip(raw[4][::2], raw[4][1::2], strict=True)},
             pending=self._held(raw[5]),
-            outbox=self._held(raw[6]),
+            outbox=[
+                LedgerEntry.parse(scope, rid, rec)
+                for rid, rec in zip(raw[6][::2], raw[6][1::2], strict=True)
+            ],
             reset_ms=int(raw[7]),
         )
 
@@ -278,15 +353,6 @@ class RedisWindowStore:
         for key in self.keys(scope):
             total += self._call(self.client.memory_usage, key, samples=0) or 0
         return total
-
-    @staticmethod
-    def _expired(scope: str, rid: bytes | str, rec: bytes | str) -> ExpiredReservation:
-        rid_text = rid.decode() if isinstance(rid, bytes) else rid
-        text = rec.decode() if isinstance(rec, bytes) else rec
-        bucket, estimate, reserved_at, model = text.split(":", 3)
-        return ExpiredReservation(
-            scope, rid_text, int(bucket), int(estimate), int(reserved_at), model
-        )
 
     @staticmethod
     def _held(flat: Sequence[bytes | str]) -> dict[str, tuple[int, int]]:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from django_redis import get_redis_connection
 
-from quotas.backends.redis import RedisWindowStore
+from quotas.backends.redis import LedgerEntry, RedisWindowStore
 from quotas.core.types import Limits, ReserveStatus, WindowSpec
 
 T0 = 1_800_000_000_000  # a bucket boundary for every bucket size used here
@@ -167,14 +167,36 @@ def test_all_or_nothing_across_limits(store: Any) -> None:
 
 def test_expired_reservations_move_to_the_outbox_once(store: Any) -> None:
     store.reserve("u", "a", 100, ttl_ms=1_000, limits=limits(), now_ms=T0, model="gpt-4")
-    assert store.expire("u", now_ms=T0 + 999) == []
-    expired = store.expire("u", now_ms=T0 + 1_001)
-    assert [(e.reservation_id, e.estimate, e.model) for e in expired] == [("a", 100, "gpt-4")]
-    assert store.expire("u", now_ms=T0 + 1_002) == expired  # still waiting for its ack
-    store.ack_expired("u", ["a"])
-    assert store.expire("u", now_ms=T0 + 1_003) == []
+    assert store.expire("u", now_ms=T0 + 999) == 0
+    assert store.expire("u", now_ms=T0 + 1_001) == 1
+    expired = store.outbox("u")
+    assert expired == [LedgerEntry("u", "a", "expired", 100, 100, T0, model="gpt-4")]
+    assert store.expire("u", now_ms=T0 + 1_002) == 0
+    assert store.outbox("u") == expired  # still waiting for its ack
+    store.ack_outbox("u", ["a"])
+    assert store.outbox("u") == []
     snapshot = store.peek("u", now_ms=T0 + 1_004)
     assert (snapshot.used, snapshot.reserved, snapshot.in_flight) == (100, 0, 0)
+
+
+def test_a_settle_puts_its_ledger_record_in_the_outbox_once(store: Any) -> None:
+    store.reserve("u", "a", 100, ttl_ms=60_000, limits=limits(), now_ms=T0, model="ft:gpt:x")
+    args = {"epoch": "", "status": "refunded", "prompt_tokens": 30, "now_ms": T0 + 5}
+    assert store.settle("u", "a", 30, **args).status == 1
+    assert store.settle("u", "a", 30, **args).status == 0  # a repeat records nothing more
+    assert store.outbox("u") == [
+        LedgerEntry("u", "a", "refunded", 100, 30, T0, T0 + 5, 30, None, "ft:gpt:x")
+    ]
+
+
+def test_a_settle_redis_no_longer_knows_records_the_callers_figures(store: Any) -> None:
+    reserve(store, 10, T0, epoch="e1")
+    args = {"epoch": "old", "estimate": 80, "reserved_at_ms": T0 - 5, "model": "m"}
+    assert store.settle("u", "lost", 70, now_ms=T0 + 1, **args).status == 2
+    assert store.settle("u", "lost", 70, now_ms=T0 + 2, **args).status == 0
+    assert store.outbox("u") == [
+        LedgerEntry("u", "lost", "settled", 80, 70, T0 - 5, T0 + 1, None, None, "m")
+    ]
 
 
 def test_a_lost_window_is_seeded_from_the_caller(store: Any) -> None:
@@ -199,6 +221,9 @@ def test_memory_after_1000_reservations_over_one_window(store: Any) -> None:
         at = T0 + i * 6  # 1,000 reservations spread over the 6 s window
         r = reserve(store, 500, at, rid=f"r{i}", limits=rpm)
         store.settle("u", f"r{i}", 450, epoch=r.epoch, now_ms=at + 3)
+        if i % 100 == 99:  # the ledger flush drains the outbox every few seconds
+            store.ack_outbox("u", [e.reservation_id for e in store.outbox("u", batch=1000)])
+    assert store.outbox("u") == []
     assert store.memory_usage("u") <= 2048
 
 

@@ -19,7 +19,11 @@
 --              [4] request window ms, [5] request bucket ms.
 -- Common KEYS: [1] token window hash, [2] request window hash, [3] pending zset
 --              (reservation id -> deadline ms), [4] reservations hash (id -> record),
---              [5] expired outbox hash (id -> record).
+--              [5] ledger outbox hash (id -> record of a settled or expired reservation,
+--              until its ledger row is written; see settle.lua and expire.lua).
+
+-- An outbox record waits at most this long for its ledger row (a week without a sweep).
+local OUTBOX_TTL_MS = 7 * 24 * 3600 * 1000
 
 local function clock(override)
   if override ~= '' then return tonumber(override) end

@@ -1,10 +1,10 @@
 -- buckets: one consistent read of a token window for the audit: its live buckets, pending
--- reservations and expired outbox (buckets that left the window are dropped on the way).
+-- reservations and ledger outbox (buckets that left the window are dropped on the way).
 -- KEYS and ARGV[1..5]: see _window.lua.
 -- Returns {epoch ("" when the window was never built or was lost: nothing else is read),
 --          now ms, first live bucket index, current bucket index,
 --          {bucket index, tokens, ...} for every non-empty live bucket,
---          {id, record, ...} pending reservations, {id, record, ...} expired outbox,
+--          {id, record, ...} pending reservations, {id, record, ...} ledger outbox,
 --          last reset ms (0: never)}
 -- Records are "bucket:estimate:reserved at ms:model", as reserve.lua writes them.
 local now = clock(ARGV[1])

@@ -1,4 +1,4 @@
--- expire: move reservations whose deadline passed into the expired outbox. They stay charged
+-- expire: move reservations whose deadline passed into the ledger outbox. They stay charged
 -- at their estimate; their concurrency slot is released. The caller writes one ledger row per
 -- outbox entry and then deletes the entry (HDEL), so a crash in between loses nothing.
 -- KEYS and ARGV[1..5]: see _window.lua. ARGV[6] most reservations to move.
@@ -20,5 +20,5 @@ for _, rid in ipairs(ids) do
     out[#out + 1] = rec
   end
 end
-if #out > 0 then redis.call('PEXPIRE', KEYS[5], 7 * 24 * 3600 * 1000) end
+if #out > 0 then redis.call('PEXPIRE', KEYS[5], OUTBOX_TTL_MS) end
 return out

@@ -1,9 +1,15 @@
 -- settle: apply actual - estimate to the bucket the reservation was charged to, release its
--- concurrency slot, forget it. Idempotent: an unknown reservation id changes nothing.
+-- concurrency slot, forget it, and put its ledger record in the outbox (KEYS[5]) in the same
+-- step, so no settle can happen without its record. Idempotent: an unknown reservation id
+-- changes nothing.
 -- KEYS and ARGV[1..5]: see _window.lua. KEYS[6]: this id's settled marker (a string key
 -- that makes a repeated settle of an id Redis does not know change nothing).
 -- ARGV[6] reservation id, ARGV[7] actual tokens (integer >= 0; -1: the estimate stands),
--- ARGV[8] the epoch the reservation was made in ("" when unknown: never charge anew).
+-- ARGV[8] the epoch the reservation was made in ("" when unknown: never charge anew),
+-- ARGV[9] ledger status, ARGV[10] prompt tokens or "", ARGV[11] completion tokens or "",
+-- ARGV[12] estimate, ARGV[13] reserved at ms, ARGV[14] model: the caller's figures, used
+-- when Redis no longer knows the reservation (and the model also when it knows no model).
+-- Outbox record: "s:estimate:actual:reserved at ms:settled at ms:prompt:completion:status:model"
 -- Returns {status, tokens applied to the window, estimate, reserved at ms, limit, remaining,
 --          reset ms, actual tokens, model}
 -- status: 1 settled; 0 unknown id (already settled or expired); 2 the window was rebuilt
@@ -12,6 +18,13 @@
 local now = clock(ARGV[1])
 local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local rid, actual = ARGV[6], tonumber(ARGV[7])
+
+local function to_outbox(estimate, reserved_at, model)
+  if model == '' then model = ARGV[14] end
+  redis.call('HSET', KEYS[5], rid, table.concat({'s', estimate, actual, reserved_at, now,
+             ARGV[10], ARGV[11], ARGV[9], model}, ':'))
+  redis.call('PEXPIRE', KEYS[5], OUTBOX_TTL_MS)
+end
 local rec = redis.call('HGET', KEYS[4], rid)
 local w = open_window(KEYS[1], now, window_ms, bucket_ms)
 local limit = 0
@@ -36,6 +49,7 @@ if not rec then
   end
   local charged = 0
   if status == 2 then charged = actual end
+  if status ~= 0 then to_outbox(ARGV[12], ARGV[13], '') end
   return {status, charged, 0, now, limit, limit - w.total, reset_ms(w, now),
           math.max(actual, 0), ''}
 end
@@ -61,4 +75,5 @@ end
 redis.call('HSET', KEYS[1], 't', w.total, 'rv', math.max(w.reserved - estimate, 0))
 redis.call('HDEL', KEYS[4], rid)
 redis.call('ZREM', KEYS[3], rid)
+to_outbox(estimate, created, model)
 return {1, applied, estimate, created, limit, limit - w.total, reset_ms(w, now), actual, model}

@@ -1,0 +1,88 @@
+"""Ledger records on their way to the Celery worker, batched per process.
+
+A settle already put its record in the Redis outbox (atomically with the settle), so a
+process that dies with records in its batch loses nothing: the ``flush_ledger`` sweep writes
+them. The batch is what makes the ledger independent of Redis's durability within
+``LEDGER_BATCH_SECONDS`` instead of within the sweep's period, at the cost of one task per
+batch rather than one per request.
+
+One daemon thread per process sends the batch every ``LEDGER_BATCH_SECONDS``; a batch of
+``LEDGER_BATCH_SIZE`` records is sent at once by the settling thread; what is left at exit is
+sent by an ``atexit`` hook. The thread is started on first use in each process, so a forking
+server (gunicorn, Celery's prefork pool) gets one per worker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Batcher"]
+
+logger = logging.getLogger("quotas")
+
+Payload = dict[str, Any]
+
+
+class Batcher:
+    """Collects payloads and hands them to ``send`` in batches, from one background thread."""
+
+    def __init__(
+        self,
+        send: Callable[[list[Payload]], None],
+        *,
+        interval: Callable[[], float],
+        size: Callable[[], int],
+    ) -> None:
+        self._send = send
+        self._interval = interval
+        self._size = size
+        self._lock = threading.Lock()
+        self._pending: list[Payload] = []
+        self._started = False
+        atexit.register(self.flush)
+        # A forked child starts empty (the parent's records are the parent's), with a fresh
+        # lock (another thread may have held it at the fork), and starts its own thread.
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def add(self, payload: Payload) -> None:
+        with self._lock:
+            self._start_if_needed()
+            self._pending.append(payload)
+            full = len(self._pending) >= self._size()
+        if full:
+            self.flush()
+
+    def flush(self) -> int:
+        """Send what is waiting now (in the caller's thread); returns how many were sent."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            try:
+                self._send(batch)
+            except Exception:  # the outbox still has them; the sweep will write them
+                logger.exception("quotas: could not send %d ledger records", len(batch))
+        return len(batch)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def _start_if_needed(self) -> None:
+        if not self._started:
+            self._started = True
+            threading.Thread(target=self._run, name="quotas-ledger-batch", daemon=True).start()
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = []
+        self._started = False
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._interval())
+            self.flush()

@@ -1,0 +1,176 @@
+"""The ledger's way from a settle to its rows: the Redis outbox (written atomically with the
+settle) and the per-process batch of Celery tasks, on real Redis and the configured database.
+The rest of the suite sends one task per settle (``LEDGER_BATCH_SECONDS=0``); here batching
+is on, as it is by default."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+from unittest import mock
+
+import pytest
+from django.db.models import Sum
+
+from quotas import ledger, services
+from quotas.batching import Batcher
+from quotas.models import UsageRecord
+from quotas.tasks import record_usage_task
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def user(make_plan: Any, make_user: Any, quota_config: Any) -> Any:
+    # A batch interval no test outlives: the tests send batches themselves.
+    quota_config(LEDGER_BATCH_SECONDS=3600, LEDGER_BATCH_SIZE=50)
+    services.flush_ledger_batch()  # nothing left over from another test
+    return make_user(plan=make_plan(tokens_per_hour=100_000))
+
+
+@pytest.fixture
+def published() -> Any:
+    """The batches handed to the broker (the eager worker still runs them)."""
+    with mock.patch.object(
+        record_usage_task, "apply_async", wraps=record_usage_task.apply_async
+    ) as spy:
+        yield spy
+
+
+def rows(user: Any) -> dict[str, Any]:
+    records = UsageRecord.objects.filter(user=user)
+    return {"count": records.count(), **records.aggregate(tokens=Sum("actual_tokens"))}
+
+
+def serve(user: Any, n: int, **usage: Any) -> list[Any]:
+    return [services.settle(services.reserve(user, 100), **usage) for _ in range(n)]
+
+
+def test_settles_wait_in_the_outbox_and_the_batch_until_it_is_sent(user, published):
+    serve(user, 5, prompt_tokens=20, completion_tokens=40)
+    assert rows(user)["count"] == 0
+    assert len(services.get_store().outbox(str(user.pk))) == 5
+    assert published.call_count == 0
+
+    assert services.flush_ledger_batch() == 5
+    assert published.call_count == 1  # one task for the whole batch
+    assert rows(user) == {"count": 5, "tokens": 300}
+    assert services.get_store().outbox(str(user.pk)) == []  # the task dropped the copies
+    assert ledger.flush_ledger() == 0
+
+
+def test_a_full_batch_is_sent_by_the_settle_that_fills_it(user, published, quota_config):
+    quota_config(LEDGER_BATCH_SECONDS=3600, LEDGER_BATCH_SIZE=3)
+    serve(user, 4)
+    assert published.call_count == 1
+    assert rows(user)["count"] == 3
+    assert services.flush_ledger_batch() == 1
+    assert rows(user)["count"] == 4
+
+
+def test_a_batch_that_is_never_sent_loses_nothing(user):
+    # The process dies before its batch goes out: the sweep writes the rows from the outbox,
+    # with every figure the settle knew.
+    [served] = serve(user, 1, prompt_tokens=25, completion_tokens=50)
+    [refunded] = [services.refund(services.reserve(user, 300, model="gpt-4o"))]
+    services._ledger_batcher()._pending.clear()  # what dying does to the batch
+
+    assert ledger.flush_ledger() == 2
+    got = {
+        r.request_id: (r.status, r.estimated_tokens, r.prompt_tokens, r.completion_tokens,
+                       r.actual_tokens, r.model, r.user_id)
+        for r in UsageRecord.objects.all()
+    }  # fmt: skip
+    assert got == {
+        served.reservation_id: ("settled", 100, 25, 50, 75, "", user.pk),
+        refunded.reservation_id: ("refunded", 300, None, None, 0, "gpt-4o", user.pk),
+    }
+    assert services.flush_ledger_batch() == 0
+    assert ledger.flush_ledger() == 0
+
+
+def test_a_batch_sent_after_the_sweep_wrote_its_rows_changes_nothing(user):
+    serve(user, 3, total_tokens=70)
+    assert ledger.flush_ledger() == 3
+    assert services.flush_ledger_batch() == 3  # the task finds every row written
+    assert rows(user) == {"count": 3, "tokens": 210}
+
+
+def test_a_batch_survives_redis_losing_the_outbox(user, redis_client, isolated_quotas):
+    serve(user, 4, total_tokens=90)
+    keys = list(redis_client.scan_iter(match=f"{isolated_quotas}:*", count=1000))
+    redis_client.delete(*keys)  # a Redis restart without persistence, before any sweep
+    services.flush_ledger_batch()
+    assert rows(user) == {"count": 4, "tokens": 360}
+
+
+def test_with_the_broker_down_a_batch_is_written_directly(user):
+    with mock.patch.object(record_usage_task, "apply_async", side_effect=OSError("no broker")):
+        serve(user, 3, total_tokens=10)
+        started = time.perf_counter()
+        assert services.flush_ledger_batch() == 3
+        assert time.perf_counter() - started < 1
+    assert rows(user) == {"count": 3, "tokens": 30}
+    assert services.get_store().outbox(str(user.pk)) == []
+
+
+# -- the batcher alone ------------------------------------------------------------------------
+def collector() -> tuple[list[list[int]], threading.Event, Any]:
+    batches: list[list[int]] = []
+    arrived = threading.Event()
+
+    def send(batch: list[Any]) -> None:
+        batches.append([p["n"] for p in batch])
+        arrived.set()
+
+    return batches, arrived, send
+
+
+def test_the_batcher_thread_sends_every_interval():
+    batches, arrived, send = collector()
+    batcher = Batcher(send, interval=lambda: 0.05, size=lambda: 100)
+    for n in range(3):
+        batcher.add({"n": n})
+    assert arrived.wait(2)
+    assert batches == [[0, 1, 2]]
+
+
+def test_a_failing_send_is_logged_not_raised(caplog):
+    def send(batch: list[Any]) -> None:
+        raise RuntimeError("down")
+
+    batcher = Batcher(send, interval=lambda: 3600, size=lambda: 1)
+    batcher.add({"n": 1})  # full at once: sent (and failed) in the caller's thread
+    assert "could not send 1 ledger records" in caplog.text
+    assert len(batcher) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_starts_with_an_empty_batch_and_its_own_thread():
+    read_end, write_end = os.pipe()
+
+    def send(batch: list[Any]) -> None:
+        os.write(write_end, repr([p["n"] for p in batch]).encode())
+
+    parent = os.getpid()
+    # The parent's thread waits an hour (the pipe shows the child's batches only).
+    batcher = Batcher(
+        send, interval=lambda: 3600 if os.getpid() == parent else 0.05, size=lambda: 100
+    )
+    batcher.add({"n": "parent"})
+    pid = os.fork()
+    if pid == 0:  # the child: only its own record, sent by its own thread
+        try:
+            batcher.add({"n": "child"})
+            time.sleep(0.5)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(write_end)
+    child_sent = os.read(read_end, 1000).decode()
+    os.close(read_end)
+    assert child_sent == "['child']"
+    assert len(batcher) == 1  # the parent's record is still the parent's
+    batcher._pending.clear()  # nothing for the exit hook to send to the closed pipe
