@@ -73,7 +73,8 @@ end
 -- Adds tokens to the current bucket and writes the bookkeeping (plus any `extra` field/value
 -- pairs) in one HSET. The TTL is refreshed once per bucket: one set earlier in the same bucket
 -- already outlives every bucket charged so far (and the hash never empties while it holds
--- tokens, so it cannot have been recreated without one).
+-- tokens, so it cannot have been recreated without one). Returns whether this was the first
+-- charge of the bucket.
 local function charge(w, tokens, extra)
   redis.call('HINCRBY', w.key, slot(w.nb, w.cur), tokens)
   w.total = w.total + tokens
@@ -87,6 +88,7 @@ local function charge(w, tokens, extra)
   for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
   redis.call('HSET', w.key, unpack(fields))
   if first_in_bucket then redis.call('PEXPIRE', w.key, w.ttl) end
+  return first_in_bucket
 end
 
 -- Milliseconds until `need` more fits under `limit`: the moment enough counted tokens have

@@ -53,15 +53,19 @@ if status == 1 and redis.call('HSETNX', KEYS[4], rid, record) == 0 then
 end
 if status == 1 then
   reserved = reserved + tokens
-  charge(w, tokens, {'rv', reserved})
+  local first_in_bucket = charge(w, tokens, {'rv', reserved})
   if q then
     charge(q, 1)
     rpm_remaining = rpm_remaining - 1
   end
   redis.call('ZADD', KEYS[3], now + ttl, rid)
-  -- Every time: settles delete these keys when they empty, so any call may recreate them.
-  redis.call('PEXPIRE', KEYS[3], ttl + window_ms)
-  redis.call('PEXPIRE', KEYS[4], ttl + window_ms)
+  -- Settles and expiry delete these keys when they empty, which leaves nothing reserved: with
+  -- tokens still reserved they exist, and a refresh once per bucket keeps them alive longer
+  -- than any reservation in them.
+  if w.reserved == 0 or first_in_bucket then
+    redis.call('PEXPIRE', KEYS[3], ttl + window_ms)
+    redis.call('PEXPIRE', KEYS[4], ttl + window_ms)
+  end
 end
 return {status, cfg.tokens, cfg.tokens - w.total, reset_ms(w, now), retry, reserved,
         cfg.rpm, rpm_remaining, w.epoch or '', cfg.slug, cfg.cap, w.cur, now, tokens,
