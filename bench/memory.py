@@ -4,7 +4,9 @@ The hour: ``REQUESTS`` requests of about ``TOKENS`` tokens, evenly spread over 3
 reserved then settled with a slightly different actual figure.
 
 - ``quotas``: the store's clock override (``now_ms``) replays the hour in a second; the figure
-  is ``MEMORY USAGE`` summed over every key of the user (``store.keys(scope)``). Measured
+  is ``MEMORY USAGE`` summed over every key of the user (``store.keys(scope)``). Settled
+  records wait in the user's ledger outbox until a flush writes their rows; the replay drops
+  them every 10 requests, as the worker does every ``LEDGER_BATCH_SECONDS``. Measured
   with tokens only, and with a requests-per-minute and a concurrency limit too (a second hash).
 - ``limits`` cannot be given a clock: its moving window holds one list entry per unit of cost,
   so the figure is taken after the same hits within one window; the counter is two integers.
@@ -56,6 +58,8 @@ def quotas_bytes(label: str, **plan_fields: Any) -> int:
         result = store.reserve(scope, rid, tokens, ttl_ms=600_000, now_ms=now_ms, **first)
         assert result.allowed, result
         store.settle(scope, rid, tokens - rng.randint(0, 50), epoch=epoch, now_ms=now_ms + 1500)
+        if index % 10 == 9:  # the ledger sweep empties the outbox every few seconds
+            store.ack_outbox(scope, [e.reservation_id for e in store.outbox(scope, batch=100)])
     return store.memory_usage(scope)
 
 

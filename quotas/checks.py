@@ -44,6 +44,8 @@ NUMERIC_RULES: dict[str, tuple[str, Any]] = {
     "BREAKER_RESET_SECONDS": ("a positive number", lambda v: v > 0),
     "ALERT_THRESHOLD": ("a number between 0 and 1", lambda v: 0 <= v <= 1),
     "MAX_BODY_BYTES": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "LEDGER_BATCH_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
+    "LEDGER_BATCH_SIZE": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
 }
 
 

@@ -56,6 +56,22 @@ def test_bad_window_geometry_policy_numbers_and_typos():
     assert errors[3].msg == checks.E006_MSG.format(keys="WINDOW_SECONDZ")
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "rule"),
+    [
+        ("LEDGER_BATCH_SECONDS", -1, "a number of seconds, 0 or more"),
+        ("LEDGER_BATCH_SECONDS", "0.05", "a number of seconds, 0 or more"),
+        ("LEDGER_BATCH_SIZE", 0, "a positive integer"),
+        ("LEDGER_BATCH_SIZE", 2.5, "a positive integer"),
+    ],
+)
+def test_ledger_batch_settings_out_of_range(key, value, rule):
+    errors = quota_errors(**{key: value})
+    assert [(e.id, e.msg) for e in errors] == [
+        ("quotas.E005", checks.E005_MSG.format(key=key, rule=rule, value=value))
+    ]
+
+
 @pytest.mark.urls("tests.enforced_urls")
 def test_a_view_with_the_throttle_but_no_middleware_warns():
     middleware = [m for m in settings.MIDDLEWARE if "Quota" not in m]
