@@ -92,6 +92,7 @@ QUOTAS = {
     "WINDOW_SECONDS": int(os.environ.get("QUOTAS_WINDOW_SECONDS", "3600")),
     "BUCKET_SECONDS": float(os.environ.get("QUOTAS_BUCKET_SECONDS", "60")),
     "FAILURE_POLICY": os.environ.get("QUOTAS_FAILURE_POLICY", "open"),
+    "LEDGER_BATCH_SECONDS": float(os.environ.get("QUOTAS_LEDGER_BATCH_SECONDS", "0.05")),
 }
 
 REST_FRAMEWORK = {
