@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from quotas import services
@@ -121,15 +121,17 @@ def _write_rows(scope: str, entries: list[LedgerEntry]) -> int:
     user_id = _user_id_of(scope)
     now_ms = _ms(timezone.now())
     ids = [entry.reservation_id for entry in entries]
-    with transaction.atomic():
-        existing = set(
-            UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
-        )
-        new = [entry for entry in entries if entry.reservation_id not in existing]
-        # ignore_conflicts: a concurrent sweep may write the same rows; either one wins.
-        UsageRecord.objects.bulk_create(
-            [_row(entry, user_id, now_ms) for entry in new], ignore_conflicts=True
-        )
+    existing = set(
+        UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
+    )
+    new = [entry for entry in entries if entry.reservation_id not in existing]
+    try:
+        with transaction.atomic():
+            UsageRecord.objects.bulk_create([_row(entry, user_id, now_ms) for entry in new])
+    except IntegrityError:
+        # A concurrent writer (the sweep, or another batch) wrote some of them first: one row
+        # at a time, so each row is created, and counted, exactly once.
+        new = [entry for entry in new if _get_or_create(_row(entry, user_id, now_ms))]
     for entry in new:
         if entry.status == UsageRecord.Status.EXPIRED:
             reservation_expired.send(
@@ -139,6 +141,16 @@ def _write_rows(scope: str, entries: list[LedgerEntry]) -> int:
                 estimated_tokens=entry.estimate,
             )
     return len(new)
+
+
+def _get_or_create(row: UsageRecord) -> bool:
+    fields = {
+        f.attname: getattr(row, f.attname)
+        for f in UsageRecord._meta.concrete_fields
+        if not (f.primary_key or f.generated or f.name == "request_id")
+    }
+    _, created = UsageRecord.objects.get_or_create(request_id=row.request_id, defaults=fields)
+    return created
 
 
 def _row(entry: LedgerEntry, user_id: int | None, now_ms: int) -> UsageRecord:

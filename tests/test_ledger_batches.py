@@ -8,13 +8,17 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 
 import pytest
+from django.db import transaction
 from django.db.models import Sum
 
 from quotas import ledger, services
+from quotas.backends.redis import LedgerEntry
 from quotas.batching import Batcher
 from quotas.models import UsageRecord
 from quotas.tasks import record_usage_task
@@ -26,8 +30,9 @@ pytestmark = pytest.mark.django_db
 def user(make_plan: Any, make_user: Any, quota_config: Any) -> Any:
     # A batch interval no test outlives: the tests send batches themselves.
     quota_config(LEDGER_BATCH_SECONDS=3600, LEDGER_BATCH_SIZE=50)
-    services.flush_ledger_batch()  # nothing left over from another test
-    return make_user(plan=make_plan(tokens_per_hour=100_000))
+    services._ledger_batcher()._pending.clear()  # nothing left over from another test
+    yield make_user(plan=make_plan(tokens_per_hour=100_000))
+    services._ledger_batcher()._pending.clear()  # nor for the exit hook, after the database
 
 
 @pytest.fixture
@@ -104,6 +109,25 @@ def test_a_batch_survives_redis_losing_the_outbox(user, redis_client, isolated_q
     redis_client.delete(*keys)  # a Redis restart without persistence, before any sweep
     services.flush_ledger_batch()
     assert rows(user) == {"count": 4, "tokens": 360}
+
+
+def test_rows_a_concurrent_writer_wrote_first_are_neither_doubled_nor_counted(user):
+    serve(user, 3, total_tokens=50)
+    payloads = list(services._ledger_batcher()._pending)
+    real_atomic, raced = transaction.atomic, []
+
+    @contextmanager
+    def racing_atomic(*args: Any, **kwargs: Any) -> Iterator[None]:
+        if not raced:  # another writer commits one of the rows after the existence check
+            raced.append(True)
+            entry = LedgerEntry.from_payload(payloads[0])
+            ledger._row(entry, user.pk, entry.reserved_at_ms).save()
+        with real_atomic(*args, **kwargs):
+            yield
+
+    with mock.patch.object(transaction, "atomic", racing_atomic):
+        assert ledger.write_usage(payloads) == 2
+    assert raced and rows(user) == {"count": 3, "tokens": 150}
 
 
 def test_with_the_broker_down_a_batch_is_written_directly(user):
