@@ -131,7 +131,7 @@ def _write_rows(scope: str, entries: list[LedgerEntry]) -> int:
     except IntegrityError:
         # A concurrent writer (the sweep, or another batch) wrote some of them first: one row
         # at a time, so each row is created, and counted, exactly once.
-        new = [entry for entry in new if _get_or_create(_row(entry, user_id, now_ms))]
+        new = [entry for entry in new if _insert(_row(entry, user_id, now_ms))]
     for entry in new:
         if entry.status == UsageRecord.Status.EXPIRED:
             reservation_expired.send(
@@ -143,14 +143,14 @@ def _write_rows(scope: str, entries: list[LedgerEntry]) -> int:
     return len(new)
 
 
-def _get_or_create(row: UsageRecord) -> bool:
-    fields = {
-        f.attname: getattr(row, f.attname)
-        for f in UsageRecord._meta.concrete_fields
-        if not (f.primary_key or f.generated or f.name == "request_id")
-    }
-    _, created = UsageRecord.objects.get_or_create(request_id=row.request_id, defaults=fields)
-    return created
+def _insert(row: UsageRecord) -> bool:
+    """Insert one row; ``False`` when its ``request_id`` is already written."""
+    try:
+        with transaction.atomic():
+            row.save(force_insert=True)
+    except IntegrityError:
+        return False
+    return True
 
 
 def _row(entry: LedgerEntry, user_id: int | None, now_ms: int) -> UsageRecord:

@@ -249,9 +249,9 @@ class RedisWindowStore:
         return Snapshot.from_script(raw)
 
     def expire(self, scope: str, *, batch: int = 500, now_ms: int | None = None) -> int:
-        """Move up to ``batch`` reservations past their deadline to the outbox; return how
-        many moved."""
-        return len(self._run("expire", scope, [batch], now_ms)) // 2
+        """Move up to ``batch`` reservations past their deadline to the outbox; return how many
+        overdue ids it took (``batch``: call again, there may be more)."""
+        return int(self._run("expire", scope, [batch], now_ms))
 
     def outbox(self, scope: str, *, batch: int = 500) -> list[LedgerEntry]:
         """Up to about ``batch`` ledger records whose rows are not yet acknowledged."""

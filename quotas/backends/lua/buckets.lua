@@ -6,7 +6,7 @@
 --          {bucket index, tokens, ...} for every non-empty live bucket,
 --          {id, record, ...} pending reservations, {id, record, ...} ledger outbox,
 --          last reset ms (0: never)}
--- Records are "bucket:estimate:reserved at ms:model", as reserve.lua writes them.
+-- Records are as reserve.lua (pending), settle.lua and expire.lua (outbox) write them.
 local now = clock(ARGV[1])
 local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local epoch = redis.call('HGET', KEYS[1], 'e')

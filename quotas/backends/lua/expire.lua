@@ -2,10 +2,11 @@
 -- at their estimate; their concurrency slot is released. The caller writes one ledger row per
 -- outbox entry and then deletes the entry (HDEL), so a crash in between loses nothing.
 -- KEYS and ARGV[1..5]: see _window.lua. ARGV[6] most reservations to move.
--- Returns a flat list: id, record ("bucket:estimate:reserved at ms:model"), id, record, ...
+-- Outbox record: "bucket:estimate:reserved at ms:model". Returns how many overdue ids left
+-- the pending set (at most ARGV[6]: the caller calls again while it gets that many).
 local now = clock(ARGV[1])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
-local out = {}
+local moved = 0
 for _, rid in ipairs(ids) do
   local rec = redis.call('HGET', KEYS[4], rid)
   redis.call('ZREM', KEYS[3], rid)
@@ -16,9 +17,8 @@ for _, rid in ipairs(ids) do
     if redis.call('HINCRBY', KEYS[1], 'rv', -estimate) < 0 then
       redis.call('HSET', KEYS[1], 'rv', 0)
     end
-    out[#out + 1] = rid
-    out[#out + 1] = rec
+    moved = moved + 1
   end
 end
-if #out > 0 then redis.call('PEXPIRE', KEYS[5], OUTBOX_TTL_MS) end
-return out
+if moved > 0 then redis.call('PEXPIRE', KEYS[5], OUTBOX_TTL_MS) end
+return #ids
