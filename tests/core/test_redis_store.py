@@ -10,6 +10,7 @@ from django_redis import get_redis_connection
 
 from quotas.backends.redis import LedgerEntry, RedisWindowStore
 from quotas.core.types import Limits, ReserveStatus, WindowSpec
+from quotas.exceptions import StoreUnavailable
 
 T0 = 1_800_000_000_000  # a bucket boundary for every bucket size used here
 TTL = 600_000
@@ -235,3 +236,99 @@ def test_a_reservation_redis_lost_is_charged_once_however_often_it_is_settled(st
     again = store.settle("u", "a", 250, epoch=lost.epoch, now_ms=T0 + 30)
     assert (first.status, first.applied, again.status) == (2, 250, 0)
     assert store.peek("u", now_ms=T0 + 40).used == 350
+
+
+# -- how the scripts reach Redis ---------------------------------------------------------------
+def test_scripts_run_on_one_connection_per_thread_not_the_pool(store: Any) -> None:
+    import gc
+    import threading
+    import weakref
+
+    reserve(store, 1, T0)
+    reserve(store, 1, T0)
+    mine = store.scripts._local.connection
+    assert mine.is_connected
+    lent = store.client.connection_pool._in_use_connections
+    assert mine not in lent and mine not in store.client.connection_pool._available_connections
+
+    others = []
+
+    def other_thread() -> None:
+        reserve(store, 1, T0)
+        others.append(store.scripts._local.connection)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert others and others[0] is not mine
+    assert store.peek("u", now_ms=T0).remaining == 997
+
+    # A thread's connection goes when the thread does (no socket per finished thread).
+    gone = weakref.ref(others.pop())
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_script_flushed_from_redis_is_sent_again(store: Any) -> None:
+    reserve(store, 10, T0)
+    store.client.script_flush()
+    assert reserve(store, 10, T0).allowed
+    assert store.peek("u", now_ms=T0).remaining == 980
+
+
+def test_a_connection_the_server_closed_is_replaced_without_failing_the_call(store: Any) -> None:
+    reserve(store, 10, T0)
+    mine = store.scripts._local.connection
+    mine.send_command("CLIENT", "ID")
+    client_id = mine.read_response()
+    store.client.client_kill_filter(_id=client_id)  # as a restart or an idle timeout would
+    assert reserve(store, 10, T0).allowed  # charged once: the first attempt never ran
+    assert store.peek("u", now_ms=T0).remaining == 980
+
+
+def test_a_script_error_leaves_the_connection_usable(store: Any) -> None:
+    reserve(store, 10, T0)
+    mine = store.scripts._local.connection
+    with pytest.raises(StoreUnavailable, match="Redis error"):  # no window length: Lua fails
+        store.scripts.run("reserve", store.keys("u"), [str(T0), "not a number"])
+    assert store.scripts._local.connection is mine and mine.is_connected
+    assert reserve(store, 10, T0).allowed
+
+
+def test_a_forked_child_makes_its_own_connection(store: Any) -> None:
+    import os
+
+    reserve(store, 10, T0)
+    parent_socket = store.scripts._local.connection._sock
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reserve, report whether it used the parent's socket
+        try:
+            ok = reserve(store, 10, T0).allowed
+            shared = store.scripts._local.connection._sock is parent_socket
+            os.write(write, b"1" if ok and not shared else b"0")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    assert reserve(store, 10, T0).allowed  # the parent's connection is still in step
+    assert store.peek("u", now_ms=T0).remaining == 970
+
+
+def test_settle_many_is_each_settle_in_one_round_trip_even_after_a_script_flush(
+    store: Any,
+) -> None:
+    a, b = reserve(store, 300, T0, rid="a"), reserve(store, 300, T0, rid="b")
+    store.client.set(store.keys("z")[0], "not a hash")  # scope z's script will fail
+    store.client.script_flush()  # every call in the pipeline meets NOSCRIPT: sent again
+    results = store.settle_many(
+        [
+            {"scope": "u", "reservation_id": "a", "actual_tokens": 100, "epoch": a.epoch},
+            {"scope": "u", "reservation_id": "b", "actual_tokens": 0, "epoch": b.epoch},
+            {"scope": "u", "reservation_id": "a", "actual_tokens": 999, "epoch": a.epoch},
+            {"scope": "z", "reservation_id": "c", "actual_tokens": 5, "epoch": "e"},
+        ]
+    )
+    assert [r.status for r in results[:3]] == [1, 1, 0]  # the repeat changes nothing
+    assert isinstance(results[3], StoreUnavailable)  # its script failed; the others stand
+    assert store.peek("u", now_ms=T0).used == 100
