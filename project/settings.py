@@ -93,6 +93,7 @@ QUOTAS = {
     "BUCKET_SECONDS": float(os.environ.get("QUOTAS_BUCKET_SECONDS", "60")),
     "FAILURE_POLICY": os.environ.get("QUOTAS_FAILURE_POLICY", "open"),
     "LEDGER_BATCH_SECONDS": float(os.environ.get("QUOTAS_LEDGER_BATCH_SECONDS", "0.05")),
+    "SETTLE_BATCH_SECONDS": float(os.environ.get("QUOTAS_SETTLE_BATCH_SECONDS", "0")),
 }
 
 REST_FRAMEWORK = {

@@ -1,15 +1,18 @@
-"""Ledger records on their way to the Celery worker, batched per process.
+"""Work batched per process and sent from a background thread: ledger records on their way
+to the Celery worker, and (with ``SETTLE_BATCH_SECONDS``) the middleware's settles on their
+way to Redis, one pipelined round trip per batch.
 
-A settle already put its record in the Redis outbox (atomically with the settle), so a
-process that dies with records in its batch loses nothing: the ``flush_ledger`` sweep writes
-them. The batch is what makes the ledger independent of Redis's durability within
-``LEDGER_BATCH_SECONDS`` instead of within the sweep's period, at the cost of one task per
-batch rather than one per request.
+For the ledger: a settle already put its record in the Redis outbox (atomically with the
+settle), so a process that dies with records in its batch loses nothing: the
+``flush_ledger`` sweep writes them. The batch is what makes the ledger independent of
+Redis's durability within ``LEDGER_BATCH_SECONDS`` instead of within the sweep's period, at
+the cost of one task per batch rather than one per request.
 
-One daemon thread per process sends the batch every ``LEDGER_BATCH_SECONDS``; a batch of
-``LEDGER_BATCH_SIZE`` records is sent at once by the settling thread; what is left at exit is
-sent by an ``atexit`` hook. The thread is started on first use in each process, so a forking
-server (gunicorn, Celery's prefork pool) gets one per worker.
+One daemon thread per process and kind sends the batch every ``LEDGER_BATCH_SECONDS`` (or
+``SETTLE_BATCH_SECONDS``); a batch of ``LEDGER_BATCH_SIZE`` is sent at once by the thread
+that filled it; what is left at exit is sent by an ``atexit`` hook. The thread is started on
+first use in each process, so a forking server (gunicorn, Celery's prefork pool) gets one
+per worker.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Generic, TypeVar
+
+from django.db import close_old_connections
 
 __all__ = ["Batcher"]
 
 logger = logging.getLogger("quotas")
 
-Payload = dict[str, Any]
+Payload = TypeVar("Payload")
 
 
-class Batcher:
+class Batcher(Generic[Payload]):
     """Collects payloads and hands them to ``send`` in batches, from one background thread."""
 
     def __init__(
@@ -38,10 +43,12 @@ class Batcher:
         *,
         interval: Callable[[], float],
         size: Callable[[], int],
+        name: str = "quotas-ledger-batch",
     ) -> None:
         self._send = send
         self._interval = interval
         self._size = size
+        self._name = name
         self._lock = threading.Lock()
         self._pending: list[Payload] = []
         self._started = False
@@ -65,8 +72,10 @@ class Batcher:
         if batch:
             try:
                 self._send(batch)
-            except Exception:  # the outbox still has them; the sweep will write them
-                logger.exception("quotas: could not send %d ledger records", len(batch))
+            except Exception:
+                # Ledger records: the outbox still has them for the sweep. Settles: their
+                # reservations expire at RESERVATION_TTL_SECONDS, charged at the estimate.
+                logger.exception("quotas: %s could not send %d records", self._name, len(batch))
         return len(batch)
 
     def __len__(self) -> int:
@@ -75,7 +84,7 @@ class Batcher:
     def _start_if_needed(self) -> None:
         if not self._started:
             self._started = True
-            threading.Thread(target=self._run, name="quotas-ledger-batch", daemon=True).start()
+            threading.Thread(target=self._run, name=self._name, daemon=True).start()
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
@@ -85,4 +94,7 @@ class Batcher:
     def _run(self) -> None:
         while True:
             time.sleep(self._interval())
-            self.flush()
+            if self.flush():
+                # A batch written to the database directly (the broker was down) opened
+                # this thread's connection: close it as a request would.
+                close_old_connections()

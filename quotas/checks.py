@@ -46,6 +46,7 @@ NUMERIC_RULES: dict[str, tuple[str, Any]] = {
     "MAX_BODY_BYTES": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
     "LEDGER_BATCH_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
     "LEDGER_BATCH_SIZE": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "SETTLE_BATCH_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
 }
 
 

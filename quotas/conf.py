@@ -55,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
     "LEDGER_BATCH_SECONDS": 0.05,
     # ... or as soon as this many records are waiting.
     "LEDGER_BATCH_SIZE": 200,
+    # QuotaMiddleware settles in the request (0), or hands its settles to a per-process batch
+    # sent every this many seconds, one Redis round trip per batch (see the README).
+    "SETTLE_BATCH_SECONDS": 0,
 }
 
 

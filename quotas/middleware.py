@@ -100,14 +100,24 @@ class QuotaMiddleware:
                 response.streaming_content, reservation, prompt
             )
             return
-        if failed:
-            outcome = services.refund(reservation)
-        else:
-            outcome = _settle_with(reservation, _usage_of(response))
         state = state_of(request)
-        if state is not None and outcome.remaining is not None:
+        remaining: int | None
+        if reservation.settlements:  # the view settled it itself: a second settle is a no-op
+            remaining = reservation.settlements[-1].remaining
+        else:
+            usage = {"total_tokens": 0} if failed else _usage_of(response)
+            status = "refunded" if failed else "settled"
+            if quota_settings.SETTLE_BATCH_SECONDS > 0:
+                charged = services.settle_later(reservation, status=status, **usage)
+                # As of the reserve, plus this request's own settle (Redis gets it shortly).
+                remaining = None
+                if state is not None and not reservation.degraded:
+                    remaining = state.remaining + reservation.estimated_tokens - charged
+            else:
+                remaining = services.settle(reservation, status=status, **usage).remaining
+        if state is not None and remaining is not None:
             # The headers tell the budget after this request's real cost.
-            setattr(request, STATE_ATTR, replace(state, remaining=outcome.remaining))
+            setattr(request, STATE_ATTR, replace(state, remaining=remaining))
 
 
 def _settle_with(reservation: Any, usage: dict[str, int]) -> services.Settlement:
@@ -131,7 +141,11 @@ def _json_body(request: HttpRequest) -> Any:
 
 
 def _usage_of(response: HttpResponseBase) -> dict[str, int]:
-    """``prompt_tokens`` / ``completion_tokens`` / ``total_tokens`` from a JSON body."""
+    """``prompt_tokens`` / ``completion_tokens`` / ``total_tokens`` from a JSON body (from a
+    DRF ``Response``'s data as the view returned it, without parsing the rendered body)."""
+    data = getattr(response, "data", None)
+    if isinstance(data, dict):
+        return _clean_usage(data.get("usage"))
     if "json" not in response.get("Content-Type", ""):
         return {}
     try:
@@ -188,6 +202,8 @@ class StreamMeter:
         closer = getattr(self._content, "close", None)
         if closer:
             closer()
+        if self._reservation.settlements:  # the view settled it itself
+            return
         try:
             _settle_with(self._reservation, self._actual())
         except Exception:  # never let settling break the response; the TTL sweep charges it

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -33,6 +33,7 @@ from quotas.core.types import (
     QuotaState,
     ReserveResult,
     ReserveStatus,
+    SettleResult,
     Snapshot,
     WindowSpec,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "reserve",
     "reset_window",
     "settle",
+    "settle_later",
 ]
 
 logger = logging.getLogger("quotas")
@@ -80,6 +82,9 @@ class Reservation:
     epoch: str = ""
     plan_slug: str = ""
     degraded: bool = False
+    # What ``settle`` made of this object: a later automatic settle (the middleware's, after a
+    # view settled itself) then knows there is nothing left to do, without asking Redis.
+    settlements: list[Settlement] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def limit(self) -> int:
@@ -460,21 +465,128 @@ def settle(
     is also sent to the Celery worker in this process's next batch (see ``send_to_ledger``);
     whichever arrives first writes the row, exactly once.
     """
+    job = _settle_job(reservation_or_id, prompt_tokens, completion_tokens, total_tokens, status)
+    try:
+        result: SettleResult | StoreUnavailable = _guarded(
+            get_store().settle, **job.store_arguments()
+        )
+    except StoreUnavailable as exc:
+        result = exc
+    outcome = _finish_settle(job, result)
+    if isinstance(reservation_or_id, Reservation):
+        reservation_or_id.settlements.append(outcome)
+    return outcome
+
+
+def refund(reservation_or_id: Reservation | str) -> Settlement:
+    """Give back the whole reservation: the LLM call failed and nothing was used."""
+    return settle(reservation_or_id, total_tokens=0, status="refunded")
+
+
+def settle_later(
+    reservation: Reservation,
+    *,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    total_tokens: int | None = None,
+    status: str = "settled",
+) -> int:
+    """``settle``, sent from this process's next settle batch instead of now.
+
+    Returns the tokens the settle will charge (the estimate when no usage is given), so the
+    caller can tell the budget left after this request (``reservation.state.remaining +
+    estimated_tokens - charged``) without waiting. Batches go every ``SETTLE_BATCH_SECONDS``,
+    one round trip each; with ``SETTLE_BATCH_SECONDS = 0`` this settles at once. Bad figures
+    raise ``ValueError`` here, as ``settle`` does. Used by ``QuotaMiddleware`` when
+    ``SETTLE_BATCH_SECONDS`` is above 0 (see the README for what that trades).
+    """
+    job = _settle_job(reservation, prompt_tokens, completion_tokens, total_tokens, status)
+    if quota_settings.SETTLE_BATCH_SECONDS > 0:
+        _settle_batcher().add(job)
+    else:
+        _settle_batch([job])
+    return job.reservation.estimated_tokens if job.actual is None else job.actual
+
+
+def flush_settle_batch() -> int:
+    """Send this process's waiting settles now; returns how many were sent."""
+    return _settle_batcher().flush()
+
+
+@dataclass(frozen=True)
+class _SettleJob:
+    """A settle's validated figures, ready for the store."""
+
+    reservation: Reservation
+    actual: int | None
+    status: str
+    prompt: int | None
+    completion: int | None
+
+    def store_arguments(self) -> dict[str, Any]:
+        reservation = self.reservation
+        return {
+            "scope": reservation.scope,
+            "reservation_id": reservation.id,
+            "actual_tokens": self.actual,
+            "epoch": reservation.epoch,
+            "status": self.status,
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "estimate": reservation.estimated_tokens,
+            "reserved_at_ms": reservation.reserved_at_ms,
+            "model": reservation.model,
+        }
+
+
+def _settle_job(
+    reservation_or_id: Reservation | str,
+    prompt: int | None,
+    completion: int | None,
+    total: int | None,
+    status: str,
+) -> _SettleJob:
     reservation = _as_reservation(reservation_or_id)
-    actual = _actual_tokens(prompt_tokens, completion_tokens, total_tokens)
+    actual = _actual_tokens(prompt, completion, total)
     if reservation.degraded:
         # Served without Redis, so nothing was charged: the settle script charges the real
         # usage to a built window now (its epoch never matches DEGRADED_EPOCH), or leaves it
         # to the ledger row when the window is still to be rebuilt.
         status = "degraded"
         actual = reservation.estimated_tokens if actual is None else actual
-    outcome, reservation = _settle_in_store(
-        reservation, actual, status, prompt_tokens, completion_tokens
-    )
+    return _SettleJob(reservation, actual, status, prompt, completion)
+
+
+def _finish_settle(job: _SettleJob, result: SettleResult | StoreUnavailable) -> Settlement:
+    """The settlement of the store's answer; sends the ledger record and the signal."""
+    reservation = job.reservation
+    if isinstance(result, StoreUnavailable):
+        # The ledger row is still written; the window keeps the estimate until the audit
+        # task repairs it or it ages out.
+        logger.warning("quotas: Redis unavailable while settling %s; ledger only", reservation.id)
+        used = reservation.estimated_tokens if job.actual is None else job.actual
+        outcome = Settlement(reservation.id, reservation.estimated_tokens, used, 0, True, None)
+    else:
+        if result.status == 1:
+            # Redis knows the reservation best (settling by id alone knows nothing else).
+            reservation = replace(
+                reservation,
+                estimated_tokens=result.estimate,
+                reserved_at_ms=result.reserved_at_ms,
+                model=reservation.model or result.model,
+            )
+        outcome = Settlement(
+            reservation.id,
+            reservation.estimated_tokens,
+            result.actual,
+            result.applied,
+            result.settled_now,
+            result.remaining,
+        )
     if outcome.settled_now:
         send_to_ledger(
             usage_payload(
-                reservation, outcome.actual_tokens, prompt_tokens, completion_tokens, status
+                reservation, outcome.actual_tokens, job.prompt, job.completion, job.status
             )
         )
         usage_settled.send(
@@ -488,56 +600,37 @@ def settle(
     return outcome
 
 
-def refund(reservation_or_id: Reservation | str) -> Settlement:
-    """Give back the whole reservation: the LLM call failed and nothing was used."""
-    return settle(reservation_or_id, total_tokens=0, status="refunded")
-
-
-def _settle_in_store(
-    reservation: Reservation,
-    actual: int | None,
-    status: str,
-    prompt: int | None,
-    completion: int | None,
-) -> tuple[Settlement, Reservation]:
+def _settle_batch(jobs: list[_SettleJob]) -> None:
+    """Send settles in one round trip and finish each (in the batcher's thread, mostly)."""
     try:
-        result = _guarded(
-            get_store().settle,
-            reservation.scope,
-            reservation.id,
-            actual,
-            epoch=reservation.epoch,
-            status=status,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            estimate=reservation.estimated_tokens,
-            reserved_at_ms=reservation.reserved_at_ms,
-            model=reservation.model,
+        results: list[SettleResult | StoreUnavailable] = _guarded(
+            get_store().settle_many, [job.store_arguments() for job in jobs]
         )
-    except StoreUnavailable:
-        # The ledger row is still written; the window keeps the estimate until the audit
-        # task repairs it or it ages out.
-        logger.warning("quotas: Redis unavailable while settling %s; ledger only", reservation.id)
-        used = reservation.estimated_tokens if actual is None else actual
-        settlement = Settlement(reservation.id, reservation.estimated_tokens, used, 0, True, None)
-        return settlement, reservation
-    if result.status == 1:
-        # Redis knows the reservation best (settling by id alone knows nothing else).
-        reservation = replace(
-            reservation,
-            estimated_tokens=result.estimate,
-            reserved_at_ms=result.reserved_at_ms,
-            model=reservation.model or result.model,
+    except StoreUnavailable as exc:
+        results = [exc] * len(jobs)
+    for job, result in zip(jobs, results, strict=True):
+        try:
+            _finish_settle(job, result)
+        except Exception:  # one record's trouble must not cost the others theirs
+            logger.exception("quotas: could not finish settling %s", job.reservation.id)
+
+
+def _settle_batcher() -> Batcher[_SettleJob]:
+    global _settler
+    if _settler is None:
+        # The ledger batcher first: exit hooks run last-registered first, so the settles left
+        # at exit reach the ledger batch before it is sent.
+        _ledger_batcher()
+        _settler = Batcher(
+            _settle_batch,
+            interval=lambda: _interval(quota_settings.SETTLE_BATCH_SECONDS),
+            size=lambda: int(quota_settings.LEDGER_BATCH_SIZE),
+            name="quotas-settle-batch",
         )
-    outcome = Settlement(
-        reservation.id,
-        reservation.estimated_tokens,
-        result.actual,
-        result.applied,
-        result.settled_now,
-        result.remaining,
-    )
-    return outcome, reservation
+    return _settler
+
+
+_settler: Batcher[_SettleJob] | None = None
 
 
 def _as_reservation(reservation_or_id: Reservation | str) -> Reservation:
@@ -615,19 +708,24 @@ def flush_ledger_batch() -> int:
     return _ledger_batcher().flush()
 
 
-def _ledger_batcher() -> Batcher:
+def _ledger_batcher() -> Batcher[dict[str, Any]]:
     # One per process for its whole life (it outlives settings changes: it reads them live).
     global _batcher
     if _batcher is None:
         _batcher = Batcher(
             _enqueue_or_write,
-            interval=lambda: max(float(quota_settings.LEDGER_BATCH_SECONDS), 0.001),
+            interval=lambda: _interval(quota_settings.LEDGER_BATCH_SECONDS),
             size=lambda: int(quota_settings.LEDGER_BATCH_SIZE),
         )
     return _batcher
 
 
-_batcher: Batcher | None = None
+_batcher: Batcher[dict[str, Any]] | None = None
+
+
+def _interval(seconds: float) -> float:
+    # 0 turns batching off (nothing is queued), so a thread started earlier wakes rarely.
+    return float(seconds) if seconds > 0 else 1.0
 
 
 def _enqueue_or_write(payloads: list[dict[str, Any]]) -> None:

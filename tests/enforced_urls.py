@@ -79,6 +79,12 @@ class Streaming(APIView):
         return StreamingHttpResponse(events(), content_type="text/event-stream")
 
 
+class ExplicitSettleStream(Streaming):
+    def post(self, request):
+        services.settle(request.quota_reservation, total_tokens=7)
+        return super().post(request)
+
+
 @enforce_quota
 def plain_view(request):
     return JsonResponse({"usage": USAGE})
@@ -97,6 +103,7 @@ urlpatterns = [
     path("explicit/", ExplicitSettle.as_view()),
     path("own-estimate/", OwnEstimate.as_view()),
     path("stream/", Streaming.as_view()),
+    path("explicit-stream/", ExplicitSettleStream.as_view()),
     path("plain/", plain_view),
     path("plain-fixed/", plain_fixed),
     path("quotas/", include("quotas.urls")),

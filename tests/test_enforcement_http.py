@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 from django.test import override_settings
@@ -93,6 +94,17 @@ def test_a_2xx_without_usage_keeps_the_estimate(client):
 
 def test_an_explicit_settle_wins_over_the_usage_block(client):
     post(client, "/explicit/")
+    assert client.get("/quotas/me/").json()["used"] == 7
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stream_whose_view_settled_is_not_settled_again_when_it_ends(client):
+    store = services.get_store()
+    with mock.patch.object(store, "settle", wraps=store.settle) as settle:
+        response = post(client, "/explicit-stream/", {**BODY, "stream_usage": True})
+        b"".join(response.streaming_content)
+        response.close()
+    assert settle.call_count == 1  # the view's own
     assert client.get("/quotas/me/").json()["used"] == 7
 
 

@@ -12,6 +12,7 @@ import http.client
 import json
 import random
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -95,3 +96,57 @@ def _status_and_body(response: tuple[int, dict[str, str], Any]) -> tuple[int, An
     if status == 200:
         assert int(headers["X-RateLimit-Remaining"]) >= 0
     return status, body
+
+
+def test_settles_batched_in_the_workers_charge_exactly_what_was_used(
+    isolated_quotas, transactional_db, make_plan, make_user
+):
+    """``SETTLE_BATCH_SECONDS`` on real workers: each answer uses less than its estimate (the
+    fake answer is shorter than ``max_tokens``), so every settle is a refund that reaches Redis
+    from a batch; afterwards the window holds exactly the usage the answers reported, and the
+    ledger has one row per request with its actual figure."""
+    from quotas import ledger
+    from quotas.models import UsageRecord
+
+    user = make_user(plan=make_plan(tokens_per_hour=10**9))
+    token = Token.objects.create(user=user).key
+    bodies = request_bodies(96)
+    with running_gateway(
+        isolated_quotas,
+        workers=2,
+        GATEWAY_FAKE_ANSWER_TOKENS="20",
+        QUOTAS_SETTLE_BATCH_SECONDS="0.05",
+    ) as port:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda pair: post(port, token, pair[0]), bodies))
+        assert {status for status, _, _ in results} == {200}
+        used = sum(body["usage"]["total_tokens"] for _, _, body in results)
+        assert used < sum(estimate for _, estimate in bodies)  # every settle refunded some
+        deadline = time.monotonic() + 10
+        while services.budget_for(user)["used"] != used:  # the batches reach Redis
+            assert time.monotonic() < deadline, (services.budget_for(user)["used"], used)
+            time.sleep(0.05)
+    ledger.flush_ledger()  # whatever a batch of ledger records left in the outbox
+    rows = UsageRecord.objects.filter(user=user)
+    assert rows.count() == len(bodies)
+    assert sum(rows.values_list("actual_tokens", flat=True)) == used
+    assert set(rows.values_list("status", flat=True)) == {"settled"}
+
+
+def test_settles_still_in_a_batch_are_sent_when_a_worker_stops(
+    isolated_quotas, transactional_db, make_plan, make_user
+):
+    """A batch that never comes due (an hour) goes out when gunicorn stops its workers."""
+    user = make_user(plan=make_plan(tokens_per_hour=10**9))
+    token = Token.objects.create(user=user).key
+    bodies = request_bodies(12)
+    with running_gateway(
+        isolated_quotas,
+        workers=2,
+        GATEWAY_FAKE_ANSWER_TOKENS="20",
+        QUOTAS_SETTLE_BATCH_SECONDS="3600",
+    ) as port:
+        results = [post(port, token, body) for body, _ in bodies]
+        assert services.budget_for(user)["used"] == sum(estimate for _, estimate in bodies)
+    used = sum(body["usage"]["total_tokens"] for _, _, body in results)
+    assert services.budget_for(user)["used"] == used

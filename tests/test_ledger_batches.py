@@ -167,7 +167,7 @@ def test_a_failing_send_is_logged_not_raised(caplog):
 
     batcher = Batcher(send, interval=lambda: 3600, size=lambda: 1)
     batcher.add({"n": 1})  # full at once: sent (and failed) in the caller's thread
-    assert "could not send 1 ledger records" in caplog.text
+    assert "quotas-ledger-batch could not send 1 records" in caplog.text
     assert len(batcher) == 0
 
 
@@ -198,3 +198,23 @@ def test_a_forked_child_starts_with_an_empty_batch_and_its_own_thread():
     assert child_sent == "['child']"
     assert len(batcher) == 1  # the parent's record is still the parent's
     batcher._pending.clear()  # nothing for the exit hook to send to the closed pipe
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_batcher_thread_closes_the_database_connection_a_batch_opened():
+    from django.db import connections
+
+    opened = []
+
+    def send(batch: list[Any]) -> None:  # as when the broker is down: rows written directly
+        connection = connections["default"]  # this thread's own
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        opened.append(connection)
+
+    batcher = Batcher(send, interval=lambda: 0.02, size=lambda: 100)
+    batcher.add({"n": 1})
+    deadline = time.monotonic() + 5
+    while not opened or opened[0].connection is not None:
+        assert time.monotonic() < deadline, "the thread kept its database connection"
+        time.sleep(0.02)

@@ -176,3 +176,21 @@ def test_enforcement_resumes_after_a_restart_for_a_user_over_budget(
         time.sleep(0.6)
         with pytest.raises(QuotaExceeded):  # the lost window was rebuilt from the ledger
             services.reserve(user, 200)
+
+
+def test_a_settle_batch_that_finds_redis_stopped_still_writes_every_row(user, on_private_redis):
+    with on_private_redis(SETTLE_BATCH_SECONDS=3600) as server:
+        served = [services.reserve(user, 100) for _ in range(3)]
+        services._settler = None
+        for reservation in served:
+            services.settle_later(reservation, prompt_tokens=10, completion_tokens=20)
+        server.stop()
+        sent, took = timed(services.flush_settle_batch)
+        server.start()
+        services._settler = None
+
+        assert sent == 3 and took < SLOWEST_CALL
+        rows = UsageRecord.objects.filter(request_id__in=[r.id for r in served])
+        assert sorted(rows.values_list("actual_tokens", "status")) == [(30, "settled")] * 3
+        time.sleep(0.6)  # the breaker's next probe; the lost window is rebuilt from the rows
+        assert services.budget_for(user)["used"] == 90
