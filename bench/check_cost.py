@@ -36,6 +36,7 @@ STORE = "quotas RedisWindowStore.reserve"
 DRF_USER = "DRF UserRateThrottle"
 DRF_ANON = "DRF AnonRateThrottle"
 NOOP = "EVALSHA 'return 1' (same 5 keys, 11 args)"
+BARE_PING = "PING on a bare connection"
 MAIN = (
     PING,
     RESERVE,
@@ -161,16 +162,27 @@ def limits_contenders() -> list[Contender]:
 
 
 def diagnostic_contenders() -> list[Contender]:
-    """A script call with nothing to do: the floor for any one-script design in redis-py."""
+    """The floors under a reserve, on one connection of their own, as the store sends its
+    scripts (``quotas.backends.redis.ScriptRunner``): one PING round trip, and a script call
+    with nothing to do (the floor for any one-script design)."""
     from django_redis import get_redis_connection
 
     from quotas import services
 
-    connection = get_redis_connection("default")
-    noop = connection.register_script("return 1")
+    pool = get_redis_connection("default").connection_pool
+    connection = pool.connection_class(**pool.connection_kwargs)
+    sha = _send(connection, "SCRIPT", "LOAD", "return 1")
     keys = services.get_store().keys("diag")
     args = ["", 3_600_000, 60_000, 60_000, 1_000, "x" * 40, TOKENS, RESERVATION_TTL_MS, "", "", ""]
-    return [Contender(NOOP, lambda: noop(keys=keys, args=args))]
+    return [
+        Contender(BARE_PING, lambda: _send(connection, "PING")),
+        Contender(NOOP, lambda: _send(connection, "EVALSHA", sha, len(keys), *keys, *args)),
+    ]
+
+
+def _send(connection: Any, *command: Any) -> Any:
+    connection.send_command(*command, check_health=False)
+    return connection.read_response()
 
 
 def server_side_reserve_us(calls: int = 2000) -> tuple[float, bool]:
@@ -251,8 +263,9 @@ def diagnostic_rows(stats: dict[str, Stats], contenders: dict[str, Contender]) -
     server_us, alone = server_side_reserve_us()
     note = "" if alone else " (other clients' scripts ran meanwhile)"
     figures = [
-        ("one PING round trip", ping),
-        ("EVALSHA of a no-op script, same keys and args", stats[NOOP].median),
+        ("one PING round trip (redis-py, the baseline above)", ping),
+        ("one PING round trip on a bare connection", stats[BARE_PING].median),
+        ("EVALSHA of a no-op script, same keys and args, bare", stats[NOOP].median),
         ("reserve script run time inside Redis" + note, server_us),
         ("store.reserve above the no-op EVALSHA", stats[STORE].median - stats[NOOP].median),
         (

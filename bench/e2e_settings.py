@@ -9,7 +9,7 @@ the quota throttle off for the baseline run.
 import os
 
 from project.settings import *  # noqa: F403
-from project.settings import CACHES, CELERY_BROKER_TRANSPORT_OPTIONS, QUOTAS
+from project.settings import CACHES, CELERY_BROKER_TRANSPORT_OPTIONS, MIDDLEWARE, QUOTAS
 
 PREFIX = os.environ["BENCH_PREFIX"]
 
@@ -21,3 +21,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     **CELERY_BROKER_TRANSPORT_OPTIONS,
     "global_keyprefix": f"{PREFIX}:celery:",
 }
+
+# A reference point instead of the quotas (see e2e_peers): "ping" or "drf".
+PEER = os.environ.get("BENCH_E2E_PEER", "")
+if PEER:
+    peer = {"ping": "PingPerRequest", "drf": "DRFThrottlePerRequest"}[PEER]
+    MIDDLEWARE = [*MIDDLEWARE, f"e2e_peers.{peer}"]

@@ -2,8 +2,13 @@
 enforcement, served by gunicorn (``WORKERS`` sync workers) on the same machine as the load.
 
 The baseline is the same server with ``GATEWAY_ENFORCE_QUOTAS=0`` (no throttle, so no reserve,
-settle or ledger task). The two modes run alternately (off, on, on, off) so drift on a shared
-machine hits both alike. The user has a budget it cannot exhaust, so every answer is a 200.
+settle or ledger task). Quotas run twice: as configured by default (settled in the request)
+and with ``SETTLE_BATCH_SECONDS=0.05`` (settles pipelined from a batch). Two reference points
+run on the baseline (``e2e_peers``): one Redis ``PING`` per request (no Redis-backed check can
+cost less) and DRF's ``UserRateThrottle`` per request. All five servers run at once and take
+the load in turn, two seconds each, ``BENCH_E2E_ROUNDS`` rounds in alternating order, so drift
+on a shared machine reaches every mode within seconds. The user has a budget it cannot
+exhaust, so every answer is a 200.
 
 Load: ``wrk`` when it is installed, else a Python load generator (one process per connection,
 ``http.client``), which is slower, so its figures are lower but the ratio still holds.
@@ -18,14 +23,16 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +41,8 @@ from common import Row
 
 WORKERS = 2
 CONNECTIONS = 4
-SECONDS = int(os.environ.get("BENCH_E2E_SECONDS", "8"))
+ROUNDS = int(os.environ.get("BENCH_E2E_ROUNDS", "8"))
+SLICE_SECONDS = 2  # each round gives every mode one slice of load, in alternating order
 WARMUP_SECONDS = 1
 PATH = "/v1/chat/completions"
 BODY = json.dumps(
@@ -47,7 +55,26 @@ BODY = json.dumps(
         "max_tokens": 64,
     }
 )
-ORDER = (False, True, True, False)  # enforcement per round
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One server configuration."""
+
+    label: str
+    enforce: bool = False
+    peer: str = ""  # e2e_peers: "ping" or "drf"
+    settle_batch_seconds: float = 0.0
+
+
+OFF = Mode("quotas off (baseline)")
+QUOTAS = Mode("quotas enforced", enforce=True)
+BATCHED = Mode(
+    "quotas enforced, SETTLE_BATCH_SECONDS=0.05", enforce=True, settle_batch_seconds=0.05
+)
+PING = Mode("one Redis PING per request (floor of any Redis-backed check)", peer="ping")
+DRF = Mode("DRF UserRateThrottle per request", peer="drf")
+MODES = (OFF, QUOTAS, BATCHED, PING, DRF)
 
 
 @dataclass(frozen=True)
@@ -59,6 +86,7 @@ class Load:
     p99_ms: float
     requests: int
     errors: int
+    cpu_seconds: float = 0.0  # the whole machine's part: server, Redis and load generator
 
 
 class Skip(Exception):
@@ -72,14 +100,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, enforce: bool) -> subprocess.Popen[bytes]:
+def start_server(port: int, mode: Mode) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         **common.bench_env(),
         "DJANGO_SETTINGS_MODULE": "e2e_settings",
         "PYTHONPATH": os.pathsep.join([str(common.BENCH_DIR), str(common.REPO)]),
         "CELERY_BROKER_URL": common.redis_url(),
-        "GATEWAY_ENFORCE_QUOTAS": "1" if enforce else "0",
+        "GATEWAY_ENFORCE_QUOTAS": "1" if mode.enforce else "0",
+        "BENCH_E2E_PEER": mode.peer,
+        "QUOTAS_SETTLE_BATCH_SECONDS": str(mode.settle_batch_seconds),
     }
     env.pop("DATABASE_URL", None)
     command = [
@@ -222,12 +252,51 @@ def run_python_load(port: int, token: str, seconds: int) -> Load:
     return Load(len(latencies) / seconds, stats.median, stats.p99, len(latencies), errors)
 
 
-def measure_load(port: int, token: str, script: Path | None) -> Load:
-    if script is not None:
-        run_wrk(port, token, WARMUP_SECONDS, script)
-        return run_wrk(port, token, SECONDS, script)
-    run_python_load(port, token, WARMUP_SECONDS)
-    return run_python_load(port, token, SECONDS)
+def measure_load(
+    port: int, token: str, script: Path | None, seconds: int, server: subprocess.Popen[bytes]
+) -> Load:
+    """One slice of load, with the CPU time it cost the server's processes, Redis and the
+    load generator (a steadier figure than requests/s where neighbours steal time: it is
+    what the run used, not how long it waited)."""
+    before = cpu_seconds(server)
+    load = (
+        run_wrk(port, token, seconds, script) if script else run_python_load(port, token, seconds)
+    )
+    return replace(load, cpu_seconds=cpu_seconds(server) - before)
+
+
+def cpu_seconds(server: subprocess.Popen[bytes]) -> float:
+    """CPU seconds used so far by the server's processes, Redis, and this process's finished
+    children (the load generators)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in [server.pid, *child_pids(server.pid)]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:  # gone
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    info = redis_cpu()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return total + info + children.ru_utime + children.ru_stime
+
+
+def child_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == parent:
+                pids.append(int(entry.name))
+    return pids
+
+
+def redis_cpu() -> float:
+    info = common.redis_client().info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -242,27 +311,35 @@ def bench_token() -> str:
     return token
 
 
-def measure_all() -> tuple[dict[bool, list[Load]], str]:
+def measure_all() -> tuple[dict[Mode, list[Load]], str]:
+    """Every mode's server runs at once (idle ones cost nothing); the load goes to one at a
+    time, in slices of ``SLICE_SECONDS``, rounds alternating the order. A shared machine's
+    drift thus reaches every mode within seconds, and each round gives a paired ratio."""
     token = bench_token()
     script = wrk_script(token) if shutil.which("wrk") else None
-    loads: dict[bool, list[Load]] = {False: [], True: []}
+    servers: dict[Mode, tuple[subprocess.Popen[bytes], int]] = {}
+    loads: dict[Mode, list[Load]] = {mode: [] for mode in MODES}
     try:
-        for enforce in ORDER:
+        for mode in MODES:
             port = free_port()
-            server = start_server(port, enforce)
-            try:
-                wait_ready(server, port, token, enforce)
-                loads[enforce].append(measure_load(port, token, script))
-            finally:
-                stop_server(server)
+            servers[mode] = start_server(port, mode), port
+        for mode, (server, port) in servers.items():
+            wait_ready(server, port, token, mode.enforce)
+            measure_load(port, token, script, WARMUP_SECONDS, server)
+        for round_no in range(ROUNDS):
+            for mode in MODES if round_no % 2 == 0 else reversed(MODES):
+                server, port = servers[mode]
+                loads[mode].append(measure_load(port, token, script, SLICE_SECONDS, server))
     finally:
+        for server, _port in servers.values():
+            stop_server(server)
         if script is not None:
             script.unlink()
     return loads, "wrk" if script is not None else "Python load generator"
 
 
 def run() -> list[Row]:
-    """Measure both modes; return the summary rows (one explanatory row if skipped)."""
+    """Measure every mode; return the summary rows (one explanatory row if skipped)."""
     try:
         loads, tool = measure_all()
     except Skip as exc:
@@ -270,28 +347,48 @@ def run() -> list[Row]:
         return [Row(section, "skipped", str(exc), "", ">= 90% of unenforced req/s", "SKIP")]
     section = (
         f"End to end: POST {PATH}, gunicorn {WORKERS} sync workers, {tool}, "
-        f"{CONNECTIONS} connections, {len(ORDER)} x {SECONDS} s (ratio to unenforced)"
+        f"{CONNECTIONS} connections, {ROUNDS} rounds of {SLICE_SECONDS} s per mode "
+        "(ratio to unenforced: the median of the rounds' own ratios; their middle half beside it)"
     )
-    summary = {enforce: average(runs) for enforce, runs in loads.items()}
-    base = summary[False].requests_per_second
+    summary = {mode: average(runs) for mode, runs in loads.items()}
+    base = summary[OFF].requests_per_second
     rows = []
-    for enforce, label in ((False, "quotas off (baseline)"), (True, "quotas enforced")):
-        load = summary[enforce]
-        share = load.requests_per_second / base
+    for mode, load in summary.items():
+        # Each round's own ratio (its slices ran seconds apart); the median of the rounds.
+        paired = sorted(
+            mine.requests_per_second / theirs.requests_per_second
+            for mine, theirs in zip(loads[mode], loads[OFF], strict=True)
+        )
+        share = statistics.median(paired)
+        middle = f"{common.percentile(paired, 25):.2f}-{common.percentile(paired, 75):.2f}"
         rows.append(
             Row(
                 section,
-                label,
+                mode.label,
                 f"{load.requests_per_second:7.1f} req/s, p50 {load.p50_ms:.1f} ms, "
-                f"p99 {load.p99_ms:.1f} ms, {load.errors} errors",
+                f"p99 {load.p99_ms:.1f} ms, {load.errors} errors, rounds {middle}",
                 f"{share:.3f}",
-                ">= 0.90" if enforce else "",
-                common.verdict(share >= 0.9 and load.errors == 0) if enforce else "",
+                ">= 0.90" if mode is QUOTAS else "",
+                common.verdict(share >= 0.9 and load.errors == 0) if mode is QUOTAS else "",
             )
         )
     # With every worker busy, worker time per request is WORKERS / (requests/s).
-    extra_ms = WORKERS * 1000 * (1 / summary[True].requests_per_second - 1 / base)
-    rows.append(Row(section, "extra worker time per enforced request", f"{extra_ms:.2f} ms"))
+    for mode in MODES[1:]:
+        extra_ms = WORKERS * 1000 * (1 / summary[mode].requests_per_second - 1 / base)
+        rows.append(
+            Row(section, f"extra worker time per request: {mode.label}", f"{extra_ms:.2f} ms")
+        )
+    # The same comparison by CPU used: what requests/s would be on a machine of its own.
+    cpu = {mode: load.cpu_seconds * 1000 / max(load.requests, 1) for mode, load in summary.items()}
+    for mode in MODES:
+        rows.append(
+            Row(
+                f"{section[: section.index(',')]}: machine CPU per request (server, Redis, load)",
+                mode.label,
+                f"{cpu[mode]:.2f} ms",
+                f"{cpu[OFF] / cpu[mode]:.3f}",
+            )
+        )
     return rows
 
 
@@ -303,6 +400,7 @@ def average(runs: list[Load]) -> Load:
         sum(r.p99_ms for r in runs) / count,
         sum(r.requests for r in runs),
         sum(r.errors for r in runs),
+        sum(r.cpu_seconds for r in runs),
     )
 
 
