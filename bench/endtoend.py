@@ -115,7 +115,7 @@ def start_server(port: int, mode: Mode) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "-m", "gunicorn", "project.wsgi:application",
         "-b", f"127.0.0.1:{port}", "-w", str(WORKERS), "--chdir", str(common.REPO),
-        "--log-level", "warning",
+        "--log-level", "warning", "--no-control-socket",
     ]  # fmt: skip
     return subprocess.Popen(command, env=env, process_group=0)
 

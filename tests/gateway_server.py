@@ -81,6 +81,7 @@ def running_gateway(prefix: str, *, workers: int = 2, **env: str) -> Iterator[in
         "--timeout=30",
         "--graceful-timeout=3",
         "--log-level=warning",
+        "--no-control-socket",  # servers run side by side; none needs it
     ]
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(

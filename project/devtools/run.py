@@ -35,7 +35,7 @@ def child_commands(port: int) -> dict[str, list[str]]:
     return {
         "web": [
             python, "-m", "gunicorn", "project.wsgi:application",
-            "-b", f"{HOST}:{port}", "-w", "2", "--access-logfile", "-",
+            "-b", f"{HOST}:{port}", "-w", "2", "--access-logfile", "-", "--no-control-socket",
         ],
         "worker": [python, "-m", "celery", "-A", "project", "worker", "-l", "info",
                    "--concurrency", "2"],
