@@ -61,6 +61,9 @@ def test_settles_wait_in_the_outbox_and_the_batch_until_it_is_sent(user, publish
 
     assert services.flush_ledger_batch() == 5
     assert published.call_count == 1  # one task for the whole batch
+    # The worker's log names the records; Celery's own repr of them is not built.
+    shown = published.call_args.kwargs["argsrepr"]
+    assert shown.startswith(f"[5 usage records: {user.pk}/") and shown.endswith(", ... 2 more]")
     assert rows(user) == {"count": 5, "tokens": 300}
     assert services.get_store().outbox(str(user.pk)) == []  # the task dropped the copies
     assert ledger.flush_ledger() == 0
