@@ -1,0 +1,52 @@
+"""``make bench`` keeps working: every part runs, on short rounds, against the test Redis, and
+the figures the product promises exactly (no overshoot, an exact window, the memory bound)
+hold. The speed figures are the benchmark's to report, never a test's to assert."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+BENCH = Path(settings.BASE_DIR) / "bench"
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
+    prefix = f"bench-test-{os.getpid()}"
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.REDIS_URL,
+        "BENCH_VAR_DIR": str(tmp_path),
+        "BENCH_PREFIX": prefix,
+        "BENCH_COST_ROUNDS": "3",
+        "BENCH_E2E_ROUNDS": "1",
+    }
+    run = subprocess.run(
+        [sys.executable, "run_all.py"],
+        cwd=BENCH,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = run.stdout
+    assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]  # no part crashed
+    for section in ("Check cost", "Overshoot", "Accuracy", "Memory", "Estimation", "End to end"):
+        assert f"== {section}" in out, out
+    # Overshoot at 2, 4 and 8 processes, window accuracy, and memory (tokens only, all limits).
+    exact = [
+        line
+        for line in out.splitlines()
+        if line.startswith("quotas ") and ("<= 1.0 " in line or "<= 1024 bytes" in line)
+    ]
+    assert len(exact) == 6 and all(line.endswith("PASS") for line in exact), exact
+    # Every end-to-end mode served every request (no server failed to start: no SKIP).
+    assert re.findall(r"(\d+) errors", out) == ["0"] * 5, out
+    assert not list(redis_client.scan_iter(match=f"*{prefix}*"))  # it cleaned up after itself
