@@ -13,6 +13,7 @@ live in their window hash; a plan or quota edit drops them, and the next request
 from __future__ import annotations
 
 import logging
+import secrets
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -271,7 +272,7 @@ def reserve(
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}.")
     scope = scope_for(user, client_address)
-    rid = f"{scope}/{request_id or uuid.uuid4().hex}"
+    rid = f"{scope}/{request_id or secrets.token_hex(16)}"  # 128 random bits, as hex
     try:
         result = _guarded(_reserve_in_store, user, scope, rid, tokens, model, add_default_output)
     except StoreUnavailable:

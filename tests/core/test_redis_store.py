@@ -295,6 +295,21 @@ def test_a_script_error_leaves_the_connection_usable(store: Any) -> None:
     assert reserve(store, 10, T0).allowed
 
 
+def test_a_script_call_is_packed_as_its_connection_packs_it(store: Any) -> None:
+    from redis.connection import PythonRespSerializer
+
+    from quotas.backends.redis import _pack
+
+    pool = store.client.connection_pool
+    connection = pool.connection_class(**pool.connection_kwargs)
+    command = ("EVALSHA", "a" * 40, 2, "q:{7}:w", "q:{7}:q", "", 3_600_000, "7/ab", "é", b"\x00")
+    expected = b"".join(connection.pack_command(*command))
+    assert b"".join(_pack(connection, command)) == expected
+    # A connection that packs another way (no hiredis) is left to pack for itself.
+    connection._command_packer = PythonRespSerializer(6000, connection.encoder.encode)
+    assert b"".join(_pack(connection, command)) == expected
+
+
 def test_a_forked_child_makes_its_own_connection(store: Any) -> None:
     import os
 
