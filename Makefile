@@ -36,5 +36,5 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
-	rm -rf var/redis-embedded var/celerybeat-schedule* var/test-db.sqlite3
+	rm -rf var/redis-embedded var/celerybeat-schedule* var/test-db.sqlite3*
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

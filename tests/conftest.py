@@ -6,6 +6,7 @@ prefix's keys are deleted afterwards.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +17,15 @@ from django.test import override_settings
 from django_redis import get_redis_connection
 
 from quotas import services
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None) -> None:
+    """A test database of this run's own (``test_<name>_run<pid>``), so two runs on one
+    machine (two checkouts, CI beside a developer) never create, flush or drop each other's."""
+    from pytest_django.fixtures import _set_suffix_to_test_databases
+
+    _set_suffix_to_test_databases(suffix=f"run{os.getpid()}")
 
 
 def quotas_settings(**overrides: Any) -> dict[str, Any]:
