@@ -13,10 +13,11 @@ from django.http import HttpRequest
 
 from quotas import services
 from quotas.conf import quota_settings
+from quotas.core.bounds import MAX_JSON_DEPTH, InvalidRequest
 from quotas.core.types import QuotaState
 from quotas.exceptions import QuotaExceeded, RequestTooLarge
 
-__all__ = ["AnonymousNotAllowed", "enforce"]
+__all__ = ["AnonymousNotAllowed", "body_too_large", "enforce", "too_deep"]
 
 RESERVATION_ATTR = "quota_reservation"
 STATE_ATTR = "quota_state"
@@ -58,6 +59,22 @@ def enforce(request: HttpRequest, user: Any, body: Any, tokens: int | None = Non
         raise
     setattr(request, RESERVATION_ATTR, reservation)
     setattr(request, STATE_ATTR, reservation.state)
+
+
+def body_too_large(length: int | None) -> InvalidRequest:
+    """The 400 of a body over ``MAX_BODY_BYTES`` (``length``: its size, when declared)."""
+    size = f"of {length} bytes " if length is not None else ""
+    limit = quota_settings.MAX_BODY_BYTES
+    return InvalidRequest(
+        f"Request body {size}is over the {limit}-byte limit.", code="request_body_too_large"
+    )
+
+
+def too_deep() -> InvalidRequest:
+    """The 400 of a body nested too deeply for the JSON parser itself."""
+    return InvalidRequest(
+        f"The request body nests objects and lists more than {MAX_JSON_DEPTH} levels deep."
+    )
 
 
 def state_of(request: HttpRequest) -> QuotaState | None:

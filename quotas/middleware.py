@@ -23,6 +23,7 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHt
 
 from quotas import services
 from quotas.conf import quota_settings
+from quotas.core.bounds import MAX_TOKENS
 from quotas.core.estimate import InvalidRequest
 from quotas.core.tokens import count_text_tokens, encoding_for_model
 from quotas.enforcement import (
@@ -30,8 +31,10 @@ from quotas.enforcement import (
     RESERVATION_ATTR,
     STATE_ATTR,
     AnonymousNotAllowed,
+    body_too_large,
     enforce,
     state_of,
+    too_deep,
 )
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.http import (
@@ -80,7 +83,7 @@ class QuotaMiddleware:
         except (QuotaExceeded, RequestTooLarge) as exc:
             return JsonResponse(error_body(exc), status=error_status(exc))
         except InvalidRequest as exc:
-            return simple_error(400, "invalid_request", str(exc))
+            return simple_error(400, exc.code, str(exc), exc.param)
         except AnonymousNotAllowed as exc:
             return simple_error(401, "not_authenticated", str(exc))
         except ConfigurationError as exc:
@@ -131,13 +134,13 @@ def _settle_with(reservation: Any, usage: dict[str, int]) -> services.Settlement
 
 def _json_body(request: HttpRequest) -> Any:
     if len(request.body) > quota_settings.MAX_BODY_BYTES:
-        raise InvalidRequest(
-            f"Request body is over the {quota_settings.MAX_BODY_BYTES}-byte limit."
-        )
+        raise body_too_large(len(request.body))
     try:
         return json.loads(request.body or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from exc
+    except RecursionError as exc:  # the JSON parser's own nesting limit (about 1000 levels)
+        raise too_deep() from exc
 
 
 def _usage_of(response: HttpResponseBase) -> dict[str, int]:
@@ -159,12 +162,13 @@ def _clean_usage(usage: Any) -> dict[str, int]:
     if not isinstance(usage, dict):
         return {}
     fields = ("prompt_tokens", "completion_tokens", "total_tokens")
+    # A figure that is not a count of tokens is ignored (the estimate stands for it).
     clean = {
         name: usage[name]
         for name in fields
         if isinstance(usage.get(name), int)
         and not isinstance(usage[name], bool)
-        and usage[name] >= 0
+        and 0 <= usage[name] <= MAX_TOKENS
     }
     if "total_tokens" in clean and len(clean) == 3:
         del clean["total_tokens"]  # the parts are the more detailed record

@@ -27,6 +27,7 @@ from django.utils.module_loading import import_string
 
 from quotas.batching import Batcher
 from quotas.conf import quota_settings
+from quotas.core.bounds import check_model_name, check_token_figure
 from quotas.core.breaker import BreakerState, CircuitBreaker
 from quotas.core.estimate import Estimate
 from quotas.core.types import (
@@ -267,10 +268,13 @@ def reserve(
     ``add_default_output`` adds the plan's default output allowance to ``tokens`` (for a
     request that names no ``max_tokens``). Anonymous clients need ``client_address``.
     Raises ``QuotaExceeded`` (retry later), ``RequestTooLarge`` (never fits), or
-    ``StoreUnavailable`` when Redis is down and ``QUOTAS["FAILURE_POLICY"]`` is ``"closed"``.
+    ``StoreUnavailable`` when Redis is down and ``QUOTAS["FAILURE_POLICY"]`` is ``"closed"``;
+    ``InvalidRequest`` (a ``ValueError``) when ``tokens`` is not an integer from 0 to
+    ``quotas.core.bounds.MAX_TOKENS`` or ``model`` is not a name the ledger can store (over
+    200 characters, or with control characters): nothing is reserved then.
     """
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}.")
+    check_token_figure(tokens, "tokens", minimum=0)
+    check_model_name(model)
     scope = scope_for(user, client_address)
     rid = f"{scope}/{request_id or secrets.token_hex(16)}"  # 128 random bits, as hex
     try:
@@ -659,10 +663,8 @@ def _actual_tokens(prompt: int | None, completion: int | None, total: int | None
         ("completion_tokens", completion),
         ("total_tokens", total),
     ):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 0
-        ):
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        if value is not None:
+            check_token_figure(value, name, minimum=0)
     if total is not None:
         return total
     if prompt is not None or completion is not None:
