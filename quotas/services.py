@@ -27,7 +27,7 @@ from django.utils.module_loading import import_string
 
 from quotas.batching import Batcher
 from quotas.conf import quota_settings
-from quotas.core.bounds import check_model_name, check_token_figure
+from quotas.core.bounds import check_model_name, check_reservation_id, check_token_figure
 from quotas.core.breaker import BreakerState, CircuitBreaker
 from quotas.core.estimate import Estimate
 from quotas.core.types import (
@@ -270,13 +270,15 @@ def reserve(
     Raises ``QuotaExceeded`` (retry later), ``RequestTooLarge`` (never fits), or
     ``StoreUnavailable`` when Redis is down and ``QUOTAS["FAILURE_POLICY"]`` is ``"closed"``;
     ``InvalidRequest`` (a ``ValueError``) when ``tokens`` is not an integer from 0 to
-    ``quotas.core.bounds.MAX_TOKENS`` or ``model`` is not a name the ledger can store (over
-    200 characters, or with control characters): nothing is reserved then.
+    ``quotas.core.bounds.MAX_TOKENS``, or ``model`` or the reservation id is not a name the
+    ledger can store (over 200 characters, or with control characters): nothing is reserved.
     """
     check_token_figure(tokens, "tokens", minimum=0)
     check_model_name(model)
     scope = scope_for(user, client_address)
     rid = f"{scope}/{request_id or secrets.token_hex(16)}"  # 128 random bits, as hex
+    if request_id:
+        check_reservation_id(rid)
     try:
         result = _guarded(_reserve_in_store, user, scope, rid, tokens, model, add_default_output)
     except StoreUnavailable:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +29,9 @@ __all__ = ["LedgerEntry", "RedisWindowStore", "WindowContents"]
 
 T = TypeVar("T")
 KEY_SUFFIXES = ("w", "q", "p", "r", "x")
+# Ledger records the database refused wait this long for an operator (30 days).
+DEAD_LETTER_TTL_MS = 30 * 24 * 3600 * 1000
+logger = logging.getLogger("quotas")
 SETTLE_FIGURES = frozenset(
     ("status", "prompt_tokens", "completion_tokens", "estimate", "reserved_at_ms", "model")
 )
@@ -440,9 +445,43 @@ class RedisWindowStore:
         while True:
             reply: Any = self._call(self.client.hscan, key, cursor, count=batch)
             cursor, records = int(reply[0]), reply[1]
-            entries += [LedgerEntry.parse(scope, rid, rec) for rid, rec in records.items()]
+            entries += self._parsed(scope, records)
             if not cursor or len(entries) >= batch:
                 return entries
+
+    def _parsed(self, scope: str, records: dict[Any, Any]) -> list[LedgerEntry]:
+        """The outbox records that parse; one that does not (never written by these scripts)
+        is set aside in the dead-letter hash, so it cannot stop the sweep of the others."""
+        entries = []
+        for rid, rec in records.items():
+            try:
+                entries.append(LedgerEntry.parse(scope, rid, rec))
+            except (ValueError, TypeError) as exc:
+                reason = f"unreadable outbox record ({exc})"
+                logger.error("quotas: %s %s of %s set aside", reason, _text(rid), scope)
+                record = json.dumps({"record": _text(rec)[:1000], "reason": reason})
+                self.dead_letter(scope, _text(rid), record)
+        return entries
+
+    def dead_letter(self, scope: str, reservation_id: str, record: str) -> None:
+        """Keep a ledger record whose row the database refused (``record``: its fields and
+        the reason, as JSON) where an operator can read it, for ``DEAD_LETTER_TTL_MS``, and
+        drop it from the outbox so no sweep tries it again."""
+        key = self.dead_letter_key(scope)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, reservation_id, record)
+        pipe.pexpire(key, DEAD_LETTER_TTL_MS)
+        pipe.hdel(self.keys(scope)[4], reservation_id)
+        self._call(pipe.execute)
+
+    def dead_letter_key(self, scope: str) -> str:
+        """The hash of one quota key's refused ledger records (id -> JSON)."""
+        return f"{self.prefix}:{{{scope}}}:dead"
+
+    def dead_letters(self, scope: str) -> dict[str, dict[str, Any]]:
+        """The refused ledger records of one quota key, by reservation id."""
+        raw: Any = self._call(self.client.hgetall, self.dead_letter_key(scope))
+        return {_text(rid): json.loads(_text(record)) for rid, record in raw.items()}
 
     def ack_outbox(self, scope: str, reservation_ids: Sequence[str]) -> None:
         """Forget outbox records once their ledger rows are written."""

@@ -10,6 +10,8 @@ can cost more than linear time to estimate:
   one call; the bound keeps every sum far inside the 53 bits Lua counts exactly.
 - ``MAX_MODEL_LENGTH``: the longest model name (the ledger's ``UsageRecord.model`` column);
   model names may not hold control characters either.
+- ``MAX_REQUEST_ID_LENGTH``: the longest reservation id, ``"<quota key>/<request id>"`` (the
+  ledger's ``UsageRecord.request_id`` column); no control characters either.
 - ``MAX_MESSAGES``: the most chat messages, or ``prompt`` / ``input`` items, in one body
   (OpenAI's own limit for inputs in one request is 2048).
 - ``MAX_CONTENT_PARTS``: the most content parts in one body, all messages together.
@@ -27,15 +29,18 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_MESSAGES",
     "MAX_MODEL_LENGTH",
+    "MAX_REQUEST_ID_LENGTH",
     "MAX_TOKENS",
     "InvalidRequest",
     "check_depth",
     "check_model_name",
+    "check_reservation_id",
     "check_token_figure",
 ]
 
 MAX_TOKENS = 1_000_000_000
 MAX_MODEL_LENGTH = 200
+MAX_REQUEST_ID_LENGTH = 200
 MAX_MESSAGES = 2048
 MAX_CONTENT_PARTS = 10_000
 MAX_JSON_DEPTH = 64
@@ -66,6 +71,18 @@ def check_model_name(model: Any, param: str = "model") -> str:
     if _CONTROL.search(model):
         raise InvalidRequest(f"'{param}' must not contain control characters.", param)
     return model
+
+
+def check_reservation_id(reservation_id: str) -> str:
+    """``reservation_id`` when the ledger can store it; ``InvalidRequest`` otherwise."""
+    if len(reservation_id) > MAX_REQUEST_ID_LENGTH or _CONTROL.search(reservation_id):
+        raise InvalidRequest(
+            f"The request id must make a reservation id ('<quota key>/<request id>') of at most "
+            f"{MAX_REQUEST_ID_LENGTH} characters without control characters; got "
+            f"{len(reservation_id)} characters.",
+            "request_id",
+        )
+    return reservation_id
 
 
 def check_token_figure(value: Any, param: str, *, minimum: int = 1) -> int:
