@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import lru_cache
 from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
@@ -26,13 +28,17 @@ from quotas.conf import quota_settings
 from quotas.core.bounds import MAX_TOKENS
 from quotas.core.estimate import InvalidRequest
 from quotas.core.tokens import count_text_tokens, encoding_for_model
+from quotas.core.types import ceil_seconds
 from quotas.enforcement import (
     PROMPT_ATTR,
+    REFUSED_ATTR,
     RESERVATION_ATTR,
     STATE_ATTR,
     AnonymousNotAllowed,
     body_too_large,
     enforce,
+    record_if_rejected,
+    refuse_if_blocked,
     state_of,
     too_deep,
 )
@@ -58,21 +64,34 @@ class QuotaMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         response = self.get_response(request)
+        record_if_rejected(request, response.status_code)
         reservation = getattr(request, RESERVATION_ATTR, None)
         if reservation is not None:
             self._settle(request, reservation, response)
         state = state_of(request)
         if state is not None:
             set_headers(response, state)
+        refused = getattr(request, REFUSED_ATTR, None)
+        if refused:  # too many rejected attempts: refused before any figure was read
+            response["Retry-After"] = str(max(ceil_seconds(refused), 1))
+            response["retry-after-ms"] = str(math.ceil(refused * 1000))
         return response
 
     def process_view(
         self, request: HttpRequest, view: Any, args: Any, kwargs: Any
     ) -> HttpResponseBase | None:
-        if not getattr(view, "quota_enforced", False):
+        if not _enforced(view):
             return None
+        try:
+            # By credentials alone: before the view authenticates, parses or estimates.
+            refuse_if_blocked(request)
+        except QuotaExceeded as exc:
+            return JsonResponse(error_body(exc), status=error_status(exc))
+        if not getattr(view, "quota_enforced", False):
+            return None  # a DRF view: its throttle enforces
         estimate = getattr(view, "quota_estimate", None)
         try:
+            refuse_if_blocked(request, getattr(request, "user", None))
             tokens = estimate(request) if estimate else None
             enforce(
                 request,
@@ -121,6 +140,19 @@ class QuotaMiddleware:
         if state is not None and remaining is not None:
             # The headers tell the budget after this request's real cost.
             setattr(request, STATE_ATTR, replace(state, remaining=remaining))
+
+
+@lru_cache(maxsize=4096)
+def _enforced(view: Any) -> bool:
+    """Whether a view enforces quotas: marked by ``@enforce_quota``, or a DRF view whose
+    throttles include ``TokenQuotaThrottle``."""
+    if getattr(view, "quota_enforced", False):
+        return True
+    from quotas.throttling import TokenQuotaThrottle
+
+    view_class = getattr(view, "cls", None) or getattr(view, "view_class", None)
+    throttles = getattr(view_class, "throttle_classes", None) or ()
+    return any(isinstance(t, type) and issubclass(t, TokenQuotaThrottle) for t in throttles)
 
 
 def _settle_with(reservation: Any, usage: dict[str, int]) -> services.Settlement:

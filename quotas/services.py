@@ -293,8 +293,15 @@ def _reserve_in_store(
 ) -> ReserveResult:
     store = get_store()
     ttl_ms = _reservation_ttl_ms()
+    attempts = int(quota_settings.REJECTED_PER_MINUTE or 0)
     result = store.reserve(
-        scope, rid, tokens, ttl_ms=ttl_ms, model=model, add_default_output=add_output
+        scope,
+        rid,
+        tokens,
+        ttl_ms=ttl_ms,
+        model=model,
+        add_default_output=add_output,
+        attempts_limit=attempts,
     )
     if result.status is ReserveStatus.NEEDS_CONFIG:
         # Limits not cached (first request, or a plan changed), maybe the window is lost too.
@@ -309,6 +316,7 @@ def _reserve_in_store(
             model=model,
             add_default_output=add_output,
             seed=seed,
+            attempts_limit=attempts,
         )
     return result
 
@@ -379,6 +387,17 @@ def _rejection(
     if result.status is ReserveStatus.OVER_BUDGET:
         return RequestTooLarge(
             limit=result.limit, requested=tokens, reason="the whole budget", state=state
+        )
+    if result.status is ReserveStatus.OVER_ATTEMPTS:
+        # Too many rejected requests (see quotas.attempts): figures in attempts.
+        return QuotaExceeded(
+            limit=int(quota_settings.REJECTED_PER_MINUTE),
+            remaining=0,
+            requested=1,
+            retry_after=result.retry_after,
+            scope="attempts",
+            reset_seconds=result.retry_after,
+            state=state,
         )
     scope = {
         ReserveStatus.OVER_REQUESTS: "requests",

@@ -19,7 +19,13 @@ from rest_framework.throttling import BaseThrottle
 
 from quotas.conf import quota_settings
 from quotas.core.estimate import InvalidRequest
-from quotas.enforcement import AnonymousNotAllowed, body_too_large, enforce, too_deep
+from quotas.enforcement import (
+    AnonymousNotAllowed,
+    body_too_large,
+    enforce,
+    refuse_if_blocked,
+    too_deep,
+)
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.http import error_body, error_payload, error_status, unavailable_retry_after
 
@@ -68,13 +74,14 @@ class TokenQuotaThrottle(BaseThrottle):
 
     def allow_request(self, request: Request, view: Any) -> bool:
         self.retry_after: float | None = None
-        tokens = None
-        if hasattr(view, "get_token_estimate"):
-            tokens = view.get_token_estimate(request)
         try:
-            enforce(
-                request._request, request.user, _body(request) if tokens is None else None, tokens
-            )
+            # A client over its rejected-attempts allowance costs no parsing or estimating.
+            refuse_if_blocked(request._request, request.user)
+            tokens = None
+            if hasattr(view, "get_token_estimate"):
+                tokens = view.get_token_estimate(request)
+            body = _body(request) if tokens is None else None
+            enforce(request._request, request.user, body, tokens)
         except InvalidRequest as exc:
             raise QuotaBadRequest(exc) from exc
         except AnonymousNotAllowed as exc:

@@ -299,6 +299,7 @@ class RedisWindowStore:
         model: str = "",
         add_default_output: bool = False,
         seed: Sequence[tuple[int, int]] = (),
+        attempts_limit: int = 0,
         now_ms: int | None = None,
     ) -> ReserveResult:
         """Charge ``tokens`` (and one request) if every limit allows; else charge nothing.
@@ -308,6 +309,8 @@ class RedisWindowStore:
         when ``window_has_epoch`` is false: the window must be rebuilt from the ledger).
         ``add_default_output`` adds the plan's default output allowance to ``tokens`` (the
         request named no ``max_tokens``); the result's ``tokens`` is what was requested.
+        ``attempts_limit`` (0: none) refuses a client with that many rejected attempts in
+        the request window (``OVER_ATTEMPTS``), and counts a 413 as one more.
         """
         cfg = limits.encode() if limits else ""
         pairs = [value for pair in seed for value in pair]
@@ -322,11 +325,24 @@ class RedisWindowStore:
                 epoch,
                 model,
                 "1" if add_default_output else "0",
+                int(attempts_limit),
                 *pairs,
             ],
             now_ms,
+            extra_keys=[self.attempts_key(scope)],
         )
         return ReserveResult.from_script(raw)
+
+    def attempts_key(self, scope: str) -> str:
+        """The window of one quota key's rejected attempts (400s and 413s)."""
+        return f"{self.prefix}:{{{scope}}}:a"
+
+    def record_attempt(self, scope: str, limit: int, *, now_ms: int | None = None) -> float:
+        """Count one rejected attempt; return the seconds the client is now refused for (0
+        while it is under ``limit`` attempts in the request window)."""
+        keys, args = [self.attempts_key(scope)], [*self._common(now_ms), int(limit)]
+        _, blocked_ms = self.scripts.run("attempt", keys, args)
+        return max(int(blocked_ms), 0) / 1000
 
     def settle(
         self,
