@@ -3,12 +3,27 @@ with the clock injected: a sliding 60 s window, exact."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from quotas.core.types import ReserveStatus
-from tests.core.test_redis_store import limits, store  # noqa: F401 (the fixture)
+import pytest
+from django_redis import get_redis_connection
+
+from quotas.backends.redis import RedisWindowStore
+from quotas.core.types import ReserveStatus, WindowSpec
+from tests.core.test_redis_store import limits
 
 T0 = 1_700_000_000_000
+
+
+@pytest.fixture
+def store() -> Any:
+    client = get_redis_connection("default")
+    prefix = f"test-attempts-{uuid.uuid4().hex[:8]}"
+    yield RedisWindowStore(client, prefix=prefix, spec=WindowSpec.from_seconds(6, 0.5))
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
 
 
 def reserve(store: Any, tokens: int, at: int, allowed: int = 3, **kwargs: Any) -> Any:
