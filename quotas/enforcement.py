@@ -21,6 +21,7 @@ __all__ = [
     "AnonymousNotAllowed",
     "body_too_large",
     "enforce",
+    "prompt_tokens_of",
     "record_if_rejected",
     "refuse_if_blocked",
     "too_deep",
@@ -134,6 +135,14 @@ def too_deep() -> InvalidRequest:
     return InvalidRequest(
         f"The request body nests objects and lists more than {MAX_JSON_DEPTH} levels deep."
     )
+
+
+def prompt_tokens_of(request: Any) -> int | None:
+    """The prompt tokens the quota estimate counted for this request (a Django or DRF
+    request), ``None`` when nothing was estimated (the view gave its own figure, or the
+    request was not quota-enforced). A view that needs the figure need not count again."""
+    django_request = getattr(request, "_request", request)
+    return getattr(django_request, PROMPT_ATTR, None)
 
 
 def state_of(request: HttpRequest) -> QuotaState | None:

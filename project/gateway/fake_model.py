@@ -86,11 +86,14 @@ def answer(
     natural_tokens: int,
     max_tokens: int | None,
     tokens_per_piece: int = 4,
+    prompt_tokens: int | None = None,
 ) -> FakeAnswer:
     """The fake model's answer to a chat ``request`` body (its prompt is counted as the quota
     estimator counts it): ``natural_tokens`` tokens, or ``max_tokens``
     when that is smaller (``finish_reason == "length"``). ``pieces`` are the streamed deltas,
-    ``tokens_per_piece`` tokens each; joined they are ``text``."""
+    ``tokens_per_piece`` tokens each; joined they are ``text``. ``prompt_tokens``: the quota
+    estimator's count of this request, when it already made one (the same figure, without
+    counting the body twice)."""
     encoding = encoding_for_model(model)
     cut = max_tokens is not None and max_tokens < natural_tokens
     tokens = _answer_tokens(encoding.name, max_tokens if cut else natural_tokens)
@@ -104,7 +107,9 @@ def answer(
         model=model,
         text=text,
         pieces=pieces,
-        prompt_tokens=count_prompt_tokens(encoding, request),
+        prompt_tokens=count_prompt_tokens(encoding, request)
+        if prompt_tokens is None
+        else prompt_tokens,
         completion_tokens=count_text_tokens(encoding, text),
         finish_reason="length" if cut else "stop",
     )

@@ -30,6 +30,7 @@ from project.gateway.serializers import ChatCompletionRequestSerializer, first_e
 from project.gateway.upstream import UpstreamError, complete_upstream
 from quotas.conf import quota_settings
 from quotas.core.bounds import MAX_JSON_DEPTH
+from quotas.enforcement import prompt_tokens_of
 from quotas.throttling import TokenQuotaThrottle
 
 __all__ = ["ChatCompletionsView"]
@@ -98,6 +99,7 @@ class ChatCompletionsView(APIView):
         answer = fake_model.answer(
             self.chat["model"],
             request.data,  # as sent: counted exactly as the estimator counted it
+            prompt_tokens=prompt_tokens_of(request),  # the estimator's count, when it ran
             natural_tokens=settings.GATEWAY["FAKE_ANSWER_TOKENS"],
             max_tokens=self.chat.get("max_completion_tokens") or self.chat.get("max_tokens"),
         )
