@@ -142,10 +142,17 @@ class QuotaMiddleware:
             setattr(request, STATE_ATTR, replace(state, remaining=remaining))
 
 
-@lru_cache(maxsize=4096)
 def _enforced(view: Any) -> bool:
     """Whether a view enforces quotas: marked by ``@enforce_quota``, or a DRF view whose
-    throttles include ``TokenQuotaThrottle``."""
+    throttles include ``TokenQuotaThrottle`` (worked out once per view)."""
+    try:
+        return _enforced_view(view)
+    except TypeError:  # an unhashable callable: not cached
+        return _enforced_view.__wrapped__(view)
+
+
+@lru_cache(maxsize=4096)
+def _enforced_view(view: Any) -> bool:
     if getattr(view, "quota_enforced", False):
         return True
     from quotas.throttling import TokenQuotaThrottle

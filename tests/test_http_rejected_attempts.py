@@ -128,3 +128,19 @@ def test_a_missing_token_is_not_counted_against_anyone(client):
     for _ in range(ALLOWED + 2):
         assert post(anonymous, BAD).status_code == 401
     assert post(client, GOOD).status_code == 200
+
+
+def test_views_are_recognised_as_enforced_or_not_even_when_unhashable():
+    from project.gateway.views import ChatCompletionsView
+    from quotas.api.views import PlanListView
+    from quotas.middleware import _enforced
+
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, request: Any) -> None:
+            return None
+
+    assert _enforced(ChatCompletionsView.as_view())
+    assert not _enforced(PlanListView.as_view())
+    assert not _enforced(Unhashable())
