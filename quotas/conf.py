@@ -50,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
     "ALERT_THRESHOLD": 0.8,
     # Largest request body the estimator reads, in bytes.
     "MAX_BODY_BYTES": 1_000_000,
+    # Requests a known client may have refused with 400 or 413 in the last minute; past that
+    # every request of it is a 429 until the count falls (0: no such limit). See attempts.py.
+    "REJECTED_PER_MINUTE": 30,
     # Ledger records are sent to the Celery worker in batches: one task per process every
     # this many seconds (0: one task per request, after the transaction commits) ...
     "LEDGER_BATCH_SECONDS": 0.05,

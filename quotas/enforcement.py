@@ -11,16 +11,31 @@ from typing import Any
 
 from django.http import HttpRequest
 
-from quotas import services
+from quotas import attempts, services
 from quotas.conf import quota_settings
+from quotas.core.bounds import MAX_JSON_DEPTH, InvalidRequest
 from quotas.core.types import QuotaState
 from quotas.exceptions import QuotaExceeded, RequestTooLarge
 
-__all__ = ["AnonymousNotAllowed", "enforce"]
+__all__ = [
+    "AnonymousNotAllowed",
+    "body_too_large",
+    "enforce",
+    "prompt_tokens_of",
+    "record_if_rejected",
+    "refuse_if_blocked",
+    "too_deep",
+]
 
 RESERVATION_ATTR = "quota_reservation"
 STATE_ATTR = "quota_state"
 PROMPT_ATTR = "quota_prompt_tokens"
+# The request reached a quota-enforced view: its 400s and 413s are rejected attempts.
+ENFORCED_ATTR = "quota_enforced"
+# Its rejected attempt is already counted (a 413 the reserve script counted itself).
+COUNTED_ATTR = "quota_attempt_counted"
+# Seconds it was refused for, for too many rejected attempts (for the retry headers).
+REFUSED_ATTR = "quota_attempts_refused"
 
 
 class AnonymousNotAllowed(Exception):
@@ -55,9 +70,79 @@ def enforce(request: HttpRequest, user: Any, body: Any, tokens: int | None = Non
     except (QuotaExceeded, RequestTooLarge) as exc:
         if exc.state is not None:
             setattr(request, STATE_ATTR, exc.state)
+        _note_refusal(request, user, address, exc)
         raise
     setattr(request, RESERVATION_ATTR, reservation)
     setattr(request, STATE_ATTR, reservation.state)
+
+
+def _note_refusal(
+    request: HttpRequest, user: Any, address: str | None, exc: QuotaExceeded | RequestTooLarge
+) -> None:
+    if isinstance(exc, RequestTooLarge):
+        setattr(request, COUNTED_ATTR, True)  # the reserve script counted this attempt
+    elif exc.scope == "attempts":
+        scope = services.scope_for(user, address)
+        attempts.block(attempts.keys_for(request, scope), exc.retry_after)
+
+
+def _scope_of(request: HttpRequest, user: Any) -> str | None:
+    """The client's quota key, ``None`` when it is anonymous without an anonymous plan."""
+    if user is not None and user.is_authenticated:
+        return str(user.pk)
+    if quota_settings.ANONYMOUS_PLAN:
+        from quotas.http import client_address
+
+        return services.scope_for(None, client_address(request))
+    return None
+
+
+def refuse_if_blocked(request: HttpRequest, user: Any = None) -> None:
+    """Mark the request as quota-enforced, and raise the 429 ``QuotaExceeded`` of a client
+    this process knows to be over its rejected-attempts allowance (no I/O: before anything
+    reads or estimates the body)."""
+    setattr(request, ENFORCED_ATTR, True)
+    keys = attempts.keys_for(request, _scope_of(request, user) if user is not None else None)
+    seconds = attempts.blocked_for(keys)
+    if seconds:
+        setattr(request, REFUSED_ATTR, seconds)
+        raise attempts.refusal(seconds)
+
+
+def record_if_rejected(request: HttpRequest, status: int) -> None:
+    """Count a 400 or 413 of a quota-enforced request as a rejected attempt of its client,
+    when the client is known (``request.user``, which DRF sets once it authenticates)."""
+    if status not in (400, 413) or not getattr(request, ENFORCED_ATTR, False):
+        return
+    if getattr(request, COUNTED_ATTR, False):
+        return
+    scope = _scope_of(request, getattr(request, "user", None))
+    if scope is not None:
+        attempts.record_rejected(scope, attempts.keys_for(request, scope))
+
+
+def body_too_large(length: int | None) -> InvalidRequest:
+    """The 400 of a body over ``MAX_BODY_BYTES`` (``length``: its size, when declared)."""
+    size = f"of {length} bytes " if length is not None else ""
+    limit = quota_settings.MAX_BODY_BYTES
+    return InvalidRequest(
+        f"Request body {size}is over the {limit}-byte limit.", code="request_body_too_large"
+    )
+
+
+def too_deep() -> InvalidRequest:
+    """The 400 of a body nested too deeply for the JSON parser itself."""
+    return InvalidRequest(
+        f"The request body nests objects and lists more than {MAX_JSON_DEPTH} levels deep."
+    )
+
+
+def prompt_tokens_of(request: Any) -> int | None:
+    """The prompt tokens the quota estimate counted for this request (a Django or DRF
+    request), ``None`` when nothing was estimated (the view gave its own figure, or the
+    request was not quota-enforced). A view that needs the figure need not count again."""
+    django_request = getattr(request, "_request", request)
+    return getattr(django_request, PROMPT_ATTR, None)
 
 
 def state_of(request: HttpRequest) -> QuotaState | None:

@@ -135,16 +135,22 @@ def error_body(exc: QuotaExceeded | RequestTooLarge) -> dict[str, Any]:
     return {"detail": message, "error": error}
 
 
-def error_payload(code: str, message: str) -> dict[str, Any]:
-    """Any other error in the same two-part shape as the quota errors."""
+def error_payload(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """Any other error in the same two-part shape as the quota errors; ``param`` names the
+    offending field as OpenAI does (``messages[0].content``), ``None`` when no field is."""
     return {
         "detail": message,
-        "error": {"code": code, "type": "invalid_request_error", "message": message},
+        "error": {
+            "code": code,
+            "type": "invalid_request_error",
+            "message": message,
+            "param": param,
+        },
     }
 
 
-def simple_error(status: int, code: str, message: str) -> JsonResponse:
-    return JsonResponse(error_payload(code, message), status=status)
+def simple_error(status: int, code: str, message: str, param: str | None = None) -> JsonResponse:
+    return JsonResponse(error_payload(code, message, param), status=status)
 
 
 def unavailable_retry_after() -> int:

@@ -24,7 +24,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from quotas import services
@@ -32,8 +31,8 @@ from quotas.backends.redis import LedgerEntry, RedisWindowStore, WindowContents
 from quotas.conf import quota_settings
 from quotas.core.types import WindowSpec
 from quotas.exceptions import ConfigurationError, StoreUnavailable
+from quotas.ledger_rows import row_of, write_rows
 from quotas.models import UsageRecord
-from quotas.signals import reservation_expired
 
 __all__ = [
     "AuditOutcome",
@@ -76,11 +75,29 @@ def flush_ledger(*, batch: int = 500) -> int:
     their TTL there (charged at their estimate); return the rows created.
 
     Covers keys with pending reservations and keys whose outbox holds records. Safe to run
-    concurrently and repeatedly.
+    concurrently and repeatedly. One quota key that cannot be swept never stops the sweep of
+    the others: they are all tried, and the first failure is raised afterwards (the task
+    retries; what was written stays written).
     """
     store = services.get_store()
     scopes = set(store.iter_scopes("p")) | set(store.iter_scopes("x"))
-    return sum(flush_scope(store, scope, batch=batch) for scope in sorted(scopes))
+    created, failures = 0, []
+    for scope in sorted(scopes):
+        try:
+            created += flush_scope(store, scope, batch=batch)
+        except Exception as exc:  # the database or Redis failed for this key: go on
+            failures.append((scope, exc))
+    if failures:
+        scope, first = failures[0]
+        logger.warning(
+            "quotas: flush_ledger could not sweep %d of %d quota keys (first: %s: %r)",
+            len(failures),
+            len(scopes),
+            scope,
+            first,
+        )
+        raise first
+    return created
 
 
 def flush_scope(store: RedisWindowStore, scope: str, *, batch: int = 500) -> int:
@@ -89,7 +106,7 @@ def flush_scope(store: RedisWindowStore, scope: str, *, batch: int = 500) -> int
     while True:
         moved = store.expire(scope, batch=batch)
         entries = store.outbox(scope, batch=batch)
-        created += _write_rows(scope, entries)
+        created += _write_rows(scope, entries, store)
         # Only after the rows are committed: a crash before this line leaves the records in
         # the outbox, and the next sweep finds their rows already written.
         store.ack_outbox(scope, [entry.reservation_id for entry in entries])
@@ -99,75 +116,39 @@ def flush_scope(store: RedisWindowStore, scope: str, *, batch: int = 500) -> int
 
 def write_usage(payloads: Iterable[dict[str, Any]]) -> int:
     """Write the rows of these ledger records (``services.usage_payload`` dicts) that do not
-    exist yet, then drop their outbox copies; returns the rows created. Idempotent."""
+    exist yet, then drop their outbox copies; returns the rows created. Idempotent.
+
+    A payload that cannot be read is logged and skipped (its outbox copy still reaches the
+    ledger through ``flush_ledger``); a record the database refuses is written repaired or set
+    aside (``quotas.ledger_rows``), never retried: only a database outage raises."""
     by_scope: dict[str, list[LedgerEntry]] = {}
     for payload in payloads:
-        entry = LedgerEntry.from_payload(payload)
+        try:
+            entry = LedgerEntry.from_payload(payload)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            logger.error("quotas: unreadable usage record skipped (%r): %.500r", exc, payload)
+            continue
         by_scope.setdefault(entry.scope, []).append(entry)
+    store = services.get_store()
     created = 0
     for scope, entries in by_scope.items():
-        created += _write_rows(scope, entries)
+        created += _write_rows(scope, entries, store)
         try:
-            services.get_store().ack_outbox(scope, [e.reservation_id for e in entries])
+            store.ack_outbox(scope, [e.reservation_id for e in entries])
         except StoreUnavailable:  # the sweep finds their rows written and drops them later
             logger.info("quotas: Redis unavailable; outbox of %s left to the sweep", scope)
     return created
 
 
-def _write_rows(scope: str, entries: list[LedgerEntry]) -> int:
-    """Create the rows of these records that do not exist yet (in one transaction)."""
+def _write_rows(scope: str, entries: list[LedgerEntry], store: RedisWindowStore) -> int:
+    """Create the rows of these records that do not exist yet (see ``ledger_rows``)."""
     if not entries:
         return 0
-    user_id = _user_id_of(scope)
-    now_ms = _ms(timezone.now())
-    ids = [entry.reservation_id for entry in entries]
-    existing = set(
-        UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
-    )
-    new = [entry for entry in entries if entry.reservation_id not in existing]
-    try:
-        with transaction.atomic():
-            UsageRecord.objects.bulk_create([_row(entry, user_id, now_ms) for entry in new])
-    except IntegrityError:
-        # A concurrent writer (the sweep, or another batch) wrote some of them first: one row
-        # at a time, so each row is created, and counted, exactly once.
-        new = [entry for entry in new if _insert(_row(entry, user_id, now_ms))]
-    for entry in new:
-        if entry.status == UsageRecord.Status.EXPIRED:
-            reservation_expired.send(
-                sender=UsageRecord,
-                scope=scope,
-                reservation_id=entry.reservation_id,
-                estimated_tokens=entry.estimate,
-            )
-    return len(new)
+    return write_rows(store, scope, entries, _user_id_of(scope))
 
 
-def _insert(row: UsageRecord) -> bool:
-    """Insert one row; ``False`` when its ``request_id`` is already written."""
-    try:
-        with transaction.atomic():
-            row.save(force_insert=True)
-    except IntegrityError:
-        return False
-    return True
-
-
-def _row(entry: LedgerEntry, user_id: int | None, now_ms: int) -> UsageRecord:
-    settled_at = entry.settled_at_ms if entry.settled_at_ms is not None else now_ms
-    return UsageRecord(
-        request_id=entry.reservation_id,
-        scope=entry.scope,
-        user_id=user_id,
-        model=entry.model,
-        estimated_tokens=entry.estimate,
-        prompt_tokens=entry.prompt_tokens,
-        completion_tokens=entry.completion_tokens,
-        actual_tokens=entry.actual,
-        status=entry.status,
-        created_at=_moment(entry.reserved_at_ms),
-        settled_at=_moment(settled_at),
-    )
+# Kept for callers of the former name.
+_row = row_of
 
 
 # -- audit ----------------------------------------------------------------------------------

@@ -15,23 +15,32 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import lru_cache
 from typing import Any
 
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
 from quotas import services
 from quotas.conf import quota_settings
+from quotas.core.bounds import MAX_TOKENS
 from quotas.core.estimate import InvalidRequest
 from quotas.core.tokens import count_text_tokens, encoding_for_model
+from quotas.core.types import ceil_seconds
 from quotas.enforcement import (
     PROMPT_ATTR,
+    REFUSED_ATTR,
     RESERVATION_ATTR,
     STATE_ATTR,
     AnonymousNotAllowed,
+    body_too_large,
     enforce,
+    record_if_rejected,
+    refuse_if_blocked,
     state_of,
+    too_deep,
 )
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.http import (
@@ -55,21 +64,34 @@ class QuotaMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         response = self.get_response(request)
+        record_if_rejected(request, response.status_code)
         reservation = getattr(request, RESERVATION_ATTR, None)
         if reservation is not None:
             self._settle(request, reservation, response)
         state = state_of(request)
         if state is not None:
             set_headers(response, state)
+        refused = getattr(request, REFUSED_ATTR, None)
+        if refused:  # too many rejected attempts: refused before any figure was read
+            response["Retry-After"] = str(max(ceil_seconds(refused), 1))
+            response["retry-after-ms"] = str(math.ceil(refused * 1000))
         return response
 
     def process_view(
         self, request: HttpRequest, view: Any, args: Any, kwargs: Any
     ) -> HttpResponseBase | None:
-        if not getattr(view, "quota_enforced", False):
+        if not _enforced(view):
             return None
+        try:
+            # By credentials alone: before the view authenticates, parses or estimates.
+            refuse_if_blocked(request)
+        except QuotaExceeded as exc:
+            return JsonResponse(error_body(exc), status=error_status(exc))
+        if not getattr(view, "quota_enforced", False):
+            return None  # a DRF view: its throttle enforces
         estimate = getattr(view, "quota_estimate", None)
         try:
+            refuse_if_blocked(request, getattr(request, "user", None))
             tokens = estimate(request) if estimate else None
             enforce(
                 request,
@@ -80,7 +102,7 @@ class QuotaMiddleware:
         except (QuotaExceeded, RequestTooLarge) as exc:
             return JsonResponse(error_body(exc), status=error_status(exc))
         except InvalidRequest as exc:
-            return simple_error(400, "invalid_request", str(exc))
+            return simple_error(400, exc.code, str(exc), exc.param)
         except AnonymousNotAllowed as exc:
             return simple_error(401, "not_authenticated", str(exc))
         except ConfigurationError as exc:
@@ -120,6 +142,26 @@ class QuotaMiddleware:
             setattr(request, STATE_ATTR, replace(state, remaining=remaining))
 
 
+def _enforced(view: Any) -> bool:
+    """Whether a view enforces quotas: marked by ``@enforce_quota``, or a DRF view whose
+    throttles include ``TokenQuotaThrottle`` (worked out once per view)."""
+    try:
+        return _enforced_view(view)
+    except TypeError:  # an unhashable callable: not cached
+        return _enforced_view.__wrapped__(view)
+
+
+@lru_cache(maxsize=4096)
+def _enforced_view(view: Any) -> bool:
+    if getattr(view, "quota_enforced", False):
+        return True
+    from quotas.throttling import TokenQuotaThrottle
+
+    view_class = getattr(view, "cls", None) or getattr(view, "view_class", None)
+    throttles = getattr(view_class, "throttle_classes", None) or ()
+    return any(isinstance(t, type) and issubclass(t, TokenQuotaThrottle) for t in throttles)
+
+
 def _settle_with(reservation: Any, usage: dict[str, int]) -> services.Settlement:
     return services.settle(
         reservation,
@@ -131,13 +173,13 @@ def _settle_with(reservation: Any, usage: dict[str, int]) -> services.Settlement
 
 def _json_body(request: HttpRequest) -> Any:
     if len(request.body) > quota_settings.MAX_BODY_BYTES:
-        raise InvalidRequest(
-            f"Request body is over the {quota_settings.MAX_BODY_BYTES}-byte limit."
-        )
+        raise body_too_large(len(request.body))
     try:
         return json.loads(request.body or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from exc
+    except RecursionError as exc:  # the JSON parser's own nesting limit (about 1000 levels)
+        raise too_deep() from exc
 
 
 def _usage_of(response: HttpResponseBase) -> dict[str, int]:
@@ -159,12 +201,13 @@ def _clean_usage(usage: Any) -> dict[str, int]:
     if not isinstance(usage, dict):
         return {}
     fields = ("prompt_tokens", "completion_tokens", "total_tokens")
+    # A figure that is not a count of tokens is ignored (the estimate stands for it).
     clean = {
         name: usage[name]
         for name in fields
         if isinstance(usage.get(name), int)
         and not isinstance(usage[name], bool)
-        and usage[name] >= 0
+        and 0 <= usage[name] <= MAX_TOKENS
     }
     if "total_tokens" in clean and len(clean) == 3:
         del clean["total_tokens"]  # the parts are the more detailed record

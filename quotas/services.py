@@ -27,6 +27,7 @@ from django.utils.module_loading import import_string
 
 from quotas.batching import Batcher
 from quotas.conf import quota_settings
+from quotas.core.bounds import check_model_name, check_reservation_id, check_token_figure
 from quotas.core.breaker import BreakerState, CircuitBreaker
 from quotas.core.estimate import Estimate
 from quotas.core.types import (
@@ -267,12 +268,17 @@ def reserve(
     ``add_default_output`` adds the plan's default output allowance to ``tokens`` (for a
     request that names no ``max_tokens``). Anonymous clients need ``client_address``.
     Raises ``QuotaExceeded`` (retry later), ``RequestTooLarge`` (never fits), or
-    ``StoreUnavailable`` when Redis is down and ``QUOTAS["FAILURE_POLICY"]`` is ``"closed"``.
+    ``StoreUnavailable`` when Redis is down and ``QUOTAS["FAILURE_POLICY"]`` is ``"closed"``;
+    ``InvalidRequest`` (a ``ValueError``) when ``tokens`` is not an integer from 0 to
+    ``quotas.core.bounds.MAX_TOKENS``, or ``model`` or the reservation id is not a name the
+    ledger can store (over 200 characters, or with control characters): nothing is reserved.
     """
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}.")
+    check_token_figure(tokens, "tokens", minimum=0)
+    check_model_name(model)
     scope = scope_for(user, client_address)
     rid = f"{scope}/{request_id or secrets.token_hex(16)}"  # 128 random bits, as hex
+    if request_id:
+        check_reservation_id(rid)
     try:
         result = _guarded(_reserve_in_store, user, scope, rid, tokens, model, add_default_output)
     except StoreUnavailable:
@@ -287,8 +293,15 @@ def _reserve_in_store(
 ) -> ReserveResult:
     store = get_store()
     ttl_ms = _reservation_ttl_ms()
+    attempts = int(quota_settings.REJECTED_PER_MINUTE or 0)
     result = store.reserve(
-        scope, rid, tokens, ttl_ms=ttl_ms, model=model, add_default_output=add_output
+        scope,
+        rid,
+        tokens,
+        ttl_ms=ttl_ms,
+        model=model,
+        add_default_output=add_output,
+        attempts_limit=attempts,
     )
     if result.status is ReserveStatus.NEEDS_CONFIG:
         # Limits not cached (first request, or a plan changed), maybe the window is lost too.
@@ -303,6 +316,7 @@ def _reserve_in_store(
             model=model,
             add_default_output=add_output,
             seed=seed,
+            attempts_limit=attempts,
         )
     return result
 
@@ -373,6 +387,17 @@ def _rejection(
     if result.status is ReserveStatus.OVER_BUDGET:
         return RequestTooLarge(
             limit=result.limit, requested=tokens, reason="the whole budget", state=state
+        )
+    if result.status is ReserveStatus.OVER_ATTEMPTS:
+        # Too many rejected requests (see quotas.attempts): figures in attempts.
+        return QuotaExceeded(
+            limit=int(quota_settings.REJECTED_PER_MINUTE),
+            remaining=0,
+            requested=1,
+            retry_after=result.retry_after,
+            scope="attempts",
+            reset_seconds=result.retry_after,
+            state=state,
         )
     scope = {
         ReserveStatus.OVER_REQUESTS: "requests",
@@ -659,10 +684,8 @@ def _actual_tokens(prompt: int | None, completion: int | None, total: int | None
         ("completion_tokens", completion),
         ("total_tokens", total),
     ):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 0
-        ):
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        if value is not None:
+            check_token_figure(value, name, minimum=0)
     if total is not None:
         return total
     if prompt is not None or completion is not None:

@@ -45,14 +45,16 @@ PERIODIC = {
 @shared_task(
     name="quotas.tasks.record_usage",
     acks_late=True,
-    autoretry_for=(Exception,),
+    # Only a database outage raises (a record the database refuses is repaired or set aside,
+    # never retried): retry for about a day, then the outbox sweep still has every record.
+    autoretry_for=(DatabaseError,),
     retry_backoff=True,
     retry_backoff_max=300,
-    max_retries=None,
+    max_retries=300,
 )
 def record_usage_task(payloads: list[dict[str, Any]] | dict[str, Any]) -> int:
     """Write the ledger rows of a batch of usage records (or of one); returns the rows
-    created. A re-delivered batch changes nothing."""
+    created. A re-delivered batch changes nothing; one bad record never fails the others."""
     return ledger.write_usage([payloads] if isinstance(payloads, dict) else payloads)
 
 

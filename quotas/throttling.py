@@ -19,7 +19,13 @@ from rest_framework.throttling import BaseThrottle
 
 from quotas.conf import quota_settings
 from quotas.core.estimate import InvalidRequest
-from quotas.enforcement import AnonymousNotAllowed, enforce
+from quotas.enforcement import (
+    AnonymousNotAllowed,
+    body_too_large,
+    enforce,
+    refuse_if_blocked,
+    too_deep,
+)
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.http import error_body, error_payload, error_status, unavailable_retry_after
 
@@ -36,13 +42,15 @@ class QuotaRejected(exceptions.APIException):
 
 
 class QuotaBadRequest(exceptions.APIException):
-    """A 400 for a body the estimator cannot read, in the same shape as the quota errors."""
+    """A 400 for a body the estimator cannot read, in the same shape as the quota errors
+    (``error.code`` and ``error.param`` from the ``InvalidRequest``)."""
 
     status_code = status.HTTP_400_BAD_REQUEST
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, exc: InvalidRequest) -> None:
         super().__init__()
-        self.detail = error_payload("invalid_request", message)  # type: ignore[assignment]
+        payload = error_payload(exc.code, str(exc), exc.param)
+        self.detail = payload  # type: ignore[assignment]
 
 
 class QuotaUnavailable(exceptions.APIException):
@@ -66,15 +74,16 @@ class TokenQuotaThrottle(BaseThrottle):
 
     def allow_request(self, request: Request, view: Any) -> bool:
         self.retry_after: float | None = None
-        tokens = None
-        if hasattr(view, "get_token_estimate"):
-            tokens = view.get_token_estimate(request)
         try:
-            enforce(
-                request._request, request.user, _body(request) if tokens is None else None, tokens
-            )
+            # A client over its rejected-attempts allowance costs no parsing or estimating.
+            refuse_if_blocked(request._request, request.user)
+            tokens = None
+            if hasattr(view, "get_token_estimate"):
+                tokens = view.get_token_estimate(request)
+            body = _body(request) if tokens is None else None
+            enforce(request._request, request.user, body, tokens)
         except InvalidRequest as exc:
-            raise QuotaBadRequest(str(exc)) from exc
+            raise QuotaBadRequest(exc) from exc
         except AnonymousNotAllowed as exc:
             raise exceptions.NotAuthenticated(str(exc)) from exc
         except QuotaExceeded as exc:
@@ -96,11 +105,10 @@ def _body(request: Request) -> Any:
     """The parsed body, refusing what the estimator will not read (``InvalidRequest``)."""
     length = request.META.get("CONTENT_LENGTH") or "0"
     if length.isdigit() and int(length) > quota_settings.MAX_BODY_BYTES:
-        raise InvalidRequest(
-            f"Request body of {length} bytes is over the "
-            f"{quota_settings.MAX_BODY_BYTES}-byte limit."
-        )
+        raise body_too_large(int(length))
     try:
         return request.data
     except exceptions.ParseError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc.detail}") from exc
+    except RecursionError as exc:  # the JSON parser's own nesting limit (about 1000 levels)
+        raise too_deep() from exc

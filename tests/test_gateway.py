@@ -232,13 +232,26 @@ def test_a_missing_or_bad_token_is_a_401(authorization, user):
 
 
 def test_a_user_cannot_read_another_users_budget_but_staff_can(make_user, user, client):
+    from django.contrib.auth.models import Permission
+
     other = make_user()
     assert client.get(f"/quotas/users/{other.pk}/").status_code == 403
     chat(client)
-    staff = bearer_client(make_user(is_staff=True))
-    response = staff.get(f"/quotas/users/{user.pk}/")
+    staff_user = make_user(is_staff=True)
+    staff_user.user_permissions.add(Permission.objects.get(codename="view_userquota"))
+    response = bearer_client(staff_user).get(f"/quotas/users/{user.pk}/")
     assert response.status_code == 200
     assert response.json()["used"] == PROMPT_TOKENS + ANSWER_TOKENS
+    superuser = bearer_client(make_user(is_staff=True, is_superuser=True))
+    assert superuser.get(f"/quotas/users/{user.pk}/").status_code == 200
+
+
+def test_staff_without_the_admins_permission_cannot_read_a_budget(make_user, user):
+    # The admin refuses a staff account without quotas.view_userquota; so does the API.
+    staff = bearer_client(make_user(is_staff=True))
+    response = staff.get(f"/quotas/users/{user.pk}/")
+    assert response.status_code == 403
+    assert "quotas.view_userquota" in response.json()["detail"]
 
 
 # -- the upstream API -------------------------------------------------------------------------

@@ -3,24 +3,21 @@
 The natural answer is ``settings.GATEWAY["FAKE_ANSWER_TOKENS"]`` tokens of lorem-like English,
 cut at the request's ``max_completion_tokens`` / ``max_tokens`` (then ``finish_reason`` is
 ``"length"``). Its ``usage`` is true: the prompt is counted exactly as the quota estimator counts
-it, and the completion is the number of tokens of the text actually returned. So a request that
+it (the same function: messages, tools, images and every other billed field), and the
+completion is the number of tokens of the text actually returned. So a request that
 names ``max_tokens`` larger than the answer is refunded the difference when it settles.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from quotas.core.tokens import (
-    count_chat_tokens,
-    count_text_tokens,
-    encoding_for_model,
-    get_encoding,
-)
+from quotas.core.chat import count_prompt_tokens
+from quotas.core.tokens import count_text_tokens, encoding_for_model, get_encoding
 
 __all__ = ["FakeAnswer", "answer", "natural_text"]
 
@@ -84,15 +81,19 @@ class FakeAnswer:
 
 def answer(
     model: str,
-    messages: Sequence[Mapping[str, Any]],
+    request: Mapping[str, Any],
     *,
     natural_tokens: int,
     max_tokens: int | None,
     tokens_per_piece: int = 4,
+    prompt_tokens: int | None = None,
 ) -> FakeAnswer:
-    """The fake model's answer to ``messages``: ``natural_tokens`` tokens, or ``max_tokens``
+    """The fake model's answer to a chat ``request`` body (its prompt is counted as the quota
+    estimator counts it): ``natural_tokens`` tokens, or ``max_tokens``
     when that is smaller (``finish_reason == "length"``). ``pieces`` are the streamed deltas,
-    ``tokens_per_piece`` tokens each; joined they are ``text``."""
+    ``tokens_per_piece`` tokens each; joined they are ``text``. ``prompt_tokens``: the quota
+    estimator's count of this request, when it already made one (the same figure, without
+    counting the body twice)."""
     encoding = encoding_for_model(model)
     cut = max_tokens is not None and max_tokens < natural_tokens
     tokens = _answer_tokens(encoding.name, max_tokens if cut else natural_tokens)
@@ -106,7 +107,9 @@ def answer(
         model=model,
         text=text,
         pieces=pieces,
-        prompt_tokens=count_chat_tokens(encoding, messages),
+        prompt_tokens=count_prompt_tokens(encoding, request)
+        if prompt_tokens is None
+        else prompt_tokens,
         completion_tokens=count_text_tokens(encoding, text),
         finish_reason="length" if cut else "stop",
     )

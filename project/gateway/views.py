@@ -17,7 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
-from rest_framework import exceptions, status
+from rest_framework import exceptions
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import JSONParser
 from rest_framework.renderers import JSONRenderer
@@ -29,6 +29,8 @@ from project.gateway import fake_model
 from project.gateway.serializers import ChatCompletionRequestSerializer, first_error
 from project.gateway.upstream import UpstreamError, complete_upstream
 from quotas.conf import quota_settings
+from quotas.core.bounds import MAX_JSON_DEPTH
+from quotas.enforcement import prompt_tokens_of
 from quotas.throttling import TokenQuotaThrottle
 
 __all__ = ["ChatCompletionsView"]
@@ -49,10 +51,12 @@ class GatewayError(exceptions.APIException):
         self.detail = {"detail": message, "error": error}  # type: ignore[assignment]
 
 
-def invalid_request(message: str, param: str | None = None) -> GatewayError:
-    return GatewayError(
-        400, message, code="invalid_value", kind="invalid_request_error", param=param
-    )
+def invalid_request(
+    message: str, param: str | None = None, code: str = "invalid_request"
+) -> GatewayError:
+    """A 400 in the quota app's vocabulary: ``invalid_request`` (``param`` names the field when
+    one is at fault) or ``request_body_too_large``, ``type`` ``invalid_request_error``."""
+    return GatewayError(400, message, code=code, kind="invalid_request_error", param=param)
 
 
 class JSONOnlyNegotiation(DefaultContentNegotiation):
@@ -94,7 +98,8 @@ class ChatCompletionsView(APIView):
             return self.forward_upstream(request)
         answer = fake_model.answer(
             self.chat["model"],
-            request.data["messages"],  # as sent: counted exactly as the estimator counted it
+            request.data,  # as sent: counted exactly as the estimator counted it
+            prompt_tokens=prompt_tokens_of(request),  # the estimator's count, when it ran
             natural_tokens=settings.GATEWAY["FAKE_ANSWER_TOKENS"],
             max_tokens=self.chat.get("max_completion_tokens") or self.chat.get("max_tokens"),
         )
@@ -127,16 +132,18 @@ def validated_chat_request(request: Request) -> dict[str, Any]:
     """The request's known fields, validated; a 400 ``GatewayError`` otherwise."""
     length = request.META.get("CONTENT_LENGTH") or "0"
     if length.isdigit() and int(length) > body_limit():
-        raise GatewayError(
-            status.HTTP_400_BAD_REQUEST,
+        raise invalid_request(
             f"Request body of {length} bytes is over the {body_limit()}-byte limit.",
             code="request_body_too_large",
-            kind="invalid_request_error",
         )
     try:
         data = request.data
     except exceptions.ParseError as exc:
         raise invalid_request(f"The request body is not valid JSON: {exc.detail}") from exc
+    except RecursionError as exc:  # the JSON parser's own nesting limit (about 1000 levels)
+        raise invalid_request(
+            f"The request body nests objects and lists more than {MAX_JSON_DEPTH} levels deep."
+        ) from exc
     serializer = ChatCompletionRequestSerializer(data=data)
     if not serializer.is_valid():
         param, message = first_error(serializer.errors)

@@ -17,7 +17,7 @@ from quotas.api.serializers import BudgetSerializer, PlanSerializer
 from quotas.exceptions import ConfigurationError
 from quotas.models import Plan
 
-__all__ = ["MyBudgetView", "PlanListView", "UserBudgetView"]
+__all__ = ["CanViewUserQuotas", "MyBudgetView", "PlanListView", "UserBudgetView"]
 
 
 class NoPlan(APIException):
@@ -42,10 +42,23 @@ class MyBudgetView(APIView):
         return _budget_response(request.user)
 
 
-class UserBudgetView(APIView):
-    """``GET users/<id>/``: any user's budget, for staff only (others get 403)."""
+class CanViewUserQuotas(permissions.IsAdminUser):
+    """Staff with the permission the admin asks to show users' quotas
+    (``quotas.view_userquota``; superusers have every permission)."""
 
-    permission_classes = [permissions.IsAdminUser]
+    message = "Reading another user's budget needs the 'quotas.view_userquota' permission."
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        return super().has_permission(request, view) and request.user.has_perm(
+            "quotas.view_userquota"
+        )
+
+
+class UserBudgetView(APIView):
+    """``GET users/<id>/``: any user's budget, for staff who may view user quotas in the admin
+    (others get 403)."""
+
+    permission_classes = [CanViewUserQuotas]
 
     def get(self, request: Request, user_id: int) -> Response:
         user = get_object_or_404(get_user_model(), pk=user_id)

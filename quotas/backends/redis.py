@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +29,9 @@ __all__ = ["LedgerEntry", "RedisWindowStore", "WindowContents"]
 
 T = TypeVar("T")
 KEY_SUFFIXES = ("w", "q", "p", "r", "x")
+# Ledger records the database refused wait this long for an operator (30 days).
+DEAD_LETTER_TTL_MS = 30 * 24 * 3600 * 1000
+logger = logging.getLogger("quotas")
 SETTLE_FIGURES = frozenset(
     ("status", "prompt_tokens", "completion_tokens", "estimate", "reserved_at_ms", "model")
 )
@@ -294,6 +299,7 @@ class RedisWindowStore:
         model: str = "",
         add_default_output: bool = False,
         seed: Sequence[tuple[int, int]] = (),
+        attempts_limit: int = 0,
         now_ms: int | None = None,
     ) -> ReserveResult:
         """Charge ``tokens`` (and one request) if every limit allows; else charge nothing.
@@ -303,6 +309,8 @@ class RedisWindowStore:
         when ``window_has_epoch`` is false: the window must be rebuilt from the ledger).
         ``add_default_output`` adds the plan's default output allowance to ``tokens`` (the
         request named no ``max_tokens``); the result's ``tokens`` is what was requested.
+        ``attempts_limit`` (0: none) refuses a client with that many rejected attempts in
+        the request window (``OVER_ATTEMPTS``), and counts a 413 as one more.
         """
         cfg = limits.encode() if limits else ""
         pairs = [value for pair in seed for value in pair]
@@ -317,11 +325,24 @@ class RedisWindowStore:
                 epoch,
                 model,
                 "1" if add_default_output else "0",
+                int(attempts_limit),
                 *pairs,
             ],
             now_ms,
+            extra_keys=[self.attempts_key(scope)],
         )
         return ReserveResult.from_script(raw)
+
+    def attempts_key(self, scope: str) -> str:
+        """The window of one quota key's rejected attempts (400s and 413s)."""
+        return f"{self.prefix}:{{{scope}}}:a"
+
+    def record_attempt(self, scope: str, limit: int, *, now_ms: int | None = None) -> float:
+        """Count one rejected attempt; return the seconds the client is now refused for (0
+        while it is under ``limit`` attempts in the request window)."""
+        keys, args = [self.attempts_key(scope)], [*self._common(now_ms), int(limit)]
+        _, blocked_ms = self.scripts.run("attempt", keys, args)
+        return max(int(blocked_ms), 0) / 1000
 
     def settle(
         self,
@@ -440,9 +461,43 @@ class RedisWindowStore:
         while True:
             reply: Any = self._call(self.client.hscan, key, cursor, count=batch)
             cursor, records = int(reply[0]), reply[1]
-            entries += [LedgerEntry.parse(scope, rid, rec) for rid, rec in records.items()]
+            entries += self._parsed(scope, records)
             if not cursor or len(entries) >= batch:
                 return entries
+
+    def _parsed(self, scope: str, records: dict[Any, Any]) -> list[LedgerEntry]:
+        """The outbox records that parse; one that does not (never written by these scripts)
+        is set aside in the dead-letter hash, so it cannot stop the sweep of the others."""
+        entries = []
+        for rid, rec in records.items():
+            try:
+                entries.append(LedgerEntry.parse(scope, rid, rec))
+            except (ValueError, TypeError) as exc:
+                reason = f"unreadable outbox record ({exc})"
+                logger.error("quotas: %s %s of %s set aside", reason, _text(rid), scope)
+                record = json.dumps({"record": _text(rec)[:1000], "reason": reason})
+                self.dead_letter(scope, _text(rid), record)
+        return entries
+
+    def dead_letter(self, scope: str, reservation_id: str, record: str) -> None:
+        """Keep a ledger record whose row the database refused (``record``: its fields and
+        the reason, as JSON) where an operator can read it, for ``DEAD_LETTER_TTL_MS``, and
+        drop it from the outbox so no sweep tries it again."""
+        key = self.dead_letter_key(scope)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, reservation_id, record)
+        pipe.pexpire(key, DEAD_LETTER_TTL_MS)
+        pipe.hdel(self.keys(scope)[4], reservation_id)
+        self._call(pipe.execute)
+
+    def dead_letter_key(self, scope: str) -> str:
+        """The hash of one quota key's refused ledger records (id -> JSON)."""
+        return f"{self.prefix}:{{{scope}}}:dead"
+
+    def dead_letters(self, scope: str) -> dict[str, dict[str, Any]]:
+        """The refused ledger records of one quota key, by reservation id."""
+        raw: Any = self._call(self.client.hgetall, self.dead_letter_key(scope))
+        return {_text(rid): json.loads(_text(record)) for rid, record in raw.items()}
 
     def ack_outbox(self, scope: str, reservation_ids: Sequence[str]) -> None:
         """Forget outbox records once their ledger rows are written."""

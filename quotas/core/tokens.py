@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import tiktoken
@@ -19,13 +19,10 @@ import tiktoken.load
 
 __all__ = ["count_chat_tokens", "count_text_tokens", "encoding_for_model", "get_encoding"]
 
-logger = logging.getLogger("quotas.tokens")
+# Texts longer than this are counted in pieces (see ``count_text_tokens``).
+PIECE_CHARS = 4096
 
-# Per OpenAI's published counting recipe for chat models: every message costs 3 tokens of
-# framing, a "name" costs 1 more, and every reply is primed with 3 tokens.
-TOKENS_PER_MESSAGE = 3
-TOKENS_PER_NAME = 1
-REPLY_PRIMING_TOKENS = 3
+logger = logging.getLogger("quotas.tokens")
 
 _lock = threading.Lock()
 _encodings: dict[tuple[str, str, bool], tiktoken.Encoding] = {}
@@ -110,32 +107,45 @@ def encoding_for_model(
 
 
 def count_text_tokens(encoding: tiktoken.Encoding, text: str) -> int:
-    """Tokens of plain text; special-token strings are counted as ordinary text."""
-    return len(encoding.encode(text, disallowed_special=()))
+    """Tokens of plain text; special-token strings are counted as ordinary text.
+
+    A text longer than ``PIECE_CHARS`` is counted in pieces cut just before a space that
+    starts a word, where tiktoken's own pre-split cuts too, so ordinary text counts exactly.
+    tiktoken's merging is superlinear in the length of one unbroken run (a megabyte of
+    letters without a space costs it most of a second): such a run is cut every
+    ``PIECE_CHARS`` characters, which may count a token more per cut, never fewer.
+    """
+    if len(text) <= PIECE_CHARS:
+        return len(encoding.encode_ordinary(text))
+    return sum(len(encoding.encode_ordinary(piece)) for piece in _pieces(text))
 
 
-def _content_text(content: Any) -> Iterable[str]:
-    """Text of a message's content: a string, or a list of parts (text parts are counted)."""
-    if isinstance(content, str):
-        yield content
-    elif isinstance(content, list):
-        for part in content:
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                yield part["text"]
-            elif isinstance(part, str):
-                yield part
+def _pieces(text: str) -> Iterator[str]:
+    start, end = 0, len(text)
+    while end - start > PIECE_CHARS:
+        cut = _cut(text, start + PIECE_CHARS // 2, start + PIECE_CHARS)
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _cut(text: str, low: int, high: int) -> int:
+    """The last position in ``(low, high)`` holding a space followed by a non-space (a
+    word's start), else ``high``. Looks at a few spaces only: a run of whitespace is cut
+    anywhere, as a run of letters is."""
+    position = high
+    for _ in range(16):
+        position = text.rfind(" ", low + 1, position)
+        if position < 0:
+            break
+        if not text[position + 1].isspace():
+            return position
+    return high
 
 
 def count_chat_tokens(encoding: tiktoken.Encoding, messages: Iterable[Mapping[str, Any]]) -> int:
-    """Prompt tokens of an OpenAI chat request, framing included, as OpenAI documents it."""
-    total = REPLY_PRIMING_TOKENS
-    for message in messages:
-        total += TOKENS_PER_MESSAGE
-        for key, value in message.items():
-            if key == "content":
-                total += sum(count_text_tokens(encoding, t) for t in _content_text(value))
-            elif isinstance(value, str):
-                total += count_text_tokens(encoding, value)
-                if key == "name":
-                    total += TOKENS_PER_NAME
-    return total
+    """Prompt tokens of a list of chat messages (kept here for older imports: the rules are
+    ``quotas.core.chat.count_chat_tokens``)."""
+    from quotas.core.chat import count_chat_tokens as count
+
+    return count(encoding, messages)

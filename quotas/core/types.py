@@ -101,6 +101,7 @@ class ReserveStatus(IntEnum):
     OVER_REQUEST_CAP = 4
     OVER_BUDGET = 5
     DUPLICATE_ID = 6
+    OVER_ATTEMPTS = 7
 
 
 def _seconds(ms: float) -> float:

@@ -54,9 +54,9 @@ def test_prompt_and_input_bodies():
 
 
 def test_content_parts_count_their_text():
-    parts = [{"type": "text", "text": "hello world"}, {"type": "image_url", "image_url": {}}]
+    parts = [{"type": "text", "text": "hello world"}, "hello"]
     body = {"messages": [{"role": "user", "content": parts}]}
-    assert estimate_request(body).prompt_tokens == 3 + 3 + 1 + 2  # priming, framing, role, text
+    assert estimate_request(body).prompt_tokens == 3 + 3 + 1 + 2 + 1  # priming, framing, role
 
 
 @pytest.mark.parametrize(

@@ -4,18 +4,22 @@
 -- ARGV[9] config (see _window.lua) or "" (use the stored one),
 -- ARGV[10] epoch to stamp if the window is (re)built, ARGV[11] model name (kept with the
 -- reservation for its ledger row), ARGV[12] "1": add the plan's default output allowance
--- to the tokens (the request named no max_tokens), ARGV[13..] seed pairs: bucket, tokens.
+-- to the tokens (the request named no max_tokens), ARGV[13] rejected attempts allowed per
+-- request window (0: no such limit), ARGV[14..] seed pairs: bucket, tokens.
+-- KEYS[6]: the rejected-attempts window (see attempt.lua). A client at its allowance is
+-- refused (status 7) whatever it asks; a 413 (status 4 or 5) counts as one more attempt.
 -- Returns {status, limit, remaining, reset ms, retry-after ms, reserved, rpm limit,
 --          rpm remaining, epoch, plan slug, max per request, bucket index, now ms,
 --          tokens requested, rpm reset ms}
 -- status: 1 allowed; 0 over tokens; 2 over requests per minute; 3 over concurrency;
 --         4 over the per-request cap; 5 over the whole budget; 6 duplicate reservation id;
+--         7 over the rejected-attempts allowance;
 --         -1 no config stored: {-1, window has epoch (1/0)}. Rejections charge nothing.
 local now = clock(ARGV[1])
 local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local rid, tokens, ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local cfg, w = load_cfg(open_window(KEYS[1], now, window_ms, bucket_ms), now, window_ms,
-                        bucket_ms, ARGV[9], ARGV[10], 13)
+                        bucket_ms, ARGV[9], ARGV[10], 14)
 if not cfg then return {-1, w.epoch and 1 or 0} end
 if ARGV[12] == '1' then tokens = tokens + cfg.out end
 
@@ -26,7 +30,16 @@ if cfg.rpm > 0 then
   rpm_remaining = cfg.rpm - q.total
 end
 
-if cfg.cap > 0 and tokens > cfg.cap then
+local attempts_limit = tonumber(ARGV[13])
+local a = nil
+if attempts_limit > 0 then
+  a = open_window(KEYS[6], now, tonumber(ARGV[4]), tonumber(ARGV[5]))
+end
+
+if a and a.total >= attempts_limit then
+  status = 7
+  retry = wait_ms(a, 1, attempts_limit, now)
+elseif cfg.cap > 0 and tokens > cfg.cap then
   status = 4
 elseif tokens > cfg.tokens then
   status = 5
@@ -45,6 +58,8 @@ else
     retry = math.max(retry, 1000)
   end
 end
+
+if a and (status == 4 or status == 5) then charge(a, 1) end
 
 local reserved = w.reserved
 local record = w.cur .. ':' .. tokens .. ':' .. now .. ':' .. ARGV[11]

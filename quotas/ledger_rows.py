@@ -1,0 +1,216 @@
+"""Writing ledger rows so that one record the database refuses never blocks another.
+
+Every record becomes a row. A record with a field the ledger cannot store (a model name over
+its column or with control characters, an id over its column, a figure out of range: records
+made before names were validated, or by code that called the store directly) is written
+*repaired*: each such field made storable, and the row flagged by a model name that starts
+with ``REPAIRED_MARK``, with the original values in an error log line. The tokens, which the
+windows are rebuilt from, are kept exactly whenever they fit the column.
+
+If the database still refuses a row (a constraint this code does not know), its record is
+kept aside in Redis (``<prefix>:{<quota key>}:dead``, for 30 days) with the database's
+reason, logged as an error, and never tried again; the other rows are written. Only errors of
+the database itself (unreachable, read-only, out of connections) propagate, so the caller
+retries the whole batch later: a record is never dropped for an outage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from datetime import UTC, datetime, timedelta
+
+from django.db import DataError, IntegrityError, transaction
+
+from quotas.backends.redis import LedgerEntry, RedisWindowStore
+from quotas.core.bounds import MAX_MODEL_LENGTH
+from quotas.exceptions import StoreUnavailable
+from quotas.models import UsageRecord
+from quotas.signals import reservation_expired
+
+__all__ = ["REPAIRED_MARK", "repaired", "row_of", "write_rows"]
+
+logger = logging.getLogger("quotas")
+
+REPAIRED_MARK = "[repaired] "
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ID_LENGTH = UsageRecord._meta.get_field("request_id").max_length or 200
+MAX_FIGURE = 2**63 - 1  # a PositiveBigIntegerField
+# Millisecond timestamps a DateTimeField can hold (years 1970 to 9999).
+MAX_MS = (datetime(9999, 12, 31, tzinfo=UTC) - EPOCH) // timedelta(milliseconds=1)
+STATUSES = frozenset(UsageRecord.Status.values)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What a row's own values can make the database refuse (any other error is the database's).
+REFUSALS = (DataError, IntegrityError, ValueError, TypeError, OverflowError)
+
+
+def write_rows(
+    store: RedisWindowStore, scope: str, entries: list[LedgerEntry], user_id: int | None
+) -> int:
+    """Create the rows of these records that do not exist yet; return how many were created.
+
+    Records are repaired first when a field cannot be stored (see the module docstring);
+    a row the database refuses anyway goes to the dead-letter hash in ``store``."""
+    if not entries:
+        return 0
+    entries = [_checked(entry) for entry in entries]
+    ids = [entry.reservation_id for entry in entries]
+    existing = set(
+        UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
+    )
+    new = [entry for entry in entries if entry.reservation_id not in existing]
+    try:
+        with transaction.atomic():
+            UsageRecord.objects.bulk_create([row_of(entry, user_id) for entry in new])
+    except REFUSALS:
+        # A concurrent writer (the sweep, or another batch) wrote some of them first, or the
+        # database refused a row: one row at a time, so each row is created, and counted,
+        # exactly once, and a refused one is set aside alone.
+        new = [entry for entry in new if _insert_one(store, entry, user_id)]
+    _announce_expired(scope, new)
+    return len(new)
+
+
+def row_of(entry: LedgerEntry, user_id: int | None, now_ms: int | None = None) -> UsageRecord:
+    """The ``UsageRecord`` of one ledger record (not saved)."""
+    settled_at = entry.settled_at_ms if entry.settled_at_ms is not None else now_ms
+    return UsageRecord(
+        request_id=entry.reservation_id,
+        scope=entry.scope,
+        user_id=user_id,
+        model=entry.model,
+        estimated_tokens=entry.estimate,
+        prompt_tokens=entry.prompt_tokens,
+        completion_tokens=entry.completion_tokens,
+        actual_tokens=entry.actual,
+        status=entry.status,
+        created_at=_moment(entry.reserved_at_ms),
+        settled_at=_moment(settled_at) if settled_at is not None else _moment(_now_ms()),
+    )
+
+
+def repaired(entry: LedgerEntry) -> LedgerEntry | None:
+    """``entry`` with every field the ledger cannot store made storable and its model flagged
+    with ``REPAIRED_MARK``; ``None`` when every field can be stored as it is."""
+    fixed = dataclasses.replace(
+        entry,
+        reservation_id=_storable_id(entry.reservation_id),
+        scope=_storable_id(entry.scope),
+        status=entry.status if entry.status in STATUSES else str(UsageRecord.Status.SETTLED),
+        estimate=_figure(entry.estimate),
+        actual=_figure(entry.actual),
+        prompt_tokens=None if entry.prompt_tokens is None else _figure(entry.prompt_tokens),
+        completion_tokens=(
+            None if entry.completion_tokens is None else _figure(entry.completion_tokens)
+        ),
+        reserved_at_ms=min(max(entry.reserved_at_ms, 0), MAX_MS),
+        settled_at_ms=(
+            None if entry.settled_at_ms is None else min(max(entry.settled_at_ms, 0), MAX_MS)
+        ),
+        model=_storable_text(entry.model, MAX_MODEL_LENGTH),
+    )
+    if fixed == entry:
+        return None
+    model = REPAIRED_MARK + _storable_text(entry.model, MAX_MODEL_LENGTH - len(REPAIRED_MARK))
+    return dataclasses.replace(fixed, model=model)
+
+
+def _checked(entry: LedgerEntry) -> LedgerEntry:
+    fixed = repaired(entry)
+    if fixed is None:
+        return entry
+    logger.error(
+        "quotas: ledger record %s has fields the ledger cannot store; written repaired "
+        "(model flagged %r). Original record: %s",
+        fixed.reservation_id,
+        REPAIRED_MARK.strip(),
+        _describe(entry),
+    )
+    return fixed
+
+
+def _insert_one(store: RedisWindowStore, entry: LedgerEntry, user_id: int | None) -> bool:
+    """Insert one row; ``False`` when it already exists or was set aside (refused)."""
+    try:
+        with transaction.atomic():
+            row_of(entry, user_id).save(force_insert=True)
+    except REFUSALS as exc:
+        if UsageRecord.objects.filter(request_id=entry.reservation_id).exists():
+            return False  # written by a concurrent writer: not ours to count
+        _set_aside(store, entry, exc)
+        return False
+    return True
+
+
+def _set_aside(store: RedisWindowStore, entry: LedgerEntry, exc: Exception) -> None:
+    """Keep a record the database refused in the dead-letter hash, with the reason."""
+    reason = f"{type(exc).__name__}: {exc}"[:500]
+    logger.error(
+        "quotas: the database refused ledger record %s (%s); kept aside in Redis, not retried. "
+        "Record: %s",
+        entry.reservation_id,
+        reason,
+        _describe(entry),
+    )
+    record = json.dumps({**_fields(entry), "reason": reason}, default=str)
+    try:
+        store.dead_letter(entry.scope, entry.reservation_id, record)
+    except StoreUnavailable:
+        logger.error(
+            "quotas: Redis unavailable; ledger record %s is in this log only", entry.reservation_id
+        )
+
+
+def _announce_expired(scope: str, entries: list[LedgerEntry]) -> None:
+    for entry in entries:
+        if entry.status == UsageRecord.Status.EXPIRED:
+            reservation_expired.send(
+                sender=UsageRecord,
+                scope=scope,
+                reservation_id=entry.reservation_id,
+                estimated_tokens=entry.estimate,
+            )
+
+
+def _storable_id(value: str) -> str:
+    """An id that fits its column: cut, with a hash of the whole so it stays unique (and the
+    same for the same id, so a re-delivered record still finds its row)."""
+    text = value.replace("\x00", "")
+    if len(text) <= ID_LENGTH and text == value:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{text[: ID_LENGTH - 17]}#{digest}"
+
+
+def _storable_text(value: str, length: int) -> str:
+    text = _CONTROL.sub("\ufffd", value)
+    return text if len(text) <= length else text[: length - 1] + "\u2026"
+
+
+def _figure(value: int) -> int:
+    return min(max(int(value), 0), MAX_FIGURE)
+
+
+def _fields(entry: LedgerEntry) -> dict[str, object]:
+    """The record's fields, long texts cut (a log line must not carry a megabyte)."""
+    fields = dataclasses.asdict(entry)
+    return {key: _cut(value) for key, value in fields.items()}
+
+
+def _cut(value: object) -> object:
+    return value[:300] + "..." if isinstance(value, str) and len(value) > 300 else value
+
+
+def _describe(entry: LedgerEntry) -> str:
+    return json.dumps(_fields(entry), default=str)
+
+
+def _moment(ms: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def _now_ms() -> int:
+    return (datetime.now(UTC) - EPOCH) // timedelta(milliseconds=1)
