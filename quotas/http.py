@@ -24,6 +24,7 @@ from quotas.core.types import QuotaState, ceil_seconds
 from quotas.exceptions import QuotaExceeded, RequestTooLarge
 
 __all__ = [
+    "authentication_challenge",
     "client_address",
     "error_body",
     "error_payload",
@@ -152,6 +153,17 @@ def unavailable_retry_after() -> int:
     from quotas.services import get_breaker
 
     return max(ceil_seconds(get_breaker().retry_after()), 1)
+
+
+def authentication_challenge(request: HttpRequest) -> str | None:
+    """The ``WWW-Authenticate`` challenge of an anonymous refusal, by DRF's rule: that of the
+    first class in ``REST_FRAMEWORK["DEFAULT_AUTHENTICATION_CLASSES"]`` (``Bearer``, ``Token``,
+    ``Basic realm="api"``), or ``None`` when it has none (``SessionAuthentication``): a 401
+    must carry a challenge, so DRF answers 403 then, and so do plain views."""
+    from rest_framework.settings import api_settings
+
+    classes = api_settings.DEFAULT_AUTHENTICATION_CLASSES
+    return classes[0]().authenticate_header(request) if classes else None
 
 
 def client_address(request: HttpRequest) -> str:

@@ -35,6 +35,7 @@ from quotas.enforcement import (
 )
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.http import (
+    authentication_challenge,
     error_body,
     error_status,
     set_headers,
@@ -82,7 +83,7 @@ class QuotaMiddleware:
         except InvalidRequest as exc:
             return simple_error(400, "invalid_request", str(exc))
         except AnonymousNotAllowed as exc:
-            return simple_error(401, "not_authenticated", str(exc))
+            return _not_authenticated(request, str(exc))
         except ConfigurationError as exc:
             return simple_error(403, "quota_not_configured", str(exc))
         except StoreUnavailable:
@@ -118,6 +119,15 @@ class QuotaMiddleware:
         if state is not None and remaining is not None:
             # The headers tell the budget after this request's real cost.
             setattr(request, STATE_ATTR, replace(state, remaining=remaining))
+
+
+def _not_authenticated(request: HttpRequest, message: str) -> HttpResponseBase:
+    """401 with the challenge DRF would send, or 403 when there is none (DRF's rule)."""
+    challenge = authentication_challenge(request)
+    response = simple_error(401 if challenge else 403, "not_authenticated", message)
+    if challenge:
+        response["WWW-Authenticate"] = challenge
+    return response
 
 
 def _settle_with(reservation: Any, usage: dict[str, int]) -> services.Settlement:

@@ -374,16 +374,32 @@ def _rejection(
         return RequestTooLarge(
             limit=result.limit, requested=tokens, reason="the whole budget", state=state
         )
-    scope = {
-        ReserveStatus.OVER_REQUESTS: "requests",
-        ReserveStatus.OVER_CONCURRENCY: "concurrency",
-    }.get(result.status, "tokens")
+    if result.status is ReserveStatus.OVER_REQUESTS:
+        # In the units of the limit that refused: this one request against the minute's.
+        return QuotaExceeded(
+            limit=result.requests_limit,
+            remaining=max(result.requests_remaining, 0),
+            requested=1,
+            retry_after=result.retry_after,
+            scope="requests",
+            reset_seconds=result.requests_reset_seconds,
+            state=state,
+        )
+    if result.status is ReserveStatus.OVER_CONCURRENCY:
+        return QuotaExceeded(
+            limit=result.concurrency_limit,
+            remaining=max(result.concurrency_limit - result.in_flight, 0),
+            requested=1,
+            retry_after=result.retry_after,
+            scope="concurrency",
+            state=state,
+        )
     return QuotaExceeded(
         limit=result.limit,
         remaining=max(result.remaining, 0),
         requested=tokens,
         retry_after=result.retry_after,
-        scope=scope,
+        scope="tokens",
         reset_seconds=result.reset_seconds,
         state=state,
     )
@@ -772,7 +788,10 @@ def _broker_breaker() -> CircuitBreaker:
 
 # -- snapshots and admin actions ------------------------------------------------------------
 def budget_for(user: User) -> dict[str, Any]:
-    """The caller's budget as ``GET /quotas/me/`` shows it (``used`` includes ``reserved``)."""
+    """The caller's budget as ``GET /quotas/me/`` shows it: ``used`` includes ``reserved``;
+    ``remaining`` is never negative, and ``debt`` is the usage beyond the limit (served
+    requests that used more than their estimate) that must age out before ``remaining``
+    grows again."""
     limits = limits_for(user)
     scope = scope_for(user)
     try:
@@ -810,6 +829,7 @@ def _budget_dict(limits: Limits, snapshot: Snapshot | None) -> dict[str, Any]:
             "used": None,
             "reserved": None,
             "remaining": None,
+            "debt": None,
             "reset_seconds": None,
             "requests_used": None,
             "in_flight": None,
@@ -819,7 +839,10 @@ def _budget_dict(limits: Limits, snapshot: Snapshot | None) -> dict[str, Any]:
         **base,
         "used": snapshot.used,
         "reserved": snapshot.reserved,
-        "remaining": snapshot.remaining,
+        # Usage above the estimate is charged even past the limit: what the window holds
+        # beyond it is debt, shown on its own, so ``remaining`` never goes below 0.
+        "remaining": max(snapshot.remaining, 0),
+        "debt": max(-snapshot.remaining, 0),
         "reset_seconds": snapshot.reset_seconds,
         "requests_used": snapshot.requests_used if limits.requests_per_minute else None,
         "in_flight": snapshot.in_flight,

@@ -250,3 +250,97 @@ def test_fail_open_serves_marks_the_response_and_keeps_the_ledger(client, quota_
     assert too_large.status_code == 413  # the per-request cap needs no Redis
     record = UsageRecord.objects.get()
     assert (record.status, record.actual_tokens) == ("degraded", 40)
+
+
+# -- each refusal speaks in the units of the limit that refused ------------------------------
+def test_a_requests_per_minute_refusal_gives_request_figures(make_plan, make_user):
+    user = make_user(plan=make_plan(tokens_per_hour=20_000, requests_per_minute=2))
+    api = APIClient()
+    api.force_authenticate(user)
+    post(api, "/no-usage/")
+    post(api, "/no-usage/")
+    error = post(api, "/no-usage/").json()["error"]
+    assert (error["type"], error["limit"], error["remaining"], error["requested"]) == (
+        "requests",
+        2,
+        0,
+        1,
+    )
+    assert "requested 1 request, 0 of 2 requests per minute remaining" in error["message"]
+    assert "20000" not in error["message"]
+
+
+def test_a_concurrency_refusal_gives_concurrency_figures(make_plan, make_user):
+    user = make_user(plan=make_plan(tokens_per_hour=20_000, max_concurrent_requests=1))
+    services.reserve(user, 10)  # a request in flight
+    api = APIClient()
+    api.force_authenticate(user)
+    response = post(api, "/no-usage/")
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert (error["type"], error["limit"], error["remaining"], error["requested"]) == (
+        "concurrency",
+        1,
+        0,
+        1,
+    )
+    assert "0 of 1 concurrent requests free" in error["message"]
+    assert response["Retry-After"] == "1"
+
+
+def test_a_token_refusal_keeps_token_figures(client):
+    for _ in range(10):
+        post(client, "/no-usage/")
+    error = post(client, "/no-usage/").json()["error"]
+    assert (error["type"], error["limit"], error["remaining"], error["requested"]) == (
+        "tokens",
+        1000,
+        0,
+        ESTIMATE,
+    )
+    assert f"requested {ESTIMATE} tokens, 0 of 1000 tokens remaining" in error["message"]
+
+
+def test_a_413_names_the_cap_and_offers_no_retry(client):
+    response = post(client, "/completion/", {**BODY, "max_tokens": 700})
+    assert response.status_code == 413
+    assert set(response.json()["error"]) == {"code", "type", "message", "limit", "requested"}
+    assert "Retry-After" not in response
+
+
+# -- debt is shown, never a negative remaining ----------------------------------------------
+def test_usage_beyond_the_limit_is_debt_and_remaining_stays_at_zero(client, user):
+    services.settle(services.reserve(user, 100), total_tokens=1_300)
+    me = client.get("/quotas/me/").json()
+    assert (me["used"], me["remaining"], me["debt"]) == (1_300, 0, 300)
+    response = post(client, "/completion/")
+    assert response.status_code == 429
+    assert response["X-RateLimit-Remaining"] == "0"
+    assert response.json()["error"]["remaining"] == 0
+
+
+def test_without_debt_the_debt_is_zero(client):
+    assert client.get("/quotas/me/").json()["debt"] == 0
+
+
+# -- anonymous clients: 401 with a challenge, or 403 without one (DRF's rule) ------------------
+def test_an_anonymous_plain_view_request_is_a_401_with_the_challenge():
+    from django.test import Client
+
+    response = Client().post("/plain/", BODY, content_type="application/json")
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == "Bearer"  # the demo's first authentication class
+    assert response.json()["error"]["code"] == "not_authenticated"
+
+
+def test_under_session_authentication_an_anonymous_request_is_a_403():
+    from django.test import Client
+
+    session_only = {
+        "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"]
+    }
+    with override_settings(REST_FRAMEWORK=session_only):
+        response = Client().post("/plain/", BODY, content_type="application/json")
+    assert response.status_code == 403
+    assert "WWW-Authenticate" not in response
+    assert response.json()["error"]["code"] == "not_authenticated"

@@ -7,7 +7,8 @@
 -- to the tokens (the request named no max_tokens), ARGV[13..] seed pairs: bucket, tokens.
 -- Returns {status, limit, remaining, reset ms, retry-after ms, reserved, rpm limit,
 --          rpm remaining, epoch, plan slug, max per request, bucket index, now ms,
---          tokens requested, rpm reset ms}
+--          tokens requested, rpm reset ms, concurrency limit, requests in flight (before
+--          this one; counted only when a concurrency limit applies)}
 -- status: 1 allowed; 0 over tokens; 2 over requests per minute; 3 over concurrency;
 --         4 over the per-request cap; 5 over the whole budget; 6 duplicate reservation id;
 --         -1 no config stored: {-1, window has epoch (1/0)}. Rejections charge nothing.
@@ -20,7 +21,7 @@ if not cfg then return {-1, w.epoch and 1 or 0} end
 if ARGV[12] == '1' then tokens = tokens + cfg.out end
 
 local q = nil
-local status, retry, rpm_remaining = 1, 0, -1
+local status, retry, rpm_remaining, in_flight = 1, 0, -1, 0
 if cfg.rpm > 0 then
   q = open_window(KEYS[2], now, tonumber(ARGV[4]), tonumber(ARGV[5]))
   rpm_remaining = cfg.rpm - q.total
@@ -39,7 +40,8 @@ else
     if status == 1 then status = 2 end
     retry = math.max(retry, wait_ms(q, 1, cfg.rpm, now))
   end
-  if cfg.conc > 0 and redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') >= cfg.conc then
+  if cfg.conc > 0 then in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') end
+  if cfg.conc > 0 and in_flight >= cfg.conc then
     if status == 1 then status = 3 end
     -- A slot frees when another request finishes, which no clock can tell: a short hint.
     retry = math.max(retry, 1000)
@@ -69,4 +71,4 @@ if status == 1 then
 end
 return {status, cfg.tokens, cfg.tokens - w.total, reset_ms(w, now), retry, reserved,
         cfg.rpm, rpm_remaining, w.epoch or '', cfg.slug, cfg.cap, w.cur, now, tokens,
-        q and reset_ms(q, now) or 0}
+        q and reset_ms(q, now) or 0, cfg.conc, in_flight}
