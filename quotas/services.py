@@ -49,6 +49,7 @@ __all__ = [
     "get_store",
     "limits_for",
     "move_to_plan",
+    "redis_key_prefix",
     "refund",
     "reserve",
     "reset_window",
@@ -137,9 +138,30 @@ def get_store() -> Any:
         from quotas.backends.redis import RedisWindowStore
 
         client = get_redis_connection(quota_settings.CACHE_ALIAS)
-        store = RedisWindowStore(client, prefix=quota_settings.KEY_PREFIX, spec=window_spec())
+        store = RedisWindowStore(client, prefix=redis_key_prefix(), spec=window_spec())
         _runtime["store"] = store
     return store
+
+
+# What makes a cache alias namespace its keys (Django's cache settings).
+CACHE_KEY_SETTINGS = ("KEY_PREFIX", "VERSION", "KEY_FUNCTION")
+
+
+def redis_key_prefix() -> str:
+    """The prefix of every Redis key of the app: ``QUOTAS["KEY_PREFIX"]``, namespaced the way
+    the cache alias namespaces its own keys (its ``KEY_FUNCTION``; by default
+    ``<KEY_PREFIX>:<VERSION>:<key>``, e.g. ``site-a:1:quotas``), so two sites sharing one
+    Redis with different cache prefixes never share a budget. An alias that sets none of
+    ``KEY_PREFIX``, ``VERSION`` and ``KEY_FUNCTION`` keeps the bare ``QUOTAS["KEY_PREFIX"]``
+    (the keys of earlier versions)."""
+    from django.conf import settings
+    from django.core.cache import caches
+
+    alias = quota_settings.CACHE_ALIAS
+    config = settings.CACHES.get(alias, {})
+    if not any(name in config for name in CACHE_KEY_SETTINGS):
+        return str(quota_settings.KEY_PREFIX)
+    return str(caches[alias].make_key(quota_settings.KEY_PREFIX))
 
 
 def get_breaker() -> CircuitBreaker:

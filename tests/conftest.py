@@ -47,9 +47,15 @@ def isolated_quotas(redis_client: Any) -> Iterator[str]:
         services.reset_runtime()
         yield prefix
     services.reset_runtime()
-    keys = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    keys = keys_of(redis_client, prefix)
     if keys:
         redis_client.delete(*keys)
+
+
+def keys_of(redis_client: Any, prefix: str) -> list[Any]:
+    """Every Redis key under a test's ``QUOTAS["KEY_PREFIX"]``, whatever namespace the cache
+    alias puts before it (``demo:1:<prefix>:...``)."""
+    return list(redis_client.scan_iter(match=f"*{prefix}:*", count=1000))
 
 
 @pytest.fixture(autouse=True)

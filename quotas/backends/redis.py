@@ -508,7 +508,7 @@ class RedisWindowStore:
 
     def iter_window_keys(self) -> Iterator[str]:
         """Every token window hash, by SCAN (never KEYS): for background jobs only."""
-        pattern = f"{self.prefix}:{{*}}:w"
+        pattern = f"{_glob_escape(self.prefix)}:{{*}}:w"
         try:
             for key in self.client.scan_iter(match=pattern, count=1000, _type="HASH"):
                 yield key.decode() if isinstance(key, bytes) else key
@@ -518,7 +518,7 @@ class RedisWindowStore:
     def iter_scopes(self, suffix: str) -> Iterator[str]:
         """Quota keys that have a key with this suffix (e.g. ``"p"``: pending reservations)."""
         start, end = len(self.prefix) + 2, -(len(suffix) + 2)
-        pattern = f"{self.prefix}:{{*}}:{suffix}"
+        pattern = f"{_glob_escape(self.prefix)}:{{*}}:{suffix}"
         try:
             for key in self.client.scan_iter(match=pattern, count=1000):
                 text = key.decode() if isinstance(key, bytes) else key
@@ -588,6 +588,12 @@ def _send_all(connection: Any, commands: Sequence[Sequence[Any]]) -> list:
         except ResponseError as exc:
             replies.append(exc)
     return replies
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a ``SCAN MATCH`` pattern (a cache prefix may hold any
+    character)."""
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
 
 
 def _text(value: bytes | str) -> str:
