@@ -47,6 +47,8 @@ NUMERIC_RULES: dict[str, tuple[str, Any]] = {
     "LEDGER_BATCH_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
     "LEDGER_BATCH_SIZE": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
     "SETTLE_BATCH_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
+    "LEDGER_BACKLOG_WARN_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "LEDGER_BACKLOG_CHECK_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
 }
 
 

@@ -58,6 +58,12 @@ DEFAULTS: dict[str, Any] = {
     # QuotaMiddleware settles in the request (0), or hands its settles to a per-process batch
     # sent every this many seconds, one Redis round trip per batch (see the README).
     "SETTLE_BATCH_SECONDS": 0,
+    # A ledger record waiting longer than this in Redis (no Celery worker or beat writes the
+    # ledger) makes GET /quotas/health/ "degraded" and each process log a warning ...
+    "LEDGER_BACKLOG_WARN_SECONDS": 60,
+    # ... checked by a background thread this often, so at most once per this many seconds
+    # per process (0: no check, no warning).
+    "LEDGER_BACKLOG_CHECK_SECONDS": 60,
 }
 
 

@@ -44,6 +44,7 @@ from quotas.signals import budget_threshold_crossed, quota_exceeded, usage_settl
 
 __all__ = [
     "Reservation",
+    "broker_state",
     "budget_for",
     "estimate",
     "get_store",
@@ -736,6 +737,9 @@ def send_to_ledger(payload: dict[str, Any]) -> None:
     """Send a ledger record to the Celery worker: in this process's next batch (every
     ``LEDGER_BATCH_SECONDS``), or alone after the current transaction commits when that is 0.
     Rows are written directly when the broker cannot take the task, so no usage is lost."""
+    from quotas.health import backlog_watch
+
+    backlog_watch().start()  # no Redis call: a flag check once its thread runs
     if quota_settings.LEDGER_BATCH_SECONDS > 0:
         _ledger_batcher().add(payload)
     else:
@@ -788,6 +792,7 @@ def _enqueue_or_write(payloads: list[dict[str, Any]]) -> None:
             )
         else:
             breaker.record_success()
+            _runtime["broker_seen"] = True
             return
     ledger.write_usage(payloads)
 
@@ -797,6 +802,14 @@ def _records_repr(payloads: list[dict[str, Any]]) -> str:
     ids = [str(payload.get("request_id", "?")) for payload in payloads[:3]]
     more = f", ... {len(payloads) - len(ids)} more" if len(payloads) > len(ids) else ""
     return f"[{len(payloads)} usage records: {', '.join(ids)}{more}]"
+
+
+def broker_state() -> str:
+    """What this process knows of the Celery broker from publishing ledger batches: ``"ok"``,
+    ``"unavailable"`` (its breaker is open: rows are written directly) or ``"unknown"``."""
+    if _broker_breaker().state is not BreakerState.CLOSED:
+        return "unavailable"
+    return "ok" if _runtime.get("broker_seen") else "unknown"
 
 
 def _broker_breaker() -> CircuitBreaker:

@@ -30,8 +30,14 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
 
 def quotas_settings(**overrides: Any) -> dict[str, Any]:
     # One ledger task per settle, after commit, so a test sees its rows at once; the batched
-    # path has its own tests (and the tests on real servers use it).
-    return {**settings.QUOTAS, "LEDGER_BATCH_SECONDS": 0, **overrides}
+    # path has its own tests (and the tests on real servers use it). No backlog watch thread
+    # either (its own tests start one): it would call Redis in the middle of other tests.
+    return {
+        **settings.QUOTAS,
+        "LEDGER_BATCH_SECONDS": 0,
+        "LEDGER_BACKLOG_CHECK_SECONDS": 0,
+        **overrides,
+    }
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 -- reserve: check and charge every limit that applies, all or nothing.
--- KEYS and ARGV[1..5]: see _window.lua.
+-- KEYS and ARGV[1..5]: see _window.lua. KEYS[6] the due registry (see _window.lua).
 -- ARGV[6] reservation id, ARGV[7] tokens (integer >= 0), ARGV[8] reservation TTL ms,
 -- ARGV[9] config (see _window.lua) or "" (use the stored one),
 -- ARGV[10] epoch to stamp if the window is (re)built, ARGV[11] model name (kept with the
@@ -61,12 +61,15 @@ if status == 1 then
     rpm_remaining = rpm_remaining - 1
   end
   redis.call('ZADD', KEYS[3], now + ttl, rid)
+  -- LT: a later deadline leaves the key's earliest one in place (one write, no read).
+  redis.call('ZADD', KEYS[6], 'LT', now + ttl, KEYS[3])
   -- Settles and expiry delete these keys when they empty, which leaves nothing reserved: with
   -- tokens still reserved they exist, and a refresh once per bucket keeps them alive longer
   -- than any reservation in them.
   if w.reserved == 0 or first_in_bucket then
     redis.call('PEXPIRE', KEYS[3], ttl + window_ms)
     redis.call('PEXPIRE', KEYS[4], ttl + window_ms)
+    redis.call('PEXPIRE', KEYS[6], REGISTRY_TTL_MS)
   end
 end
 return {status, cfg.tokens, cfg.tokens - w.total, reset_ms(w, now), retry, reserved,
