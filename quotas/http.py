@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from django.core.handlers.wsgi import WSGIRequest
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from quotas.conf import quota_settings
@@ -24,6 +25,7 @@ from quotas.core.types import QuotaState, ceil_seconds
 from quotas.exceptions import QuotaExceeded, RequestTooLarge
 
 __all__ = [
+    "CHUNKED_BODY_MESSAGE",
     "authentication_challenge",
     "client_address",
     "error_body",
@@ -164,6 +166,25 @@ def authentication_challenge(request: HttpRequest) -> str | None:
 
     classes = api_settings.DEFAULT_AUTHENTICATION_CLASSES
     return classes[0]().authenticate_header(request) if classes else None
+
+
+CHUNKED_BODY_MESSAGE = (
+    "A chunked request body cannot be read here (Django's WSGI handler reads it as empty): "
+    "send the body with a Content-Length."
+)
+
+
+def chunked_body_unread(request: HttpRequest) -> bool:
+    """Whether the body was sent chunked (no ``Content-Length``) to a WSGI server: Django then
+    reads it as empty, and its estimate would be of nothing, so the quota refuses it (411).
+    Under ASGI Django reads chunked bodies, and a WSGI layer that buffers them (the demo's)
+    sets their length."""
+    meta = request.META
+    return (
+        isinstance(request, WSGIRequest)
+        and "chunked" in meta.get("HTTP_TRANSFER_ENCODING", "").lower()
+        and not meta.get("CONTENT_LENGTH")
+    )
 
 
 def client_address(request: HttpRequest) -> str:

@@ -35,7 +35,9 @@ from quotas.enforcement import (
 )
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.http import (
+    CHUNKED_BODY_MESSAGE,
     authentication_challenge,
+    chunked_body_unread,
     error_body,
     error_status,
     set_headers,
@@ -70,6 +72,8 @@ class QuotaMiddleware:
         if not getattr(view, "quota_enforced", False):
             return None
         estimate = getattr(view, "quota_estimate", None)
+        if estimate is None and chunked_body_unread(request):
+            return simple_error(411, "length_required", CHUNKED_BODY_MESSAGE)
         try:
             tokens = estimate(request) if estimate else None
             enforce(

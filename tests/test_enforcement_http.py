@@ -344,3 +344,26 @@ def test_under_session_authentication_an_anonymous_request_is_a_403():
     assert response.status_code == 403
     assert "WWW-Authenticate" not in response
     assert response.json()["error"]["code"] == "not_authenticated"
+
+
+# -- chunked bodies --------------------------------------------------------------------------
+@pytest.mark.parametrize("url", ["/completion/", "/plain/"])
+def test_a_chunked_body_django_reads_as_empty_is_a_411(url, user):
+    from django.test import Client
+
+    web = Client()
+    web.force_login(user)
+    # What a WSGI server hands Django for a chunked body: no Content-Length.
+    response = web.generic(
+        "POST", url, b"", content_type="application/json", HTTP_TRANSFER_ENCODING="chunked"
+    )
+    assert response.status_code == 411
+    error = response.json()["error"]
+    assert error["code"] == "length_required"
+    assert "Content-Length" in error["message"]
+    assert services.budget_for(user)["used"] == 0
+
+
+def test_a_view_with_its_own_estimate_takes_a_chunked_request(client):
+    response = client.generic("POST", "/own-estimate/", b"", HTTP_TRANSFER_ENCODING="chunked")
+    assert response.status_code == 200
