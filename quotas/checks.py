@@ -83,6 +83,14 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
         if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
             msg = E005_MSG.format(key=key, rule=rule, value=value)
             errors.append(Error(msg, id="quotas.E005"))
+    proxies = values["NUM_PROXIES"]
+    if proxies is not None and (
+        isinstance(proxies, bool) or not isinstance(proxies, int) or proxies < 0
+    ):
+        msg = E005_MSG.format(
+            key="NUM_PROXIES", rule="None or an integer, 0 or more", value=proxies
+        )
+        errors.append(Error(msg, id="quotas.E005"))
     unknown = sorted(set(quota_settings.user_settings) - set(DEFAULTS))
     if unknown:
         msg = E006_MSG.format(keys=", ".join(unknown))

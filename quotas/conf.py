@@ -46,6 +46,9 @@ DEFAULTS: dict[str, Any] = {
     "HEADERS": ("seed", "openai", "ietf"),
     # Plan slug applied to anonymous requests, keyed by client address; None: answer 401.
     "ANONYMOUS_PLAN": None,
+    # How many trusted proxies stand in front (as DRF's NUM_PROXIES): anonymous clients are
+    # keyed by the address the outermost one saw (X-Forwarded-For); None or 0: REMOTE_ADDR.
+    "NUM_PROXIES": None,
     # Share of the budget at which ``budget_threshold_crossed`` fires once per window.
     "ALERT_THRESHOLD": 0.8,
     # Largest request body the estimator reads, in bytes.

@@ -14,6 +14,7 @@ are left out (not guessed) and ``X-Quota-Degraded: redis-unavailable`` says why.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from typing import Any
 
@@ -188,6 +189,31 @@ def chunked_body_unread(request: HttpRequest) -> bool:
 
 
 def client_address(request: HttpRequest) -> str:
-    """The client's address for anonymous quotas: ``REMOTE_ADDR`` (put a proxy-aware
-    middleware in front if you sit behind one: forwarded headers are trivially spoofed)."""
-    return str(request.META.get("REMOTE_ADDR") or "unknown")
+    """The key of an anonymous client: its address, as ``QUOTAS["NUM_PROXIES"]`` says to find
+    it. ``None`` (the default) or ``0``: ``REMOTE_ADDR`` (``X-Forwarded-For`` is trivially
+    spoofed). ``N``: the address the outermost of N trusted proxies saw, the N-th entry from
+    the end of ``X-Forwarded-For`` (as DRF's ``NUM_PROXIES``); ``REMOTE_ADDR`` when that entry
+    is not an IP address. IPv6 clients are keyed by their /64 network: one host holds a whole
+    /64 and could otherwise take a fresh budget with every address in it."""
+    remote = str(request.META.get("REMOTE_ADDR") or "unknown")
+    proxies = quota_settings.NUM_PROXIES
+    address = remote
+    if proxies:
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+        if hops:
+            address = hops[-min(proxies, len(hops))]
+    return _address_key(address) or _address_key(remote) or remote
+
+
+def _address_key(address: str) -> str | None:
+    """An IPv4 address as it is, an IPv6 one as its /64 network; ``None``: not an address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:10.1.1.1 is 10.1.1.1
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

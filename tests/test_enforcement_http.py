@@ -367,3 +367,58 @@ def test_a_chunked_body_django_reads_as_empty_is_a_411(url, user):
 def test_a_view_with_its_own_estimate_takes_a_chunked_request(client):
     response = client.generic("POST", "/own-estimate/", b"", HTTP_TRANSFER_ENCODING="chunked")
     assert response.status_code == 200
+
+
+# -- anonymous clients behind trusted proxies --------------------------------------------------
+def anonymous(remote: str, forwarded: str | None = None) -> int:
+    extra = {"REMOTE_ADDR": remote}
+    if forwarded is not None:
+        extra["HTTP_X_FORWARDED_FOR"] = forwarded
+    return post(APIClient(), "/open/", {**BODY, "max_tokens": 130}, **extra).status_code
+
+
+@pytest.fixture
+def anonymous_plan(make_plan, quota_config):
+    make_plan(slug="anon", tokens_per_hour=150)  # 138 reserved, 40 used: one request fits
+
+    def configure(**settings):
+        quota_config(ANONYMOUS_PLAN="anon", **settings)
+
+    return configure
+
+
+def test_behind_one_trusted_proxy_each_client_has_its_own_budget(anonymous_plan):
+    anonymous_plan(NUM_PROXIES=1)
+    proxy = "10.0.0.1"
+    assert anonymous(proxy, "203.0.113.7") == 200
+    assert anonymous(proxy, "203.0.113.7") == 429  # the same client
+    assert anonymous(proxy, "198.51.100.9") == 200  # another client behind the same proxy
+    # A client's own X-Forwarded-For entries come first: the proxy appends what it saw.
+    assert anonymous(proxy, "1.2.3.4, 203.0.113.8") == 200
+    assert anonymous(proxy, "5.6.7.8, 203.0.113.8") == 429
+
+
+def test_two_proxies_key_by_the_address_the_outer_one_saw(anonymous_plan):
+    anonymous_plan(NUM_PROXIES=2)
+    assert anonymous("10.0.0.1", "203.0.113.7, 172.16.0.1") == 200
+    assert anonymous("10.0.0.1", "203.0.113.7, 172.16.0.2") == 429  # same client, other CDN node
+    assert anonymous("10.0.0.1", "198.51.100.9, 172.16.0.1") == 200  # another client
+
+
+def test_without_num_proxies_forwarded_for_is_ignored(anonymous_plan):
+    anonymous_plan()
+    assert anonymous("10.0.0.1", "203.0.113.7") == 200
+    assert anonymous("10.0.0.1", "198.51.100.9") == 429  # spoofable: never trusted by default
+
+
+def test_a_forwarded_entry_that_is_no_address_falls_back_to_the_peer(anonymous_plan):
+    anonymous_plan(NUM_PROXIES=1)
+    assert anonymous("10.0.0.1", "not-an-address") == 200
+    assert anonymous("10.0.0.1", "other-garbage") == 429  # both keyed by 10.0.0.1
+
+
+def test_ipv6_clients_are_keyed_by_their_64_network(anonymous_plan):
+    anonymous_plan()
+    assert anonymous("2001:db8:1:2::10") == 200
+    assert anonymous("2001:db8:1:2:ffff::99") == 429  # same /64
+    assert anonymous("2001:db8:1:3::10") == 200
