@@ -43,6 +43,9 @@ MIDDLEWARE = [
     "quotas.middleware.QuotaMiddleware",
 ]
 
+if os.environ.get("DEMO_RUN_ID"):  # set by make run, to know its own server when it answers
+    MIDDLEWARE.insert(0, "project.devtools.middleware.RunIdMiddleware")
+
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"
 
