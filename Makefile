@@ -19,9 +19,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(VPY) -m pip install -e . --no-deps
 	touch $(STAMP)
 
-# Migrate and seed under the same Redis as the servers: saving plans drops cached limits there.
+# PORT (default 8000) is checked first: taken, make run stops at once. Migrating, seeding
+# (under the same Redis as the servers: saving plans drops cached limits there) and
+# collectstatic happen in project.devtools.run.
 run: venv
-	$(WITH_REDIS) sh -c '$(VPY) manage.py migrate --noinput && $(VPY) manage.py seed_demo && exec $(VPY) -m project.devtools.run'
+	$(VPY) -m project.devtools.run --check-port
+	$(WITH_REDIS) $(VPY) -m project.devtools.run
 
 test: venv
 	$(WITH_REDIS) $(VPY) -m pytest $(PYTEST_ARGS)
@@ -36,5 +39,5 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
-	rm -rf var/redis-embedded var/celerybeat-schedule* var/test-db.sqlite3*
+	rm -rf var/redis-embedded var/celerybeat-schedule* var/test-db.sqlite3* var/static
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -2,12 +2,11 @@
 
 REDIS_URL          Redis for quota windows and (by default) the Celery broker.
 DATABASE_URL       the usage ledger; default SQLite under var/.
-CELERY_BROKER_URL  default: REDIS_URL with database 1.
+CELERY_BROKER_URL  default: REDIS_URL, under this instance's key prefix.
 """
 
 import os
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import dj_database_url
 
@@ -34,6 +33,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (the admin's CSS and scripts) from STATIC_ROOT, filled by collectstatic.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -41,6 +42,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "quotas.middleware.QuotaMiddleware",
 ]
+
+if os.environ.get("DEMO_RUN_ID"):  # set by make run, to know its own server when it answers
+    MIDDLEWARE.insert(0, "project.devtools.middleware.RunIdMiddleware")
 
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"
@@ -105,13 +109,10 @@ REST_FRAMEWORK = {
 }
 
 
-def _redis_db(url: str, db: int) -> str:
-    """The same Redis server, another database number (the broker's)."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{db}"))
-
-
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or _redis_db(REDIS_URL, 1)
+# The broker: by default the Redis of the windows, under this instance's own key prefix, so
+# two demo instances on one Redis (other databases, or another QUOTAS_KEY_PREFIX) never take
+# each other's tasks.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or REDIS_URL
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -122,6 +123,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "socket_connect_timeout": 1,
     "socket_timeout": 1,
     "max_retries": 0,
+    "global_keyprefix": f"{CACHES['default']['KEY_PREFIX']}:{QUOTAS['KEY_PREFIX']}:celery:",
 }
 CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER", "0") == "1"
 CELERY_BEAT_SCHEDULE = {
@@ -144,6 +146,8 @@ GATEWAY = {
     "UPSTREAM_API_KEY": os.environ.get("GATEWAY_UPSTREAM_API_KEY", ""),
     "FAKE_ANSWER_TOKENS": int(os.environ.get("GATEWAY_FAKE_ANSWER_TOKENS", "300")),
     "ENFORCE_QUOTAS": os.environ.get("GATEWAY_ENFORCE_QUOTAS", "1") != "0",
+    # A request body must arrive within this many seconds (project.request_body).
+    "BODY_TIMEOUT_SECONDS": float(os.environ.get("GATEWAY_BODY_TIMEOUT_SECONDS", "15")),
 }
 
 AUTH_PASSWORD_VALIDATORS = []
@@ -152,12 +156,18 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = VAR_DIR / "static"  # manage.py collectstatic (make run does it); WhiteNoise serves
+STATIC_ROOT.mkdir(exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"quotas": {"handlers": ["console"], "level": "INFO"}},
+    "loggers": {
+        "quotas": {"handlers": ["console"], "level": "INFO"},
+        # Every 500 with its traceback (Django only prints them with DEBUG on, else mails
+        # ADMINS, of which the demo has none).
+        "django.request": {"handlers": ["console"], "level": "ERROR", "propagate": False},
+    },
 }

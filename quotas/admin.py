@@ -10,12 +10,64 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
+from django.core.exceptions import NON_FIELD_ERRORS, FieldDoesNotExist, ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.text import capfirst
 
 from quotas import services
 from quotas.exceptions import QuotaError
 from quotas.models import Plan, UsageRecord, UserQuota
+
+__all__ = ["ModelErrorsForm", "PlanAdmin", "UsageRecordAdmin", "UserQuotaAdmin"]
+
+
+class ModelErrorsForm(forms.ModelForm):
+    """A model form that shows every error of the model's validation, including errors about
+    fields it does not show (a changelist's ``list_editable`` form shows a few): those become
+    errors of the whole form, named after their field. Django raises ``ValueError`` (a 500)
+    for them instead."""
+
+    def add_error(self, field: str | None, error: Any) -> None:
+        if field is None and isinstance(error, ValidationError) and hasattr(error, "error_dict"):
+            error = ValidationError(self._shown(error.error_dict))
+        super().add_error(field, error)
+
+    def _shown(self, errors: dict[str, list[ValidationError]]) -> dict[str, list[Any]]:
+        shown: dict[str, list[Any]] = {}
+        for name, errors_of_name in errors.items():
+            if name == NON_FIELD_ERRORS or name in self.fields:
+                shown.setdefault(name, []).extend(errors_of_name)
+                continue
+            label = self._label(name)
+            texts = ValidationError(errors_of_name).messages
+            shown.setdefault(NON_FIELD_ERRORS, []).extend(
+                ValidationError(f"{label}: {text}") for text in texts
+            )
+        return shown
+
+    def _label(self, name: str) -> str:
+        try:
+            return str(capfirst(self._meta.model._meta.get_field(name).verbose_name))
+        except FieldDoesNotExist:
+            return name
+
+
+class PlanAdminForm(ModelErrorsForm):
+    class Meta:
+        model = Plan
+        fields = [
+            "name",
+            "slug",
+            "tier",
+            "tokens_per_hour",
+            "max_tokens_per_request",
+            "requests_per_minute",
+            "max_concurrent_requests",
+            "default_output_tokens",
+            "is_default",
+            "is_active",
+        ]
 
 
 @admin.register(Plan)
@@ -36,6 +88,11 @@ class PlanAdmin(admin.ModelAdmin):
     list_filter = ["is_active", "is_default"]
     prepopulated_fields = {"slug": ["name"]}
     search_fields = ["name", "slug"]
+    form = PlanAdminForm
+
+    def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> Any:
+        # Django builds the list view's forms on a plain ModelForm, not on ``form``.
+        return super().get_changelist_form(request, **{"form": PlanAdminForm, **kwargs})
 
 
 class MoveToPlanForm(ActionForm):

@@ -48,6 +48,8 @@ NUMERIC_RULES: dict[str, tuple[str, Any]] = {
     "LEDGER_BATCH_SIZE": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
     "SETTLE_BATCH_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
     "REJECTED_PER_MINUTE": ("an integer, 0 or more", lambda v: isinstance(v, int) and v >= 0),
+    "LEDGER_BACKLOG_WARN_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "LEDGER_BACKLOG_CHECK_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
 }
 
 
@@ -82,6 +84,14 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
         if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
             msg = E005_MSG.format(key=key, rule=rule, value=value)
             errors.append(Error(msg, id="quotas.E005"))
+    proxies = values["NUM_PROXIES"]
+    if proxies is not None and (
+        isinstance(proxies, bool) or not isinstance(proxies, int) or proxies < 0
+    ):
+        msg = E005_MSG.format(
+            key="NUM_PROXIES", rule="None or an integer, 0 or more", value=proxies
+        )
+        errors.append(Error(msg, id="quotas.E005"))
     unknown = sorted(set(quota_settings.user_settings) - set(DEFAULTS))
     if unknown:
         msg = E006_MSG.format(keys=", ".join(unknown))

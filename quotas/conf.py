@@ -46,6 +46,9 @@ DEFAULTS: dict[str, Any] = {
     "HEADERS": ("seed", "openai", "ietf"),
     # Plan slug applied to anonymous requests, keyed by client address; None: answer 401.
     "ANONYMOUS_PLAN": None,
+    # How many trusted proxies stand in front (as DRF's NUM_PROXIES): anonymous clients are
+    # keyed by the address the outermost one saw (X-Forwarded-For); None or 0: REMOTE_ADDR.
+    "NUM_PROXIES": None,
     # Share of the budget at which ``budget_threshold_crossed`` fires once per window.
     "ALERT_THRESHOLD": 0.8,
     # Largest request body the estimator reads, in bytes.
@@ -61,6 +64,12 @@ DEFAULTS: dict[str, Any] = {
     # QuotaMiddleware settles in the request (0), or hands its settles to a per-process batch
     # sent every this many seconds, one Redis round trip per batch (see the README).
     "SETTLE_BATCH_SECONDS": 0,
+    # A ledger record waiting longer than this in Redis (no Celery worker or beat writes the
+    # ledger) makes GET /quotas/health/ "degraded" and each process log a warning ...
+    "LEDGER_BACKLOG_WARN_SECONDS": 60,
+    # ... checked by a background thread this often, so at most once per this many seconds
+    # per process (0: no check, no warning).
+    "LEDGER_BACKLOG_CHECK_SECONDS": 60,
 }
 
 

@@ -16,6 +16,15 @@ __all__ = [
 ]
 
 
+# The words of a refusal's figures, by the limit that refused: one unit, several, the limit's
+# unit, and what ``remaining`` counts.
+UNITS = {
+    "tokens": ("token", "tokens", "tokens", "remaining"),
+    "requests": ("request", "requests", "requests per minute", "remaining"),
+    "concurrency": ("concurrent request", "concurrent requests", "concurrent requests", "free"),
+}
+
+
 class QuotaError(Exception):
     """Base class of every error this app raises."""
 
@@ -23,8 +32,10 @@ class QuotaError(Exception):
 class QuotaExceeded(QuotaError):
     """The request fits the plan but not right now: retry after ``retry_after`` seconds.
 
-    ``limit`` and ``remaining`` are token figures for the window that refused; ``scope`` says
-    which limit refused (``"tokens"``, ``"requests"`` or ``"concurrency"``).
+    ``scope`` says which limit refused, and ``limit``, ``remaining`` and ``requested`` are in
+    that limit's units: ``"tokens"`` (tokens in the window), ``"requests"`` (requests in the
+    minute; ``requested`` is 1) or ``"concurrency"`` (requests in flight at once; ``remaining``
+    is the free slots, ``requested`` is 1).
     """
 
     def __init__(
@@ -45,9 +56,11 @@ class QuotaExceeded(QuotaError):
         self.retry_after = retry_after
         self.scope = scope
         self.reset_seconds = reset_seconds
+        one, several, unit, left = UNITS.get(scope, UNITS["tokens"])
         super().__init__(
-            f"Rate limit exceeded for {scope}: requested {requested}, "
-            f"{remaining} of {limit} remaining; retry after {retry_after:.3f}s."
+            f"Rate limit exceeded for {scope}: requested {requested} "
+            f"{one if requested == 1 else several}, {remaining} of {limit} {unit} {left}; "
+            f"retry after {retry_after:.3f}s."
         )
 
 

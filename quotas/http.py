@@ -14,9 +14,11 @@ are left out (not guessed) and ``X-Quota-Degraded: redis-unavailable`` says why.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from typing import Any
 
+from django.core.handlers.wsgi import WSGIRequest
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from quotas.conf import quota_settings
@@ -24,6 +26,8 @@ from quotas.core.types import QuotaState, ceil_seconds
 from quotas.exceptions import QuotaExceeded, RequestTooLarge
 
 __all__ = [
+    "CHUNKED_BODY_MESSAGE",
+    "authentication_challenge",
     "client_address",
     "error_body",
     "error_payload",
@@ -160,7 +164,62 @@ def unavailable_retry_after() -> int:
     return max(ceil_seconds(get_breaker().retry_after()), 1)
 
 
+def authentication_challenge(request: HttpRequest) -> str | None:
+    """The ``WWW-Authenticate`` challenge of an anonymous refusal, by DRF's rule: that of the
+    first class in ``REST_FRAMEWORK["DEFAULT_AUTHENTICATION_CLASSES"]`` (``Bearer``, ``Token``,
+    ``Basic realm="api"``), or ``None`` when it has none (``SessionAuthentication``): a 401
+    must carry a challenge, so DRF answers 403 then, and so do plain views."""
+    from rest_framework.settings import api_settings
+
+    classes = api_settings.DEFAULT_AUTHENTICATION_CLASSES
+    return classes[0]().authenticate_header(request) if classes else None
+
+
+CHUNKED_BODY_MESSAGE = (
+    "A chunked request body cannot be read here (Django's WSGI handler reads it as empty): "
+    "send the body with a Content-Length."
+)
+
+
+def chunked_body_unread(request: HttpRequest) -> bool:
+    """Whether the body was sent chunked (no ``Content-Length``) to a WSGI server: Django then
+    reads it as empty, and its estimate would be of nothing, so the quota refuses it (411).
+    Under ASGI Django reads chunked bodies, and a WSGI layer that buffers them (the demo's)
+    sets their length."""
+    meta = request.META
+    return (
+        isinstance(request, WSGIRequest)
+        and "chunked" in meta.get("HTTP_TRANSFER_ENCODING", "").lower()
+        and not meta.get("CONTENT_LENGTH")
+    )
+
+
 def client_address(request: HttpRequest) -> str:
-    """The client's address for anonymous quotas: ``REMOTE_ADDR`` (put a proxy-aware
-    middleware in front if you sit behind one: forwarded headers are trivially spoofed)."""
-    return str(request.META.get("REMOTE_ADDR") or "unknown")
+    """The key of an anonymous client: its address, as ``QUOTAS["NUM_PROXIES"]`` says to find
+    it. ``None`` (the default) or ``0``: ``REMOTE_ADDR`` (``X-Forwarded-For`` is trivially
+    spoofed). ``N``: the address the outermost of N trusted proxies saw, the N-th entry from
+    the end of ``X-Forwarded-For`` (as DRF's ``NUM_PROXIES``); ``REMOTE_ADDR`` when that entry
+    is not an IP address. IPv6 clients are keyed by their /64 network: one host holds a whole
+    /64 and could otherwise take a fresh budget with every address in it."""
+    remote = str(request.META.get("REMOTE_ADDR") or "unknown")
+    proxies = quota_settings.NUM_PROXIES
+    address = remote
+    if proxies:
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+        if hops:
+            address = hops[-min(proxies, len(hops))]
+    return _address_key(address) or _address_key(remote) or remote
+
+
+def _address_key(address: str) -> str | None:
+    """An IPv4 address as it is, an IPv6 one as its /64 network; ``None``: not an address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:10.1.1.1 is 10.1.1.1
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

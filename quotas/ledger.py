@@ -70,17 +70,22 @@ def _user_id_of(scope: str) -> int | None:
 
 
 # -- the outbox -----------------------------------------------------------------------------
-def flush_ledger(*, batch: int = 500) -> int:
+def flush_ledger(*, batch: int = 500, scan: bool | None = None) -> int:
     """Write every ledger row waiting in the Redis outbox, after moving the reservations past
     their TTL there (charged at their estimate); return the rows created.
 
-    Covers keys with pending reservations and keys whose outbox holds records. Safe to run
-    concurrently and repeatedly. One quota key that cannot be swept never stops the sweep of
-    the others: they are all tried, and the first failure is raised afterwards (the task
-    retries; what was written stays written).
+    The keys with work are found in two registries the scripts keep (outboxes holding
+    records, reservations past their deadline), not by scanning Redis. ``scan=True`` also
+    finds them by ``SCAN`` (keys written before the registries existed); by default that
+    happens once every ``SCAN_EVERY_SECONDS`` per key prefix. Safe to run concurrently and
+    repeatedly. One quota key that cannot be swept never stops the sweep of the others: they
+    are all tried, and the first failure is raised afterwards (the task retries; what was
+    written stays written).
     """
     store = services.get_store()
-    scopes = set(store.iter_scopes("p")) | set(store.iter_scopes("x"))
+    scopes = set(store.backlog_scopes()) | set(store.due_scopes())
+    if scan or (scan is None and store.claim_scan(SCAN_EVERY_SECONDS)):
+        scopes |= set(store.iter_scopes("p")) | set(store.iter_scopes("x"))
     created, failures = 0, []
     for scope in sorted(scopes):
         try:
@@ -100,6 +105,11 @@ def flush_ledger(*, batch: int = 500) -> int:
     return created
 
 
+# How often the sweep also scans Redis for outboxes and pending reservations the registries
+# may not know (written before they existed); a Redis that lost its data is scanned at once.
+SCAN_EVERY_SECONDS = 24 * 3600
+
+
 def flush_scope(store: RedisWindowStore, scope: str, *, batch: int = 500) -> int:
     """Expire one quota key's overdue reservations and write its outbox, ``batch`` at a time."""
     created = 0
@@ -108,7 +118,8 @@ def flush_scope(store: RedisWindowStore, scope: str, *, batch: int = 500) -> int
         entries = store.outbox(scope, batch=batch)
         created += _write_rows(scope, entries, store)
         # Only after the rows are committed: a crash before this line leaves the records in
-        # the outbox, and the next sweep finds their rows already written.
+        # the outbox, and the next sweep finds their rows already written. Acknowledging
+        # nothing still drops an empty outbox from the backlog registry.
         store.ack_outbox(scope, [entry.reservation_id for entry in entries])
         if moved < batch and len(entries) < batch:
             return created

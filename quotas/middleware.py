@@ -44,6 +44,9 @@ from quotas.enforcement import (
 )
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.http import (
+    CHUNKED_BODY_MESSAGE,
+    authentication_challenge,
+    chunked_body_unread,
     error_body,
     error_status,
     set_headers,
@@ -90,6 +93,8 @@ class QuotaMiddleware:
         if not getattr(view, "quota_enforced", False):
             return None  # a DRF view: its throttle enforces
         estimate = getattr(view, "quota_estimate", None)
+        if estimate is None and chunked_body_unread(request):
+            return simple_error(411, "length_required", CHUNKED_BODY_MESSAGE)
         try:
             refuse_if_blocked(request, getattr(request, "user", None))
             tokens = estimate(request) if estimate else None
@@ -104,7 +109,7 @@ class QuotaMiddleware:
         except InvalidRequest as exc:
             return simple_error(400, exc.code, str(exc), exc.param)
         except AnonymousNotAllowed as exc:
-            return simple_error(401, "not_authenticated", str(exc))
+            return _not_authenticated(request, str(exc))
         except ConfigurationError as exc:
             return simple_error(403, "quota_not_configured", str(exc))
         except StoreUnavailable:
@@ -160,6 +165,15 @@ def _enforced_view(view: Any) -> bool:
     view_class = getattr(view, "cls", None) or getattr(view, "view_class", None)
     throttles = getattr(view_class, "throttle_classes", None) or ()
     return any(isinstance(t, type) and issubclass(t, TokenQuotaThrottle) for t in throttles)
+
+
+def _not_authenticated(request: HttpRequest, message: str) -> HttpResponseBase:
+    """401 with the challenge DRF would send, or 403 when there is none (DRF's rule)."""
+    challenge = authentication_challenge(request)
+    response = simple_error(401 if challenge else 403, "not_authenticated", message)
+    if challenge:
+        response["WWW-Authenticate"] = challenge
+    return response
 
 
 def _settle_with(reservation: Any, usage: dict[str, int]) -> services.Settlement:

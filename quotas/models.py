@@ -82,13 +82,20 @@ class Plan(models.Model):
         return self.name
 
     def clean(self) -> None:
+        """Refuse a cap above the hourly budget and an inactive default plan.
+
+        Errors are keyed to the field at fault; a form that does not show that field (the
+        admin's list view) shows them as errors of the whole form (``quotas.admin``)."""
+        errors = {}
         cap, budget = self.max_tokens_per_request, self.tokens_per_hour
         if cap is not None and budget is not None and cap > budget:
-            raise ValidationError(
-                {"max_tokens_per_request": "The per-request cap cannot exceed tokens_per_hour."}
+            errors["max_tokens_per_request"] = (
+                f"The per-request cap ({cap}) cannot exceed tokens_per_hour ({budget})."
             )
         if self.is_default and not self.is_active:
-            raise ValidationError({"is_default": "The default plan must be active."})
+            errors["is_default"] = "The default plan must be active."
+        if errors:
+            raise ValidationError(errors)
 
 
 class UserQuota(models.Model):

@@ -45,11 +45,13 @@ from quotas.signals import budget_threshold_crossed, quota_exceeded, usage_settl
 
 __all__ = [
     "Reservation",
+    "broker_state",
     "budget_for",
     "estimate",
     "get_store",
     "limits_for",
     "move_to_plan",
+    "redis_key_prefix",
     "refund",
     "reserve",
     "reset_window",
@@ -138,9 +140,30 @@ def get_store() -> Any:
         from quotas.backends.redis import RedisWindowStore
 
         client = get_redis_connection(quota_settings.CACHE_ALIAS)
-        store = RedisWindowStore(client, prefix=quota_settings.KEY_PREFIX, spec=window_spec())
+        store = RedisWindowStore(client, prefix=redis_key_prefix(), spec=window_spec())
         _runtime["store"] = store
     return store
+
+
+# What makes a cache alias namespace its keys (Django's cache settings).
+CACHE_KEY_SETTINGS = ("KEY_PREFIX", "VERSION", "KEY_FUNCTION")
+
+
+def redis_key_prefix() -> str:
+    """The prefix of every Redis key of the app: ``QUOTAS["KEY_PREFIX"]``, namespaced the way
+    the cache alias namespaces its own keys (its ``KEY_FUNCTION``; by default
+    ``<KEY_PREFIX>:<VERSION>:<key>``, e.g. ``site-a:1:quotas``), so two sites sharing one
+    Redis with different cache prefixes never share a budget. An alias that sets none of
+    ``KEY_PREFIX``, ``VERSION`` and ``KEY_FUNCTION`` keeps the bare ``QUOTAS["KEY_PREFIX"]``
+    (the keys of earlier versions)."""
+    from django.conf import settings
+    from django.core.cache import caches
+
+    alias = quota_settings.CACHE_ALIAS
+    config = settings.CACHES.get(alias, {})
+    if not any(name in config for name in CACHE_KEY_SETTINGS):
+        return str(quota_settings.KEY_PREFIX)
+    return str(caches[alias].make_key(quota_settings.KEY_PREFIX))
 
 
 def get_breaker() -> CircuitBreaker:
@@ -399,16 +422,32 @@ def _rejection(
             reset_seconds=result.retry_after,
             state=state,
         )
-    scope = {
-        ReserveStatus.OVER_REQUESTS: "requests",
-        ReserveStatus.OVER_CONCURRENCY: "concurrency",
-    }.get(result.status, "tokens")
+    if result.status is ReserveStatus.OVER_REQUESTS:
+        # In the units of the limit that refused: this one request against the minute's.
+        return QuotaExceeded(
+            limit=result.requests_limit,
+            remaining=max(result.requests_remaining, 0),
+            requested=1,
+            retry_after=result.retry_after,
+            scope="requests",
+            reset_seconds=result.requests_reset_seconds,
+            state=state,
+        )
+    if result.status is ReserveStatus.OVER_CONCURRENCY:
+        return QuotaExceeded(
+            limit=result.concurrency_limit,
+            remaining=max(result.concurrency_limit - result.in_flight, 0),
+            requested=1,
+            retry_after=result.retry_after,
+            scope="concurrency",
+            state=state,
+        )
     return QuotaExceeded(
         limit=result.limit,
         remaining=max(result.remaining, 0),
         requested=tokens,
         retry_after=result.retry_after,
-        scope=scope,
+        scope="tokens",
         reset_seconds=result.reset_seconds,
         state=state,
     )
@@ -721,6 +760,9 @@ def send_to_ledger(payload: dict[str, Any]) -> None:
     """Send a ledger record to the Celery worker: in this process's next batch (every
     ``LEDGER_BATCH_SECONDS``), or alone after the current transaction commits when that is 0.
     Rows are written directly when the broker cannot take the task, so no usage is lost."""
+    from quotas.health import backlog_watch
+
+    backlog_watch().start()  # no Redis call: a flag check once its thread runs
     if quota_settings.LEDGER_BATCH_SECONDS > 0:
         _ledger_batcher().add(payload)
     else:
@@ -773,6 +815,7 @@ def _enqueue_or_write(payloads: list[dict[str, Any]]) -> None:
             )
         else:
             breaker.record_success()
+            _runtime["broker_seen"] = True
             return
     ledger.write_usage(payloads)
 
@@ -782,6 +825,14 @@ def _records_repr(payloads: list[dict[str, Any]]) -> str:
     ids = [str(payload.get("request_id", "?")) for payload in payloads[:3]]
     more = f", ... {len(payloads) - len(ids)} more" if len(payloads) > len(ids) else ""
     return f"[{len(payloads)} usage records: {', '.join(ids)}{more}]"
+
+
+def broker_state() -> str:
+    """What this process knows of the Celery broker from publishing ledger batches: ``"ok"``,
+    ``"unavailable"`` (its breaker is open: rows are written directly) or ``"unknown"``."""
+    if _broker_breaker().state is not BreakerState.CLOSED:
+        return "unavailable"
+    return "ok" if _runtime.get("broker_seen") else "unknown"
 
 
 def _broker_breaker() -> CircuitBreaker:
@@ -795,7 +846,10 @@ def _broker_breaker() -> CircuitBreaker:
 
 # -- snapshots and admin actions ------------------------------------------------------------
 def budget_for(user: User) -> dict[str, Any]:
-    """The caller's budget as ``GET /quotas/me/`` shows it (``used`` includes ``reserved``)."""
+    """The caller's budget as ``GET /quotas/me/`` shows it: ``used`` includes ``reserved``;
+    ``remaining`` is never negative, and ``debt`` is the usage beyond the limit (served
+    requests that used more than their estimate) that must age out before ``remaining``
+    grows again."""
     limits = limits_for(user)
     scope = scope_for(user)
     try:
@@ -833,6 +887,7 @@ def _budget_dict(limits: Limits, snapshot: Snapshot | None) -> dict[str, Any]:
             "used": None,
             "reserved": None,
             "remaining": None,
+            "debt": None,
             "reset_seconds": None,
             "requests_used": None,
             "in_flight": None,
@@ -842,7 +897,10 @@ def _budget_dict(limits: Limits, snapshot: Snapshot | None) -> dict[str, Any]:
         **base,
         "used": snapshot.used,
         "reserved": snapshot.reserved,
-        "remaining": snapshot.remaining,
+        # Usage above the estimate is charged even past the limit: what the window holds
+        # beyond it is debt, shown on its own, so ``remaining`` never goes below 0.
+        "remaining": max(snapshot.remaining, 0),
+        "debt": max(-snapshot.remaining, 0),
         "reset_seconds": snapshot.reset_seconds,
         "requests_used": snapshot.requests_used if limits.requests_per_minute else None,
         "in_flight": snapshot.in_flight,

@@ -27,7 +27,14 @@ from quotas.enforcement import (
     too_deep,
 )
 from quotas.exceptions import ConfigurationError, QuotaExceeded, RequestTooLarge, StoreUnavailable
-from quotas.http import error_body, error_payload, error_status, unavailable_retry_after
+from quotas.http import (
+    CHUNKED_BODY_MESSAGE,
+    chunked_body_unread,
+    error_body,
+    error_payload,
+    error_status,
+    unavailable_retry_after,
+)
 
 __all__ = ["QuotaRejected", "TokenQuotaThrottle"]
 
@@ -51,6 +58,16 @@ class QuotaBadRequest(exceptions.APIException):
         super().__init__()
         payload = error_payload(exc.code, str(exc), exc.param)
         self.detail = payload  # type: ignore[assignment]
+
+
+class QuotaLengthRequired(exceptions.APIException):
+    """411 for a chunked body the estimator would read as empty (see ``chunked_body_unread``)."""
+
+    status_code = status.HTTP_411_LENGTH_REQUIRED
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.detail = error_payload("length_required", CHUNKED_BODY_MESSAGE)  # type: ignore[assignment]
 
 
 class QuotaUnavailable(exceptions.APIException):
@@ -80,6 +97,8 @@ class TokenQuotaThrottle(BaseThrottle):
             tokens = None
             if hasattr(view, "get_token_estimate"):
                 tokens = view.get_token_estimate(request)
+            if tokens is None and chunked_body_unread(request._request):
+                raise QuotaLengthRequired()
             body = _body(request) if tokens is None else None
             enforce(request._request, request.user, body, tokens)
         except InvalidRequest as exc:

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from quotas.api.views import MyBudgetView, PlanListView, UserBudgetView
+from quotas.api.views import HealthView, MyBudgetView, PlanListView, UserBudgetView
 
 app_name = "quotas"
 
@@ -10,4 +10,5 @@ urlpatterns = [
     path("me/", MyBudgetView.as_view(), name="me"),
     path("plans/", PlanListView.as_view(), name="plans"),
     path("users/<int:user_id>/", UserBudgetView.as_view(), name="user-budget"),
+    path("health/", HealthView.as_view(), name="health"),
 ]

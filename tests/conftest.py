@@ -30,8 +30,14 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
 
 def quotas_settings(**overrides: Any) -> dict[str, Any]:
     # One ledger task per settle, after commit, so a test sees its rows at once; the batched
-    # path has its own tests (and the tests on real servers use it).
-    return {**settings.QUOTAS, "LEDGER_BATCH_SECONDS": 0, **overrides}
+    # path has its own tests (and the tests on real servers use it). No backlog watch thread
+    # either (its own tests start one): it would call Redis in the middle of other tests.
+    return {
+        **settings.QUOTAS,
+        "LEDGER_BATCH_SECONDS": 0,
+        "LEDGER_BACKLOG_CHECK_SECONDS": 0,
+        **overrides,
+    }
 
 
 @pytest.fixture
@@ -47,9 +53,15 @@ def isolated_quotas(redis_client: Any) -> Iterator[str]:
         services.reset_runtime()
         yield prefix
     services.reset_runtime()
-    keys = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    keys = keys_of(redis_client, prefix)
     if keys:
         redis_client.delete(*keys)
+
+
+def keys_of(redis_client: Any, prefix: str) -> list[Any]:
+    """Every Redis key under a test's ``QUOTAS["KEY_PREFIX"]``, whatever namespace the cache
+    alias puts before it (``demo:1:<prefix>:...``)."""
+    return list(redis_client.scan_iter(match=f"*{prefix}:*", count=1000))
 
 
 @pytest.fixture(autouse=True)

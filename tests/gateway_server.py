@@ -8,6 +8,7 @@ shared broker.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -64,36 +65,38 @@ def server_env(prefix: str, extra: dict[str, str]) -> dict[str, str]:
 
 
 @contextmanager
-def running_gateway(prefix: str, *, workers: int = 2, **env: str) -> Iterator[int]:
+def running_gateway(
+    prefix: str, *, workers: int = 2, log: IO[bytes] | None = None, **env: str
+) -> Iterator[int]:
     """Start gunicorn on a free port; yield the port once it answers; stop it afterwards.
 
     The window settings come from the test's ``settings.QUOTAS`` (use ``quota_config`` before
-    starting); ``env`` adds variables such as ``GATEWAY_FAKE_ANSWER_TOKENS``.
+    starting); ``env`` adds variables such as ``GATEWAY_FAKE_ANSWER_TOKENS``. ``log`` (a
+    binary file) receives the server's output when given.
     """
     port = free_port()
     command = [
         sys.executable,
         "-m",
         "gunicorn",
-        "project.wsgi:application",
+        "--config=project/gunicorn.conf.py",  # what make run serves with (threaded workers)
         f"--bind=127.0.0.1:{port}",
         f"--workers={workers}",
-        "--timeout=30",
         "--graceful-timeout=3",
         "--log-level=warning",
-        "--no-control-socket",  # servers run side by side; none needs it
     ]
-    with tempfile.TemporaryFile() as log:
+    with contextlib.ExitStack() as stack:
+        output = log if log is not None else stack.enter_context(tempfile.TemporaryFile())
         server = subprocess.Popen(
             command,
             cwd=Path(settings.BASE_DIR),
             env=server_env(prefix, env),
-            stdout=log,
+            stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its workers share its process group: stopped together
         )
         try:
-            _wait_until_ready(server, port, log)
+            _wait_until_ready(server, port, output)
             yield port
         finally:
             _stop(server)

@@ -102,3 +102,86 @@ def test_the_ledger_is_read_only_and_filterable(staff, make_plan, make_user, on_
     detail = staff.get(f"/admin/quotas/usagerecord/{record.pk}/change/")
     assert detail.status_code == 200 and b'name="_save"' not in detail.content
     assert staff.post(f"/admin/quotas/usagerecord/{record.pk}/delete/").status_code == 403
+
+
+# -- every invalid edit is a form error, never a 500 -------------------------------------------
+def changelist_post(staff, plan, **fields):
+    """Save the plans list view (``list_editable``) with one plan's row changed."""
+    row = {
+        "tokens_per_hour": plan.tokens_per_hour,
+        "requests_per_minute": plan.requests_per_minute or "",
+        "is_active": "on" if plan.is_active else "",
+        **fields,
+    }
+    data = {
+        "form-TOTAL_FORMS": "1",
+        "form-INITIAL_FORMS": "1",
+        "form-MIN_NUM_FORMS": "0",
+        "form-MAX_NUM_FORMS": "1000",
+        "form-0-id": str(plan.pk),
+        "_save": "Save",
+        **{f"form-0-{name}": value for name, value in row.items() if value != ""},
+    }
+    return staff.post(f"/admin/quotas/plan/?id__exact={plan.pk}", data)
+
+
+def test_the_list_view_refuses_a_budget_below_the_cap_as_a_form_error(staff, make_plan):
+    plan = make_plan(tokens_per_hour=10_000, max_tokens_per_request=4_000)
+    response = changelist_post(staff, plan, tokens_per_hour=3_000)
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Please correct the error below." in page
+    assert "Max tokens per request: The per-request cap (4000) cannot exceed" in page
+    plan.refresh_from_db()
+    assert plan.tokens_per_hour == 10_000
+
+
+def test_the_list_view_refuses_deactivating_the_default_plan_as_a_form_error(staff, make_plan):
+    plan = make_plan(is_default=True)
+    response = changelist_post(staff, plan, is_active="")
+    assert response.status_code == 200
+    assert "Is default: The default plan must be active." in response.content.decode()
+    plan.refresh_from_db()
+    assert plan.is_active
+
+
+def test_a_valid_list_edit_still_saves(staff, make_plan):
+    plan = make_plan(tokens_per_hour=10_000, max_tokens_per_request=4_000)
+    assert changelist_post(staff, plan, tokens_per_hour=5_000).status_code == 302
+    plan.refresh_from_db()
+    assert plan.tokens_per_hour == 5_000
+
+
+def change_form(plan, **fields):
+    form = {
+        "name": plan.name,
+        "slug": plan.slug,
+        "tier": plan.tier,
+        "tokens_per_hour": plan.tokens_per_hour,
+        "default_output_tokens": plan.default_output_tokens,
+        "is_active": "on",
+        **fields,
+    }
+    return {name: value for name, value in form.items() if value is not None}
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"is_default": "on", "is_active": None}, "The default plan must be active."),
+        ({"max_tokens_per_request": 20_000}, "cannot exceed tokens_per_hour (10000)"),
+        ({"tokens_per_hour": 0}, "greater than or equal to 1"),
+        ({"tokens_per_hour": 2**64}, "less than or equal to"),
+        ({"slug": "taken"}, "already exists"),
+        ({"is_default": "on"}, "Only one plan can be the default plan."),
+    ],
+)
+def test_the_change_form_answers_every_invalid_edit_with_a_form_error(
+    staff, make_plan, fields, words
+):
+    make_plan(slug="taken", is_default=True)
+    plan = make_plan(tokens_per_hour=10_000)
+    response = staff.post(f"/admin/quotas/plan/{plan.pk}/change/", change_form(plan, **fields))
+    assert response.status_code == 200
+    assert words in response.content.decode()
+    assert Plan.objects.get(pk=plan.pk).tokens_per_hour == 10_000

@@ -63,6 +63,11 @@ def test_bad_window_geometry_policy_numbers_and_typos():
         ("LEDGER_BATCH_SECONDS", "0.05", "a number of seconds, 0 or more"),
         ("LEDGER_BATCH_SIZE", 0, "a positive integer"),
         ("LEDGER_BATCH_SIZE", 2.5, "a positive integer"),
+        ("LEDGER_BACKLOG_WARN_SECONDS", 0, "a positive number of seconds"),
+        ("LEDGER_BACKLOG_CHECK_SECONDS", -1, "a number of seconds, 0 or more"),
+        ("NUM_PROXIES", -1, "None or an integer, 0 or more"),
+        ("NUM_PROXIES", "1", "None or an integer, 0 or more"),
+        ("NUM_PROXIES", True, "None or an integer, 0 or more"),
     ],
 )
 def test_ledger_batch_settings_out_of_range(key, value, rule):

@@ -250,3 +250,175 @@ def test_fail_open_serves_marks_the_response_and_keeps_the_ledger(client, quota_
     assert too_large.status_code == 413  # the per-request cap needs no Redis
     record = UsageRecord.objects.get()
     assert (record.status, record.actual_tokens) == ("degraded", 40)
+
+
+# -- each refusal speaks in the units of the limit that refused ------------------------------
+def test_a_requests_per_minute_refusal_gives_request_figures(make_plan, make_user):
+    user = make_user(plan=make_plan(tokens_per_hour=20_000, requests_per_minute=2))
+    api = APIClient()
+    api.force_authenticate(user)
+    post(api, "/no-usage/")
+    post(api, "/no-usage/")
+    error = post(api, "/no-usage/").json()["error"]
+    assert (error["type"], error["limit"], error["remaining"], error["requested"]) == (
+        "requests",
+        2,
+        0,
+        1,
+    )
+    assert "requested 1 request, 0 of 2 requests per minute remaining" in error["message"]
+    assert "20000" not in error["message"]
+
+
+def test_a_concurrency_refusal_gives_concurrency_figures(make_plan, make_user):
+    user = make_user(plan=make_plan(tokens_per_hour=20_000, max_concurrent_requests=1))
+    services.reserve(user, 10)  # a request in flight
+    api = APIClient()
+    api.force_authenticate(user)
+    response = post(api, "/no-usage/")
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert (error["type"], error["limit"], error["remaining"], error["requested"]) == (
+        "concurrency",
+        1,
+        0,
+        1,
+    )
+    assert "0 of 1 concurrent requests free" in error["message"]
+    assert response["Retry-After"] == "1"
+
+
+def test_a_token_refusal_keeps_token_figures(client):
+    for _ in range(10):
+        post(client, "/no-usage/")
+    error = post(client, "/no-usage/").json()["error"]
+    assert (error["type"], error["limit"], error["remaining"], error["requested"]) == (
+        "tokens",
+        1000,
+        0,
+        ESTIMATE,
+    )
+    assert f"requested {ESTIMATE} tokens, 0 of 1000 tokens remaining" in error["message"]
+
+
+def test_a_413_names_the_cap_and_offers_no_retry(client):
+    response = post(client, "/completion/", {**BODY, "max_tokens": 700})
+    assert response.status_code == 413
+    assert set(response.json()["error"]) == {"code", "type", "message", "limit", "requested"}
+    assert "Retry-After" not in response
+
+
+# -- debt is shown, never a negative remaining ----------------------------------------------
+def test_usage_beyond_the_limit_is_debt_and_remaining_stays_at_zero(client, user):
+    services.settle(services.reserve(user, 100), total_tokens=1_300)
+    me = client.get("/quotas/me/").json()
+    assert (me["used"], me["remaining"], me["debt"]) == (1_300, 0, 300)
+    response = post(client, "/completion/")
+    assert response.status_code == 429
+    assert response["X-RateLimit-Remaining"] == "0"
+    assert response.json()["error"]["remaining"] == 0
+
+
+def test_without_debt_the_debt_is_zero(client):
+    assert client.get("/quotas/me/").json()["debt"] == 0
+
+
+# -- anonymous clients: 401 with a challenge, or 403 without one (DRF's rule) ------------------
+def test_an_anonymous_plain_view_request_is_a_401_with_the_challenge():
+    from django.test import Client
+
+    response = Client().post("/plain/", BODY, content_type="application/json")
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == "Bearer"  # the demo's first authentication class
+    assert response.json()["error"]["code"] == "not_authenticated"
+
+
+def test_under_session_authentication_an_anonymous_request_is_a_403():
+    from django.test import Client
+
+    session_only = {
+        "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"]
+    }
+    with override_settings(REST_FRAMEWORK=session_only):
+        response = Client().post("/plain/", BODY, content_type="application/json")
+    assert response.status_code == 403
+    assert "WWW-Authenticate" not in response
+    assert response.json()["error"]["code"] == "not_authenticated"
+
+
+# -- chunked bodies --------------------------------------------------------------------------
+@pytest.mark.parametrize("url", ["/completion/", "/plain/"])
+def test_a_chunked_body_django_reads_as_empty_is_a_411(url, user):
+    from django.test import Client
+
+    web = Client()
+    web.force_login(user)
+    # What a WSGI server hands Django for a chunked body: no Content-Length.
+    response = web.generic(
+        "POST", url, b"", content_type="application/json", HTTP_TRANSFER_ENCODING="chunked"
+    )
+    assert response.status_code == 411
+    error = response.json()["error"]
+    assert error["code"] == "length_required"
+    assert "Content-Length" in error["message"]
+    assert services.budget_for(user)["used"] == 0
+
+
+def test_a_view_with_its_own_estimate_takes_a_chunked_request(client):
+    response = client.generic("POST", "/own-estimate/", b"", HTTP_TRANSFER_ENCODING="chunked")
+    assert response.status_code == 200
+
+
+# -- anonymous clients behind trusted proxies --------------------------------------------------
+def anonymous(remote: str, forwarded: str | None = None) -> int:
+    extra = {"REMOTE_ADDR": remote}
+    if forwarded is not None:
+        extra["HTTP_X_FORWARDED_FOR"] = forwarded
+    return post(APIClient(), "/open/", {**BODY, "max_tokens": 130}, **extra).status_code
+
+
+@pytest.fixture
+def anonymous_plan(make_plan, quota_config):
+    make_plan(slug="anon", tokens_per_hour=150)  # 138 reserved, 40 used: one request fits
+
+    def configure(**settings):
+        quota_config(ANONYMOUS_PLAN="anon", **settings)
+
+    return configure
+
+
+def test_behind_one_trusted_proxy_each_client_has_its_own_budget(anonymous_plan):
+    anonymous_plan(NUM_PROXIES=1)
+    proxy = "10.0.0.1"
+    assert anonymous(proxy, "203.0.113.7") == 200
+    assert anonymous(proxy, "203.0.113.7") == 429  # the same client
+    assert anonymous(proxy, "198.51.100.9") == 200  # another client behind the same proxy
+    # A client's own X-Forwarded-For entries come first: the proxy appends what it saw.
+    assert anonymous(proxy, "1.2.3.4, 203.0.113.8") == 200
+    assert anonymous(proxy, "5.6.7.8, 203.0.113.8") == 429
+
+
+def test_two_proxies_key_by_the_address_the_outer_one_saw(anonymous_plan):
+    anonymous_plan(NUM_PROXIES=2)
+    assert anonymous("10.0.0.1", "203.0.113.7, 172.16.0.1") == 200
+    assert anonymous("10.0.0.1", "203.0.113.7, 172.16.0.2") == 429  # same client, other CDN node
+    assert anonymous("10.0.0.1", "198.51.100.9, 172.16.0.1") == 200  # another client
+
+
+def test_without_num_proxies_forwarded_for_is_ignored(anonymous_plan):
+    anonymous_plan()
+    assert anonymous("10.0.0.1", "203.0.113.7") == 200
+    assert anonymous("10.0.0.1", "198.51.100.9") == 429  # spoofable: never trusted by default
+
+
+def test_a_forwarded_entry_that_is_no_address_falls_back_to_the_peer(anonymous_plan):
+    anonymous_plan(NUM_PROXIES=1)
+    assert anonymous("10.0.0.1", "not-an-address") == 200
+    assert anonymous("10.0.0.1", "other-garbage") == 429  # both keyed by 10.0.0.1
+
+
+def test_ipv6_clients_are_keyed_by_their_64_network(anonymous_plan):
+    anonymous_plan()
+    assert anonymous("2001:db8:1:2::10") == 200
+    assert anonymous("2001:db8:1:2:ffff::99") == 429  # same /64
+    assert anonymous("2001:db8:1:3::10") == 200

@@ -338,3 +338,26 @@ def test_streaming_through_an_upstream_is_refused_with_a_400(client, upstream):
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "stream"
     assert FakeUpstream.seen == []
+
+
+# -- the seeded demo ----------------------------------------------------------------------------
+def test_every_demo_plan_reserves_at_least_the_fake_answer_by_default():
+    from project.gateway.management.commands.seed_demo import DEMO_PLANS
+
+    for plan in DEMO_PLANS:
+        assert plan["default_output_tokens"] >= settings.GATEWAY["FAKE_ANSWER_TOKENS"], plan["slug"]
+
+
+def test_a_demo_request_without_max_tokens_is_refunded_not_in_debt(on_commit):
+    from project.gateway.management.commands.seed_demo import seed_demo
+    from quotas.models import UsageRecord
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {seed_demo().key}")  # the free plan
+    with on_commit(execute=True):
+        response = chat(client)  # no max_tokens: the plan's default output allowance
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == ANSWER_TOKENS
+    record = UsageRecord.objects.get()
+    assert record.actual_tokens == PROMPT_TOKENS + ANSWER_TOKENS
+    assert record.estimated_tokens >= record.actual_tokens  # refunded, never charged extra

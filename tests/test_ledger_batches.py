@@ -22,6 +22,7 @@ from quotas.backends.redis import LedgerEntry
 from quotas.batching import Batcher
 from quotas.models import UsageRecord
 from quotas.tasks import record_usage_task
+from tests.conftest import keys_of
 
 pytestmark = pytest.mark.django_db
 
@@ -108,7 +109,7 @@ def test_a_batch_sent_after_the_sweep_wrote_its_rows_changes_nothing(user):
 
 def test_a_batch_survives_redis_losing_the_outbox(user, redis_client, isolated_quotas):
     serve(user, 4, total_tokens=90)
-    keys = list(redis_client.scan_iter(match=f"{isolated_quotas}:*", count=1000))
+    keys = keys_of(redis_client, isolated_quotas)
     redis_client.delete(*keys)  # a Redis restart without persistence, before any sweep
     services.flush_ledger_batch()
     assert rows(user) == {"count": 4, "tokens": 360}

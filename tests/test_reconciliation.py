@@ -27,7 +27,7 @@ from quotas.signals import (
     usage_settled,
 )
 from quotas.tasks import audit_windows_task, flush_ledger_task, record_usage_task
-from tests.conftest import quotas_settings
+from tests.conftest import keys_of, quotas_settings
 
 pytestmark = pytest.mark.django_db
 
@@ -41,7 +41,7 @@ def closed_port() -> int:
 
 def flush_redis(redis_client: Any, prefix: str) -> None:
     """What a Redis restart without persistence does to this test's keys."""
-    keys = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    keys = keys_of(redis_client, prefix)
     assert keys, "the test should have windows to lose"
     redis_client.delete(*keys)
 

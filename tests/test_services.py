@@ -138,7 +138,7 @@ def test_extra_usage_is_charged_past_the_limit_and_blocks(make_plan, make_user):
     user = make_user(plan=make_plan(tokens_per_hour=1000))
     services.settle(services.reserve(user, 100), total_tokens=1500)
     budget = services.budget_for(user)
-    assert (budget["used"], budget["remaining"]) == (1500, -500)
+    assert (budget["used"], budget["remaining"], budget["debt"]) == (1500, 0, 500)
     with pytest.raises(QuotaExceeded):
         services.reserve(user, 1)
 

@@ -1,16 +1,24 @@
 """Run the whole demo: web server, Celery worker and Celery beat, until Ctrl-C.
 
     python -m project.devtools.run      (``make run`` wraps it in with_redis)
+    python -m project.devtools.run --check-port   (only: is PORT free? exit 2 if not)
 
-Each child runs in its own process group so stopping it also stops its workers. If any child
+First it checks that ``PORT`` (default 8000) is free, and stops at once, naming ``PORT``,
+when it is not. Then it migrates, seeds the demo data and collects the static files, starts
+the three children (each in its own process group, so stopping it also stops its workers),
+and prints the banner last: once the web server that answers on ``PORT`` is provably ours
+(it echoes this run's id in a header) and the Celery worker said it is ready. If any child
 dies, the others are stopped and we exit non-zero.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,39 +28,99 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["main"]
+__all__ = ["RUN_ID_HEADER", "main"]
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 POLL_SECONDS = 0.2
+RUN_ID_ENV = "DEMO_RUN_ID"
+RUN_ID_HEADER = "X-Demo-Run"
+WORKER_READY_ENV = "DEMO_WORKER_READY_FILE"
+SETTLE_SECONDS = 0.5
+
+
+class StartError(Exception):
+    """The demo cannot start; the message says why and what to do (exit code 2)."""
+
+
+def var_dir() -> Path:
+    """Where the demo keeps its files: ``VAR_DIR``, as the settings read it."""
+    return Path(os.environ.get("VAR_DIR") or BASE_DIR / "var")
+
+
+def port_from_env() -> int:
+    """``PORT`` as a TCP port number; ``StartError`` naming ``PORT`` otherwise."""
+    raw = os.environ.get("PORT") or str(DEFAULT_PORT)
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise StartError(f"PORT must be a TCP port number (1-65535), not {raw!r}.")
+    return int(raw)
+
+
+def check_port_free(port: int, host: str = HOST) -> None:
+    """Raise ``StartError`` (naming ``PORT``) if nothing of ours could listen on the port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As gunicorn binds: a port left in TIME_WAIT by an earlier run is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartError(
+                    f"port {port} on {host} is already in use by another program. "
+                    f"Choose a free one with PORT, e.g. PORT={port + 1} make run"
+                ) from exc
+            raise StartError(f"cannot listen on {host}:{port} ({exc}); set PORT.") from exc
 
 
 def child_commands(port: int) -> dict[str, list[str]]:
-    """The processes of the demo, by name; ``sys.executable -m`` so no PATH is needed."""
+    """The processes of the demo, by name; ``sys.executable -m`` so no PATH is needed.
+
+    Celery logs warnings only (``-q`` drops its start-up banners): beat's INFO line for every
+    flush_ledger it sends, every 2 s, would bury the demo's banner. Set CELERY_LOG_LEVEL=info
+    to see them.
+    """
     python = sys.executable
+    level = os.environ.get("CELERY_LOG_LEVEL", "warning")
     return {
         "web": [
-            python, "-m", "gunicorn", "project.wsgi:application",
-            "-b", f"{HOST}:{port}", "-w", "2", "--access-logfile", "-", "--no-control-socket",
+            python, "-m", "gunicorn", "--config", "project/gunicorn.conf.py",
+            "--bind", f"{HOST}:{port}", "--access-logfile", "-",
         ],
-        "worker": [python, "-m", "celery", "-A", "project", "worker", "-l", "info",
+        "worker": [python, "-m", "celery", "-q", "-A", "project", "worker", "-l", level,
                    "--concurrency", "2"],
-        "beat": [python, "-m", "celery", "-A", "project", "beat", "-l", "info",
-                 "-s", str(BASE_DIR / "var" / "celerybeat-schedule")],
+        "beat": [python, "-m", "celery", "-q", "-A", "project", "beat", "-l", level,
+                 "-s", str(var_dir() / "celerybeat-schedule")],
     }  # fmt: skip
+
+
+def prepare() -> str:
+    """Migrate, seed the demo data, collect the static files; return the demo user's token."""
+    manage = [sys.executable, "manage.py"]
+    _run_quietly([*manage, "migrate", "--noinput", "-v", "0"])
+    _run_quietly([*manage, "collectstatic", "--noinput", "-v", "0"])
+    return _run_quietly([*manage, "seed_demo", "--print-token"]).strip().splitlines()[-1]
+
+
+def _run_quietly(command: list[str]) -> str:
+    result = subprocess.run(command, cwd=BASE_DIR, capture_output=True, text=True)
+    if result.returncode:
+        raise StartError(f"{' '.join(command[1:])} failed:\n{result.stderr.strip()}")
+    return result.stdout
 
 
 @dataclass
 class Supervisor:
     """Starts named children, each in its own process group, and stops them all together."""
 
+    env: dict[str, str]
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str, command: list[str]) -> None:
         """Start ``command`` in a new process group, from the project directory."""
-        self.children[name] = subprocess.Popen(command, cwd=BASE_DIR, process_group=0)
+        self.children[name] = subprocess.Popen(command, cwd=BASE_DIR, env=self.env, process_group=0)
 
     def dead_child(self) -> str | None:
         """The name of a child that has exited, if any."""
@@ -87,39 +155,32 @@ def request_stop(_signum: int, _frame: FrameType | None) -> None:
     raise StopRequested
 
 
-def demo_token() -> str:
-    """The demo user's API token (``seed_demo`` creates it if needed)."""
-    result = subprocess.run(
-        [sys.executable, "manage.py", "seed_demo", "--print-token"],
-        cwd=BASE_DIR,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return result.stdout.strip().splitlines()[-1]
-
-
-def web_answers(base_url: str) -> bool:
-    """True once the web server answers HTTP at all (any status)."""
+def our_server_answers(base_url: str, run_id: str) -> bool:
+    """True once the server on the port answers with this run's id: ours, not another
+    program that took the port."""
     try:
-        with urllib.request.urlopen(f"{base_url}/admin/login/", timeout=1):
-            return True
-    except urllib.error.HTTPError:
-        return True
+        with urllib.request.urlopen(f"{base_url}/quotas/plans/", timeout=1) as response:
+            return bool(response.headers.get(RUN_ID_HEADER) == run_id)
+    except urllib.error.HTTPError as exc:
+        return bool(exc.headers.get(RUN_ID_HEADER) == run_id)
     except OSError:
         return False
 
 
-def wait_for_web(supervisor: Supervisor, base_url: str) -> None:
-    """Return once the web server answers; raise if a child dies or it takes too long."""
+def wait_until_up(supervisor: Supervisor, base_url: str, run_id: str, ready_file: Path) -> None:
+    """Return once our web server answers and the worker said it is ready (it creates
+    ``ready_file``); raise if a child dies or it takes too long."""
     deadline = time.monotonic() + READY_TIMEOUT
-    while not web_answers(base_url):
+    while not (ready_file.exists() and our_server_answers(base_url, run_id)):
         dead = supervisor.dead_child()
         if dead:
             raise RuntimeError(f"{dead} exited during start-up")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the web server did not answer within {READY_TIMEOUT:.0f} s")
+            raise RuntimeError(f"the demo did not start within {READY_TIMEOUT:.0f} s")
         time.sleep(POLL_SECONDS)
+    # The access log line of the last probe is written just after its answer: let it come
+    # out before the banner.
+    time.sleep(SETTLE_SECONDS)
 
 
 def banner(base_url: str, token: str) -> str:
@@ -129,6 +190,7 @@ def banner(base_url: str, token: str) -> str:
 The demo is running (Redis: {os.environ.get("REDIS_URL", "default")}).
   Chat completions  {base_url}/v1/chat/completions
   Your budget       {base_url}/quotas/me/
+  Health            {base_url}/quotas/health/
   Admin             {base_url}/admin/   (admin / admin)
   Demo user         demo / demo, free plan, API token {token}
 
@@ -141,11 +203,14 @@ Press Ctrl-C to stop.
 """
 
 
-def supervise(supervisor: Supervisor, base_url: str, token: str) -> int:
+def supervise(supervisor: Supervisor, port: int, token: str, run_id: str) -> int:
     """Start the children, announce the demo, and wait until one dies (returns 1)."""
-    for name, command in child_commands(int(base_url.rsplit(":", 1)[1])).items():
+    base_url = f"http://{HOST}:{port}"
+    ready_file = Path(supervisor.env[WORKER_READY_ENV])
+    ready_file.unlink(missing_ok=True)
+    for name, command in child_commands(port).items():
         supervisor.start(name, command)
-    wait_for_web(supervisor, base_url)
+    wait_until_up(supervisor, base_url, run_id, ready_file)
     print(banner(base_url, token), flush=True)
     while (dead := supervisor.dead_child()) is None:
         time.sleep(POLL_SECONDS)
@@ -154,15 +219,30 @@ def supervise(supervisor: Supervisor, base_url: str, token: str) -> int:
     return 1
 
 
-def main() -> int:
-    """Run the demo until Ctrl-C (exit 0) or until a child dies (exit 1)."""
-    base_url = f"http://{HOST}:{int(os.environ.get('PORT', '8000'))}"
-    token = demo_token()
-    supervisor = Supervisor()
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo until Ctrl-C (exit 0), until a child dies (exit 1), or refuse to start
+    (exit 2: PORT taken or invalid, or a preparation step failed)."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        port = port_from_env()
+        check_port_free(port)
+        if "--check-port" in args:
+            return 0
+        token = prepare()
+    except StartError as exc:
+        print(f"run: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    run_id = secrets.token_hex(8)
+    ready_file = var_dir() / f"worker-ready-{run_id}"
+    supervisor = Supervisor(
+        env={**os.environ, RUN_ID_ENV: run_id, WORKER_READY_ENV: str(ready_file)}
+    )
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        return supervise(supervisor, base_url, token)
+        return supervise(supervisor, port, token, run_id)
     except StopRequested:
         print("\nrun: stopping…", file=sys.stderr, flush=True)
         return 0
@@ -173,6 +253,7 @@ def main() -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         supervisor.stop_all()
+        ready_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

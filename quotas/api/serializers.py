@@ -34,7 +34,8 @@ class PlanRefSerializer(serializers.Serializer):
 
 
 class BudgetSerializer(serializers.Serializer):
-    """A budget snapshot (``services.budget_for``); ``used`` includes ``reserved``.
+    """A budget snapshot (``services.budget_for``); ``used`` includes ``reserved``;
+    ``remaining`` is never negative and ``debt`` is the usage beyond the limit.
 
     Live figures are ``null`` (and ``degraded`` true) while Redis is unavailable.
     """
@@ -45,6 +46,7 @@ class BudgetSerializer(serializers.Serializer):
     used = serializers.IntegerField(allow_null=True)
     reserved = serializers.IntegerField(allow_null=True)
     remaining = serializers.IntegerField(allow_null=True)
+    debt = serializers.IntegerField(allow_null=True)
     reset_seconds = serializers.FloatField(allow_null=True)
     max_tokens_per_request = serializers.IntegerField(allow_null=True)
     requests_per_minute = serializers.IntegerField(allow_null=True)

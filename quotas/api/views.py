@@ -1,4 +1,5 @@
-"""Budget endpoints. Thin: every figure comes from ``quotas.services``."""
+"""Budget and health endpoints. Thin: every figure comes from ``quotas.services`` and
+``quotas.health``."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from quotas import services
+from quotas import health, services
 from quotas.api.serializers import BudgetSerializer, PlanSerializer
 from quotas.exceptions import ConfigurationError
 from quotas.models import Plan
 
-__all__ = ["CanViewUserQuotas", "MyBudgetView", "PlanListView", "UserBudgetView"]
+__all__ = ["CanViewUserQuotas", "HealthView", "MyBudgetView", "PlanListView", "UserBudgetView"]
 
 
 class NoPlan(APIException):
@@ -74,3 +75,17 @@ class PlanListView(generics.ListAPIView):
 
     def get_queryset(self) -> Any:
         return Plan.objects.active()
+
+
+class HealthView(APIView):
+    """``GET health/``: Redis, the broker, the ledger's backlog; 200 when ``"ok"``, 503 when
+    ``"degraded"``. Unauthenticated (for load balancers and monitors): it shows counts and
+    ages, nothing about any user."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [permissions.AllowAny]
+    throttle_classes: list[Any] = []
+
+    def get(self, request: Request) -> Response:
+        report = health.health()
+        return Response(report, status=200 if report["status"] == "ok" else 503)

@@ -224,6 +224,8 @@ class LedgerEntry:
                 int(completion) if completion else None,
                 model,
             )
+        if text.startswith("e:"):  # expire.lua's: "e:<moved at ms>:" + the pending record
+            text = text.split(":", 2)[2]
         _bucket, estimate, reserved_at, model = text.split(":", 3)
         tokens = int(estimate)
         return cls(scope, _text(rid), "expired", tokens, tokens, int(reserved_at), model=model)
@@ -262,6 +264,20 @@ class RedisWindowStore:
     def keys(self, scope: str) -> list[str]:
         """All keys of one quota key; the ``{hash tag}`` keeps them in one cluster slot."""
         return [f"{self.prefix}:{{{scope}}}:{suffix}" for suffix in KEY_SUFFIXES]
+
+    @property
+    def backlog_key(self) -> str:
+        """The registry of outboxes with records waiting for their rows (see _window.lua)."""
+        return f"{self.prefix}:ledger:backlog"
+
+    @property
+    def due_key(self) -> str:
+        """The registry of pending reservations' earliest deadlines (see _window.lua)."""
+        return f"{self.prefix}:ledger:due"
+
+    def scope_of(self, key: bytes | str, suffix: str) -> str:
+        """The quota key of one of its Redis keys (``<prefix>:{<scope>}:<suffix>``)."""
+        return _text(key)[len(self.prefix) + 2 : -(len(suffix) + 2)]
 
     def _common(self, now_ms: int | None) -> list[Any]:
         spec = self.spec
@@ -329,7 +345,7 @@ class RedisWindowStore:
                 *pairs,
             ],
             now_ms,
-            extra_keys=[self.attempts_key(scope)],
+            extra_keys=[self.attempts_key(scope), self.due_key],
         )
         return ReserveResult.from_script(raw)
 
@@ -429,7 +445,7 @@ class RedisWindowStore:
             int(figures.get("reserved_at_ms", 0)),
             figures.get("model", ""),
         ]
-        return [*self.keys(scope), marker], args
+        return [*self.keys(scope), marker, self.backlog_key, self.due_key], args
 
     def peek(
         self,
@@ -451,7 +467,8 @@ class RedisWindowStore:
     def expire(self, scope: str, *, batch: int = 500, now_ms: int | None = None) -> int:
         """Move up to ``batch`` reservations past their deadline to the outbox; return how many
         overdue ids it took (``batch``: call again, there may be more)."""
-        return int(self._run("expire", scope, [batch], now_ms))
+        keys = [self.backlog_key, self.due_key]
+        return int(self._run("expire", scope, [batch], now_ms, extra_keys=keys))
 
     def outbox(self, scope: str, *, batch: int = 500) -> list[LedgerEntry]:
         """Up to about ``batch`` ledger records whose rows are not yet acknowledged."""
@@ -499,10 +516,44 @@ class RedisWindowStore:
         raw: Any = self._call(self.client.hgetall, self.dead_letter_key(scope))
         return {_text(rid): json.loads(_text(record)) for rid, record in raw.items()}
 
-    def ack_outbox(self, scope: str, reservation_ids: Sequence[str]) -> None:
-        """Forget outbox records once their ledger rows are written."""
-        if reservation_ids:
-            self._call(self.client.hdel, self.keys(scope)[4], *reservation_ids)
+    def ack_outbox(
+        self, scope: str, reservation_ids: Sequence[str], *, now_ms: int | None = None
+    ) -> int:
+        """Forget outbox records once their ledger rows are written; return the records left.
+
+        Also keeps the backlog registry true (an empty outbox leaves it), so call it after a
+        sweep found nothing too."""
+        override = "" if now_ms is None else str(int(now_ms))
+        keys = [self.keys(scope)[4], self.backlog_key]
+        return int(self.scripts.run("ack", keys, [override, *reservation_ids]))
+
+    def backlog(self, *, now_ms: int | None = None) -> tuple[int, float | None]:
+        """The ledger's backlog: outboxes holding records not yet written as rows, and how
+        many seconds the oldest of those records has waited (``None``: nothing waits)."""
+        override = "" if now_ms is None else str(int(now_ms))
+        count, since, now = self.scripts.run("backlog", [self.backlog_key], [override])
+        waited = None if int(since) < 0 else max(int(now) - int(since), 0) / 1000
+        return int(count), waited
+
+    def backlog_scopes(self) -> Iterator[str]:
+        """Quota keys whose outbox holds records (the backlog registry)."""
+        try:
+            for key in self.client.zscan_iter(self.backlog_key, count=1000):
+                yield self.scope_of(key[0], "x")
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis error: {exc}") from exc
+
+    def due_scopes(self, *, limit: int = 100_000, now_ms: int | None = None) -> list[str]:
+        """Quota keys holding reservations past their deadline (the due registry)."""
+        override = "" if now_ms is None else str(int(now_ms))
+        keys = self.scripts.run("due", [self.due_key], [override, limit])
+        return [self.scope_of(key, "p") for key in keys]
+
+    def claim_scan(self, every_seconds: int) -> bool:
+        """True at most once per ``every_seconds`` per prefix (and after Redis lost its data):
+        the caller then also finds keys by SCAN, for keys the registries do not know."""
+        marker = f"{self.prefix}:ledger:scanned"
+        return bool(self._call(self.client.set, marker, 1, nx=True, ex=every_seconds))
 
     def window_contents(self, scope: str, *, now_ms: int | None = None) -> WindowContents:
         """The live buckets, pending reservations and outbox of one quota key, read at once."""
@@ -563,7 +614,7 @@ class RedisWindowStore:
 
     def iter_window_keys(self) -> Iterator[str]:
         """Every token window hash, by SCAN (never KEYS): for background jobs only."""
-        pattern = f"{self.prefix}:{{*}}:w"
+        pattern = f"{_glob_escape(self.prefix)}:{{*}}:w"
         try:
             for key in self.client.scan_iter(match=pattern, count=1000, _type="HASH"):
                 yield key.decode() if isinstance(key, bytes) else key
@@ -572,12 +623,10 @@ class RedisWindowStore:
 
     def iter_scopes(self, suffix: str) -> Iterator[str]:
         """Quota keys that have a key with this suffix (e.g. ``"p"``: pending reservations)."""
-        start, end = len(self.prefix) + 2, -(len(suffix) + 2)
-        pattern = f"{self.prefix}:{{*}}:{suffix}"
+        pattern = f"{_glob_escape(self.prefix)}:{{*}}:{suffix}"
         try:
             for key in self.client.scan_iter(match=pattern, count=1000):
-                text = key.decode() if isinstance(key, bytes) else key
-                yield text[start:end]
+                yield self.scope_of(key, suffix)
         except RedisError as exc:
             raise StoreUnavailable(f"Redis error: {exc}") from exc
 
@@ -643,6 +692,12 @@ def _send_all(connection: Any, commands: Sequence[Sequence[Any]]) -> list:
         except ResponseError as exc:
             replies.append(exc)
     return replies
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a ``SCAN MATCH`` pattern (a cache prefix may hold any
+    character)."""
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
 
 
 def _text(value: bytes | str) -> str:

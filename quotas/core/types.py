@@ -128,6 +128,8 @@ class ReserveResult:
     tokens: int = 0
     requests_reset_seconds: float = 0.0
     window_has_epoch: bool = True
+    concurrency_limit: int = 0
+    in_flight: int = 0
 
     @property
     def allowed(self) -> bool:
@@ -154,6 +156,8 @@ class ReserveResult:
             now_ms=int(raw[12]),
             tokens=int(raw[13]),
             requests_reset_seconds=_seconds(int(raw[14])),
+            concurrency_limit=int(raw[15]),
+            in_flight=int(raw[16]),
         )
 
     def state(self, window_seconds: float) -> QuotaState:

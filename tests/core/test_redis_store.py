@@ -347,3 +347,60 @@ def test_settle_many_is_each_settle_in_one_round_trip_even_after_a_script_flush(
     assert [r.status for r in results[:3]] == [1, 1, 0]  # the repeat changes nothing
     assert isinstance(results[3], StoreUnavailable)  # its script failed; the others stand
     assert store.peek("u", now_ms=T0).used == 100
+
+
+# -- the ledger registries: where the sweep's work is, and how old the backlog is -----------
+def settle_at(store: Any, rid: str, at: int) -> Any:
+    return store.settle("u", rid, 50, epoch=reserve_epoch(store), now_ms=at)
+
+
+def reserve_epoch(store: Any) -> str:
+    return store.window_contents("u", now_ms=T0).epoch
+
+
+def test_the_backlog_is_the_age_of_the_oldest_record_not_yet_written(store: Any) -> None:
+    assert store.backlog(now_ms=T0) == (0, None)
+    reserve(store, 100, T0, rid="a", epoch="e1")
+    reserve(store, 100, T0, rid="b")
+    assert store.backlog(now_ms=T0) == (0, None)  # reserved, not yet settled: no record
+    settle_at(store, "a", T0 + 1_000)
+    settle_at(store, "b", T0 + 4_000)
+    assert store.backlog(now_ms=T0 + 10_000) == (1, 9.0)  # one outbox, since "a" was settled
+    assert store.ack_outbox("u", ["a"], now_ms=T0 + 10_000) == 1
+    assert store.backlog(now_ms=T0 + 10_000) == (1, 6.0)  # now since "b"
+    assert store.ack_outbox("u", ["b"]) == 0
+    assert store.backlog(now_ms=T0 + 10_000) == (0, None)
+    assert list(store.backlog_scopes()) == []
+
+
+def test_expired_reservations_are_due_then_waiting(store: Any) -> None:
+    reserve(store, 100, T0, rid="a", epoch="e1")
+    assert store.due_scopes(now_ms=T0 + TTL - 1) == []
+    assert store.due_scopes(now_ms=T0 + TTL) == ["u"]
+    assert store.expire("u", now_ms=T0 + TTL + 5) == 1
+    assert store.due_scopes(now_ms=T0 + 10 * TTL) == []  # nothing pending any more
+    assert store.backlog(now_ms=T0 + TTL + 2_005) == (1, 2.0)  # since it was moved
+    assert list(store.backlog_scopes()) == ["u"]
+    [entry] = store.outbox("u")
+    assert (entry.status, entry.actual, entry.reserved_at_ms) == ("expired", 100, T0)
+
+
+def test_a_settle_moves_the_due_deadline_to_the_next_reservation(store: Any) -> None:
+    reserve(store, 100, T0, rid="a", epoch="e1")
+    reserve(store, 100, T0 + 5_000, rid="b")
+    settle_at(store, "a", T0 + 6_000)
+    assert store.due_scopes(now_ms=T0 + TTL + 1) == []  # "a" is settled: not due at its TTL
+    assert store.due_scopes(now_ms=T0 + TTL + 5_000) == ["u"]  # "b" is
+    settle_at(store, "b", T0 + 7_000)
+    assert store.due_scopes(now_ms=T0 + 100 * TTL) == []
+
+
+def test_an_outbox_the_registry_never_saw_is_registered_by_its_ack(store: Any) -> None:
+    # Records written before the registries existed (an upgrade), in the old expired format.
+    outbox = store.keys("u")[4]
+    store.client.hset(outbox, mapping={"old": f"3:100:{T0}:gpt-4", "older": f"3:70:{T0 - 9}:m"})
+    assert store.backlog(now_ms=T0) == (0, None)
+    [entry, _] = sorted(store.outbox("u"), key=lambda e: e.reservation_id)
+    assert (entry.status, entry.actual) == ("expired", 100)
+    assert store.ack_outbox("u", ["old"], now_ms=T0 + 1_000) == 1
+    assert store.backlog(now_ms=T0 + 1_000) == (1, 1.009)  # since it was reserved: never late

@@ -21,9 +21,18 @@
 --              (reservation id -> deadline ms), [4] reservations hash (id -> record),
 --              [5] ledger outbox hash (id -> record of a settled or expired reservation,
 --              until its ledger row is written; see settle.lua and expire.lua).
+-- Two registries per key prefix (not per user: no hash tag) tell the ledger sweep where its
+-- work is, without SCAN, and the health check how old the ledger's backlog is:
+--   backlog zset: outbox key -> ms since its oldest record not yet acknowledged waits
+--                 (added by settle.lua and expire.lua, kept true by ack.lua);
+--   due zset:     pending key -> the earliest deadline of its reservations (reserve.lua,
+--                 settle.lua and expire.lua keep it; a key leaves when it has none).
 
 -- An outbox record waits at most this long for its ledger row (a week without a sweep).
 local OUTBOX_TTL_MS = 7 * 24 * 3600 * 1000
+
+-- A registry entry's TTL (refreshed whenever it is written): no registry outlives its keys.
+local REGISTRY_TTL_MS = OUTBOX_TTL_MS
 
 local function clock(override)
   if override ~= '' then return tonumber(override) end
@@ -149,4 +158,21 @@ local function load_cfg(w, now, window_ms, bucket_ms, cfg_arg, epoch_arg, seed_f
   redis.call('HSET', w.key, 'cfg', cfg_arg)
   redis.call('PEXPIRE', w.key, w.ttl)
   return parse_cfg(cfg_arg), open_window(w.key, now, window_ms, bucket_ms)
+end
+
+-- The outbox `outbox` has a record waiting since `now` (unless an older one already waits).
+local function note_backlog(registry, outbox, now)
+  redis.call('ZADD', registry, 'NX', now, outbox)
+  redis.call('PEXPIRE', registry, REGISTRY_TTL_MS)
+end
+
+-- Records the earliest deadline left in the pending zset `pending` (or that it has none).
+local function note_due(registry, pending)
+  local first = redis.call('ZRANGE', pending, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('ZREM', registry, pending)
+  else
+    redis.call('ZADD', registry, first[2], pending)
+    redis.call('PEXPIRE', registry, REGISTRY_TTL_MS)
+  end
 end

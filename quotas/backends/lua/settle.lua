@@ -3,7 +3,8 @@
 -- step, so no settle can happen without its record. Idempotent: an unknown reservation id
 -- changes nothing.
 -- KEYS and ARGV[1..5]: see _window.lua. KEYS[6]: this id's settled marker (a string key
--- that makes a repeated settle of an id Redis does not know change nothing).
+-- that makes a repeated settle of an id Redis does not know change nothing). KEYS[7] the
+-- backlog registry, KEYS[8] the due registry (see _window.lua).
 -- ARGV[6] reservation id, ARGV[7] actual tokens (integer >= 0; -1: the estimate stands),
 -- ARGV[8] the epoch the reservation was made in ("" when unknown: never charge anew),
 -- ARGV[9] ledger status, ARGV[10] prompt tokens or "", ARGV[11] completion tokens or "",
@@ -24,6 +25,7 @@ local function to_outbox(estimate, reserved_at, model)
   redis.call('HSET', KEYS[5], rid, table.concat({'s', estimate, actual, reserved_at, now,
              ARGV[10], ARGV[11], ARGV[9], model}, ':'))
   redis.call('PEXPIRE', KEYS[5], OUTBOX_TTL_MS)
+  note_backlog(KEYS[7], KEYS[5], now)
 end
 local rec = redis.call('HGET', KEYS[4], rid)
 local w = open_window(KEYS[1], now, window_ms, bucket_ms)
@@ -75,5 +77,6 @@ end
 redis.call('HSET', KEYS[1], 't', w.total, 'rv', math.max(w.reserved - estimate, 0))
 redis.call('HDEL', KEYS[4], rid)
 redis.call('ZREM', KEYS[3], rid)
+note_due(KEYS[8], KEYS[3])
 to_outbox(estimate, created, model)
 return {1, applied, estimate, created, limit, limit - w.total, reset_ms(w, now), actual, model}

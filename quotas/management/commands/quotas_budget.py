@@ -11,7 +11,15 @@ from quotas import services
 from quotas.exceptions import ConfigurationError
 from quotas.models import UsageRecord
 
-BUDGET_FIELDS = ("limit", "used", "reserved", "remaining", "reset_seconds", "window_seconds")
+BUDGET_FIELDS = (
+    "limit",
+    "used",
+    "reserved",
+    "remaining",
+    "debt",
+    "reset_seconds",
+    "window_seconds",
+)
 
 
 class Command(BaseCommand):

@@ -22,7 +22,9 @@ DEMO_PLANS: list[dict[str, Any]] = [
         "max_tokens_per_request": 4_000,
         "requests_per_minute": 20,
         "max_concurrent_requests": 2,
-        "default_output_tokens": 256,
+        # Above the fake model's answer (GATEWAY_FAKE_ANSWER_TOKENS, 300): a request without
+        # max_tokens is refunded the difference instead of ending in debt.
+        "default_output_tokens": 512,
         "is_default": True,
     },
     {

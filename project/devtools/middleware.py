@@ -1,0 +1,26 @@
+"""Middleware for ``make run`` only: lets ``project.devtools.run`` tell its own web server
+from another program that answers on the same port."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from django.http import HttpRequest, HttpResponseBase
+
+from project.devtools.run import RUN_ID_ENV, RUN_ID_HEADER
+
+__all__ = ["RunIdMiddleware"]
+
+
+class RunIdMiddleware:
+    """Adds this run's id (``DEMO_RUN_ID``) to every response, as ``X-Demo-Run``."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+        self.run_id = os.environ.get(RUN_ID_ENV, "")
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        response = self.get_response(request)
+        response[RUN_ID_HEADER] = self.run_id
+        return response
