@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from quotas.core.chat import count_prompt_tokens
-from quotas.core.tokens import count_text_tokens, encoding_for_model, get_encoding
+from quotas.core.encodings import count_text_tokens, encoding_for_model, get_encoding
 
 __all__ = ["FakeAnswer", "answer", "natural_text"]
 

@@ -33,8 +33,8 @@ from typing import Any
 import tiktoken
 
 from quotas.core.bounds import MAX_CONTENT_PARTS, MAX_MESSAGES, InvalidRequest
+from quotas.core.encodings import count_text_tokens
 from quotas.core.images import DETAILS, image_size, image_tokens
-from quotas.core.tokens import count_text_tokens
 
 __all__ = ["BILLED_FIELDS", "count_chat_tokens", "count_prompt_tokens", "messages_of"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from quotas.core.bounds import InvalidRequest, check_depth, check_model_name, check_token_figure
 from quotas.core.chat import count_prompt_tokens, messages_of
-from quotas.core.tokens import encoding_for_model
+from quotas.core.encodings import encoding_for_model
 
 __all__ = ["Estimate", "InvalidRequest", "estimate_request", "positive_int_or_none"]
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 import tiktoken
 
-from quotas.core import tokens
+from quotas.core import encodings as tokens
 from quotas.core.estimate import InvalidRequest, estimate_request
 from quotas.core.tokens import count_chat_tokens, encoding_for_model, get_encoding
 
