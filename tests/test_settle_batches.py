@@ -11,7 +11,8 @@ import pytest
 from rest_framework.test import APIClient
 
 from quotas import services
-from quotas.backends import redis as redis_backend
+from quotas.backends import scripts as redis_backend
+from quotas.engine import settlement
 from quotas.models import UsageRecord
 
 from .test_enforcement_http import BODY, ESTIMATE
@@ -24,9 +25,9 @@ def user(make_plan: Any, make_user: Any, quota_config: Any) -> Any:
     # An interval no test outlives (the tests send the batches), on a fresh batcher: a thread
     # of an earlier test's batcher may sleep through an hour-long interval.
     quota_config(SETTLE_BATCH_SECONDS=3600)
-    services._settler = None
+    settlement._settler = None
     yield make_user(plan=make_plan(tokens_per_hour=1000, max_tokens_per_request=600))
-    services._settler = None
+    settlement._settler = None
 
 
 @pytest.fixture
@@ -93,7 +94,7 @@ def test_a_view_that_settled_itself_is_not_settled_again(client, on_commit):
 @pytest.mark.django_db(transaction=True)  # its rows are written by another thread
 def test_the_batch_thread_sends_on_its_own(client, quota_config):
     quota_config(SETTLE_BATCH_SECONDS=0.05)
-    services._settler = None
+    settlement._settler = None
     post(client, "/completion/")
     deadline = time.monotonic() + 5
     while used(client) != 40:
@@ -103,8 +104,8 @@ def test_the_batch_thread_sends_on_its_own(client, quota_config):
 
 def test_a_settle_sent_twice_changes_nothing(client, user, on_commit):
     post(client, "/completion/")
-    job = services._settle_batcher()._pending[0]
-    services._settle_batcher()._pending.append(job)  # e.g. a pipeline sent again
+    job = settlement._settle_batcher()._pending[0]
+    settlement._settle_batcher()._pending.append(job)  # e.g. a pipeline sent again
     with on_commit(execute=True):
         assert services.flush_settle_batch() == 2
     assert used(client) == 40
@@ -124,4 +125,4 @@ def test_settle_later_settles_at_once_when_batching_is_off(user, quota_config):
     reservation = services.reserve(user, 100)
     assert services.settle_later(reservation, total_tokens=30) == 30
     assert services.budget_for(user)["used"] == 30
-    assert len(services._settle_batcher()) == 0
+    assert len(settlement._settle_batcher()) == 0

@@ -6,252 +6,28 @@ Every operation is one Lua script, one round trip, atomic. Every Redis error is 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import logging
-import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any, TypeVar
 
 from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError
 
+from quotas.backends.outbox import LedgerOutbox
+from quotas.backends.records import LedgerEntry, WindowContents, as_text
+from quotas.backends.scripts import ScriptRunner
 from quotas.core.types import Limits, ReserveResult, SettleResult, Snapshot, WindowSpec
 from quotas.exceptions import StoreUnavailable
 
-__all__ = ["LedgerEntry", "RedisWindowStore", "WindowContents"]
+__all__ = ["LedgerEntry", "RedisWindowStore", "ScriptRunner", "WindowContents"]
 
 T = TypeVar("T")
 KEY_SUFFIXES = ("w", "q", "p", "r", "x")
-# Ledger records the database refused wait this long for an operator (30 days).
-DEAD_LETTER_TTL_MS = 30 * 24 * 3600 * 1000
-logger = logging.getLogger("quotas")
 SETTLE_FIGURES = frozenset(
     ("status", "prompt_tokens", "completion_tokens", "estimate", "reserved_at_ms", "model")
 )
 
 
-@cache
-def script_source(name: str) -> str:
-    """The script's text with the shared helpers prepended (read once per process)."""
-    lua = resources.files("quotas.backends") / "lua"
-    return (lua / "_window.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
-
-
-@cache
-def script_sha(name: str) -> str:
-    """The SHA1 Redis knows the script by (``EVALSHA``)."""
-    return hashlib.sha1(script_source(name).encode()).hexdigest()
-
-
-class ScriptRunner:
-    """Runs the store's scripts, each thread on a connection of its own.
-
-    A script call is the hot path of every request, so it skips what redis-py's generic
-    command path does around each command and that a script call does not need: taking a
-    connection from the pool and polling it for stray data (one system call more), giving
-    it back, retry and metrics bookkeeping. On a VM where a system call is expensive that
-    halves the client's cost of a round trip. What it keeps:
-
-    - the client's connection settings (host, timeouts, TLS, credentials): connections are
-      made by the client's pool class from the pool's arguments;
-    - a connection that failed (refused, reset, timed out mid-reply) is closed and the next
-      call makes a new one; an error from the script itself (``ResponseError``) leaves it
-      usable; ``NOSCRIPT`` (Redis restarted or flushed its scripts) sends the source once;
-    - a connection used before that turns out closed (the server restarted or dropped idle
-      clients: ``ConnectionError``) is replaced and the call sent once more, at once. That is
-      the case redis-py's pool checks for by polling every connection it lends; here it
-      costs nothing until it happens. A timeout is never retried: the call may have run;
-    - a forked child never writes to its parent's socket: it makes its own connection;
-    - a thread's connection is closed when the thread ends (it lives in thread-local
-      storage, and redis-py closes a connection when it is collected).
-
-    A client without one connection pool (Redis Cluster) runs the scripts through redis-py.
-    """
-
-    def __init__(self, client: Redis) -> None:
-        self.client = client
-        self.pool = getattr(client, "connection_pool", None)
-        self._local = threading.local()
-        self._scripts: dict[str, Any] = {}
-
-    def run(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """The script's reply; ``StoreUnavailable`` on any Redis or socket error."""
-        if self.pool is None:
-            return self._run_with_client(name, keys, args)
-        return self._on_connection(lambda connection: self._call(connection, name, keys, args))
-
-    def run_many(self, name: str, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list:
-        """Each ``(keys, args)`` call's reply, in order, from one round trip (a pipeline);
-        a call whose script failed gets its ``ResponseError`` in place of a reply, and
-        ``StoreUnavailable`` is raised when Redis cannot be reached.
-
-        Only for calls that change nothing when sent twice: after a closed connection the
-        whole pipeline is sent again.
-        """
-        if not calls:
-            return []
-        if self.pool is None:
-            return [self._run_with_client(name, keys, args) for keys, args in calls]
-        return self._on_connection(lambda connection: self._pipeline(connection, name, calls))
-
-    def _on_connection(self, send: Callable[[Any], T]) -> T:
-        connection = self._connection()
-        reused = connection.is_connected
-        try:
-            try:
-                return send(connection)
-            except RedisConnectionError:
-                if not reused:
-                    raise
-                connection.disconnect()  # closed while idle: once more, on a new connection
-                return send(connection)
-        except ResponseError as exc:  # the script failed; the connection is in step
-            raise StoreUnavailable(f"Redis error: {exc}") from exc
-        except (RedisError, OSError) as exc:
-            self._drop(connection)
-            raise StoreUnavailable(f"Redis error: {exc}") from exc
-        except BaseException:  # interrupted mid-call: the reply may still be on its way
-            self._drop(connection)
-            raise
-
-    @staticmethod
-    def _call(connection: Any, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        try:
-            command = ("EVALSHA", script_sha(name), len(keys), *keys, *args)
-            connection.send_packed_command(_pack(connection, command), check_health=False)
-            return connection.read_response()
-        except NoScriptError:
-            command = ("EVAL", script_source(name), len(keys), *keys, *args)
-            connection.send_packed_command(_pack(connection, command), check_health=False)
-            return connection.read_response()
-
-    @staticmethod
-    def _pipeline(
-        connection: Any, name: str, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
-    ) -> list:
-        commands = [("EVALSHA", script_sha(name), len(keys), *keys, *args) for keys, args in calls]
-        replies = _send_all(connection, commands)
-        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if unknown:  # those never ran: send them with the source (which loads it)
-            source = script_source(name)
-            again = _send_all(connection, [("EVAL", source, *commands[i][2:]) for i in unknown])
-            for i, reply in zip(unknown, again, strict=True):
-                replies[i] = reply
-        return replies
-
-    def _connection(self) -> Any:
-        local = self._local
-        connection = getattr(local, "connection", None)
-        pid = os.getpid()
-        if connection is None or local.pid != pid:
-            assert self.pool is not None
-            connection = self.pool.connection_class(**self.pool.connection_kwargs)
-            local.connection, local.pid = connection, pid
-        return connection
-
-    @staticmethod
-    def _drop(connection: Any) -> None:
-        with contextlib.suppress(Exception):  # closing a broken socket
-            connection.disconnect()
-
-    def _run_with_client(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        script = self._scripts.get(name)
-        if script is None:
-            script = self._scripts[name] = self.client.register_script(script_source(name))
-        try:
-            return script(keys=keys, args=args)
-        except RedisError as exc:
-            raise StoreUnavailable(f"Redis error: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """A reservation's ledger record, waiting in the outbox for its row: settled (``status``
-    "settled", "refunded" or "degraded", with the actual usage) or "expired" (reached its TTL
-    unsettled: charged at its estimate, ``settled_at_ms`` is ``None``)."""
-
-    scope: str
-    reservation_id: str
-    status: str
-    estimate: int
-    actual: int
-    reserved_at_ms: int
-    settled_at_ms: int | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    model: str = ""
-
-    @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> LedgerEntry:
-        """The entry of a ``services.usage_payload`` dict (what the Celery task receives)."""
-        return cls(
-            scope=str(payload["scope"]),
-            reservation_id=str(payload["request_id"]),
-            status=str(payload["status"]),
-            estimate=int(payload["estimated_tokens"]),
-            actual=int(payload["actual_tokens"]),
-            reserved_at_ms=int(payload["reserved_at_ms"]),
-            settled_at_ms=payload.get("settled_at_ms"),
-            prompt_tokens=payload.get("prompt_tokens"),
-            completion_tokens=payload.get("completion_tokens"),
-            model=str(payload.get("model") or ""),
-        )
-
-    @classmethod
-    def parse(cls, scope: str, rid: bytes | str, rec: bytes | str) -> LedgerEntry:
-        """Read an outbox record as ``settle.lua`` or ``expire.lua`` wrote it."""
-        text = _text(rec)
-        if text.startswith("s:"):
-            _, estimate, actual, reserved_at, settled_at, prompt, completion, status, model = (
-                text.split(":", 8)
-            )
-            return cls(
-                scope,
-                _text(rid),
-                status,
-                int(estimate),
-                int(actual),
-                int(reserved_at),
-                int(settled_at),
-                int(prompt) if prompt else None,
-                int(completion) if completion else None,
-                model,
-            )
-        if text.startswith("e:"):  # expire.lua's: "e:<moved at ms>:" + the pending record
-            text = text.split(":", 2)[2]
-        _bucket, estimate, reserved_at, model = text.split(":", 3)
-        tokens = int(estimate)
-        return cls(scope, _text(rid), "expired", tokens, tokens, int(reserved_at), model=model)
-
-
-@dataclass(frozen=True)
-class WindowContents:
-    """One consistent read of a token window, for the audit.
-
-    ``epoch`` is empty when the window was never built or was lost (nothing else is read).
-    ``buckets`` maps bucket index to tokens (non-empty live buckets only); ``pending`` maps
-    reservation ids to ``(bucket index, estimate)``; ``outbox`` holds the ledger records not
-    yet written as rows.
-    """
-
-    epoch: str
-    now_ms: int
-    first_bucket: int
-    current_bucket: int
-    buckets: dict[int, int]
-    pending: dict[str, tuple[int, int]]
-    outbox: list[LedgerEntry]
-    reset_ms: int = 0
-
-
-class RedisWindowStore:
+class RedisWindowStore(LedgerOutbox):
     """Sliding-window token and request budgets, one hash of buckets per quota key."""
 
     def __init__(self, client: Redis, *, prefix: str, spec: WindowSpec) -> None:
@@ -265,19 +41,9 @@ class RedisWindowStore:
         """All keys of one quota key; the ``{hash tag}`` keeps them in one cluster slot."""
         return [f"{self.prefix}:{{{scope}}}:{suffix}" for suffix in KEY_SUFFIXES]
 
-    @property
-    def backlog_key(self) -> str:
-        """The registry of outboxes with records waiting for their rows (see _window.lua)."""
-        return f"{self.prefix}:ledger:backlog"
-
-    @property
-    def due_key(self) -> str:
-        """The registry of pending reservations' earliest deadlines (see _window.lua)."""
-        return f"{self.prefix}:ledger:due"
-
     def scope_of(self, key: bytes | str, suffix: str) -> str:
         """The quota key of one of its Redis keys (``<prefix>:{<scope>}:<suffix>``)."""
-        return _text(key)[len(self.prefix) + 2 : -(len(suffix) + 2)]
+        return as_text(key)[len(self.prefix) + 2 : -(len(suffix) + 2)]
 
     def _common(self, now_ms: int | None) -> list[Any]:
         spec = self.spec
@@ -470,96 +236,11 @@ class RedisWindowStore:
         keys = [self.backlog_key, self.due_key]
         return int(self._run("expire", scope, [batch], now_ms, extra_keys=keys))
 
-    def outbox(self, scope: str, *, batch: int = 500) -> list[LedgerEntry]:
-        """Up to about ``batch`` ledger records whose rows are not yet acknowledged."""
-        key = self.keys(scope)[4]
-        entries: list[LedgerEntry] = []
-        cursor = 0
-        while True:
-            reply: Any = self._call(self.client.hscan, key, cursor, count=batch)
-            cursor, records = int(reply[0]), reply[1]
-            entries += self._parsed(scope, records)
-            if not cursor or len(entries) >= batch:
-                return entries
-
-    def _parsed(self, scope: str, records: dict[Any, Any]) -> list[LedgerEntry]:
-        """The outbox records that parse; one that does not (never written by these scripts)
-        is set aside in the dead-letter hash, so it cannot stop the sweep of the others."""
-        entries = []
-        for rid, rec in records.items():
-            try:
-                entries.append(LedgerEntry.parse(scope, rid, rec))
-            except (ValueError, TypeError) as exc:
-                reason = f"unreadable outbox record ({exc})"
-                logger.error("quotas: %s %s of %s set aside", reason, _text(rid), scope)
-                record = json.dumps({"record": _text(rec)[:1000], "reason": reason})
-                self.dead_letter(scope, _text(rid), record)
-        return entries
-
-    def dead_letter(self, scope: str, reservation_id: str, record: str) -> None:
-        """Keep a ledger record whose row the database refused (``record``: its fields and
-        the reason, as JSON) where an operator can read it, for ``DEAD_LETTER_TTL_MS``, and
-        drop it from the outbox so no sweep tries it again."""
-        key = self.dead_letter_key(scope)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, reservation_id, record)
-        pipe.pexpire(key, DEAD_LETTER_TTL_MS)
-        pipe.hdel(self.keys(scope)[4], reservation_id)
-        self._call(pipe.execute)
-
-    def dead_letter_key(self, scope: str) -> str:
-        """The hash of one quota key's refused ledger records (id -> JSON)."""
-        return f"{self.prefix}:{{{scope}}}:dead"
-
-    def dead_letters(self, scope: str) -> dict[str, dict[str, Any]]:
-        """The refused ledger records of one quota key, by reservation id."""
-        raw: Any = self._call(self.client.hgetall, self.dead_letter_key(scope))
-        return {_text(rid): json.loads(_text(record)) for rid, record in raw.items()}
-
-    def ack_outbox(
-        self, scope: str, reservation_ids: Sequence[str], *, now_ms: int | None = None
-    ) -> int:
-        """Forget outbox records once their ledger rows are written; return the records left.
-
-        Also keeps the backlog registry true (an empty outbox leaves it), so call it after a
-        sweep found nothing too."""
-        override = "" if now_ms is None else str(int(now_ms))
-        keys = [self.keys(scope)[4], self.backlog_key]
-        return int(self.scripts.run("ack", keys, [override, *reservation_ids]))
-
-    def backlog(self, *, now_ms: int | None = None) -> tuple[int, float | None]:
-        """The ledger's backlog: outboxes holding records not yet written as rows, and how
-        many seconds the oldest of those records has waited (``None``: nothing waits)."""
-        override = "" if now_ms is None else str(int(now_ms))
-        count, since, now = self.scripts.run("backlog", [self.backlog_key], [override])
-        waited = None if int(since) < 0 else max(int(now) - int(since), 0) / 1000
-        return int(count), waited
-
-    def backlog_scopes(self) -> Iterator[str]:
-        """Quota keys whose outbox holds records (the backlog registry)."""
-        try:
-            for key in self.client.zscan_iter(self.backlog_key, count=1000):
-                yield self.scope_of(key[0], "x")
-        except RedisError as exc:
-            raise StoreUnavailable(f"Redis error: {exc}") from exc
-
-    def due_scopes(self, *, limit: int = 100_000, now_ms: int | None = None) -> list[str]:
-        """Quota keys holding reservations past their deadline (the due registry)."""
-        override = "" if now_ms is None else str(int(now_ms))
-        keys = self.scripts.run("due", [self.due_key], [override, limit])
-        return [self.scope_of(key, "p") for key in keys]
-
-    def claim_scan(self, every_seconds: int) -> bool:
-        """True at most once per ``every_seconds`` per prefix (and after Redis lost its data):
-        the caller then also finds keys by SCAN, for keys the registries do not know."""
-        marker = f"{self.prefix}:ledger:scanned"
-        return bool(self._call(self.client.set, marker, 1, nx=True, ex=every_seconds))
-
     def window_contents(self, scope: str, *, now_ms: int | None = None) -> WindowContents:
         """The live buckets, pending reservations and outbox of one quota key, read at once."""
         raw = self._run("buckets", scope, [], now_ms)
         return WindowContents(
-            epoch=_text(raw[0]),
+            epoch=as_text(raw[0]),
             now_ms=int(raw[1]),
             first_bucket=int(raw[2]),
             current_bucket=int(raw[3]),
@@ -641,8 +322,8 @@ class RedisWindowStore:
     def _held(flat: Sequence[bytes | str]) -> dict[str, tuple[int, int]]:
         held = {}
         for rid, rec in zip(flat[::2], flat[1::2], strict=True):
-            bucket, estimate, _ = _text(rec).split(":", 2)
-            held[_text(rid)] = (int(bucket), int(estimate))
+            bucket, estimate, _ = as_text(rec).split(":", 2)
+            held[as_text(rid)] = (int(bucket), int(estimate))
         return held
 
     @staticmethod
@@ -657,48 +338,7 @@ class RedisWindowStore:
             yield chunk
 
 
-def _hiredis_packing() -> tuple[Any, Any]:
-    """hiredis's packer, and the redis-py serializer that does nothing but call it."""
-    try:
-        from hiredis import pack_command
-        from redis.connection import HiredisRespSerializer
-    except ImportError:  # no hiredis, or a redis-py without that serializer
-        return None, None
-    return pack_command, HiredisRespSerializer
-
-
-_HIREDIS_PACK, _HIREDIS_SERIALIZER = _hiredis_packing()
-
-
-def _pack(connection: Any, command: tuple[Any, ...]) -> list[bytes]:
-    """One command in the Redis protocol, as ``send_packed_command`` takes it: by hiredis
-    directly when the connection packs with it anyway (the same bytes without redis-py's
-    pass over every argument, about 4 µs less a call), else by the connection."""
-    packer = getattr(connection, "_command_packer", None)
-    if _HIREDIS_PACK is not None and isinstance(packer, _HIREDIS_SERIALIZER):
-        return [_HIREDIS_PACK(command)]
-    packed: list[bytes] = connection.pack_command(*command)
-    return packed
-
-
-def _send_all(connection: Any, commands: Sequence[Sequence[Any]]) -> list:
-    """Send every command in one write; read every reply (a failed command's error in its
-    place: the later replies are still on the connection and must be read)."""
-    connection.send_packed_command(connection.pack_commands(commands), check_health=False)
-    replies: list = []
-    for _ in commands:
-        try:
-            replies.append(connection.read_response())
-        except ResponseError as exc:
-            replies.append(exc)
-    return replies
-
-
 def _glob_escape(text: str) -> str:
     """``text`` matched literally in a ``SCAN MATCH`` pattern (a cache prefix may hold any
     character)."""
     return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

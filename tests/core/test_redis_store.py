@@ -298,7 +298,7 @@ def test_a_script_error_leaves_the_connection_usable(store: Any) -> None:
 def test_a_script_call_is_packed_as_its_connection_packs_it(store: Any) -> None:
     from redis.connection import PythonRespSerializer
 
-    from quotas.backends.redis import _pack
+    from quotas.backends.scripts import _pack
 
     pool = store.client.connection_pool
     connection = pool.connection_class(**pool.connection_kwargs)
