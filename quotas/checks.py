@@ -16,9 +16,11 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.urls import URLPattern, URLResolver, get_resolver
 
 from quotas.conf import DEFAULTS, quota_settings
 from quotas.core.types import WindowSpec
+from quotas.throttling import TokenQuotaThrottle
 
 E001_MSG = "QUOTAS['CACHE_ALIAS'] = {alias!r} is not a cache in CACHES."
 E001_HINT = "Add a django-redis cache under that alias, or point CACHE_ALIAS at one."
@@ -112,9 +114,6 @@ def check_middleware(**kwargs: Any) -> list[CheckMessage]:
 
 def _a_view_uses_it() -> bool:
     """Whether a DRF view in the URLconf lists ``TokenQuotaThrottle`` itself."""
-    from django.urls import URLPattern, URLResolver, get_resolver
-
-    from quotas.throttling import TokenQuotaThrottle
 
     def walk(patterns: list[Any]) -> bool:
         for pattern in patterns:

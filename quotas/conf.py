@@ -103,8 +103,6 @@ quota_settings = QuotaSettings()
 
 @receiver(setting_changed)
 def _reload_quota_settings(*, setting: str, **kwargs: Any) -> None:
+    # The engine drops what it derived from the settings through a receiver of its own.
     if setting == "QUOTAS":
         quota_settings.reload()
-        from quotas import services
-
-        services.reset_runtime()

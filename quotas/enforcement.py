@@ -7,15 +7,17 @@ settles it after the view and writes the headers.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from django.http import HttpRequest
 
-from quotas import attempts, services
+from quotas import services
 from quotas.conf import quota_settings
 from quotas.core.bounds import MAX_JSON_DEPTH, InvalidRequest
 from quotas.core.types import QuotaState
 from quotas.exceptions import QuotaExceeded, RequestTooLarge
+from quotas.http import client_address
 
 __all__ = [
     "AnonymousNotAllowed",
@@ -53,8 +55,6 @@ def enforce(request: HttpRequest, user: Any, body: Any, tokens: int | None = Non
     if user is None or not user.is_authenticated:
         if not quota_settings.ANONYMOUS_PLAN:
             raise AnonymousNotAllowed("Authentication credentials were not provided.")
-        from quotas.http import client_address
-
         address = client_address(request)
     if tokens is not None:
         model, named, add_default = "", tokens, False
@@ -83,7 +83,7 @@ def _note_refusal(
         setattr(request, COUNTED_ATTR, True)  # the reserve script counted this attempt
     elif exc.scope == "attempts":
         scope = services.scope_for(user, address)
-        attempts.block(attempts.keys_for(request, scope), exc.retry_after)
+        services.block(keys_for(request, scope), exc.retry_after)
 
 
 def _scope_of(request: HttpRequest, user: Any) -> str | None:
@@ -91,8 +91,6 @@ def _scope_of(request: HttpRequest, user: Any) -> str | None:
     if user is not None and user.is_authenticated:
         return str(user.pk)
     if quota_settings.ANONYMOUS_PLAN:
-        from quotas.http import client_address
-
         return services.scope_for(None, client_address(request))
     return None
 
@@ -102,11 +100,11 @@ def refuse_if_blocked(request: HttpRequest, user: Any = None) -> None:
     this process knows to be over its rejected-attempts allowance (no I/O: before anything
     reads or estimates the body)."""
     setattr(request, ENFORCED_ATTR, True)
-    keys = attempts.keys_for(request, _scope_of(request, user) if user is not None else None)
-    seconds = attempts.blocked_for(keys)
+    keys = keys_for(request, _scope_of(request, user) if user is not None else None)
+    seconds = services.blocked_for(keys)
     if seconds:
         setattr(request, REFUSED_ATTR, seconds)
-        raise attempts.refusal(seconds)
+        raise services.refusal(seconds)
 
 
 def record_if_rejected(request: HttpRequest, status: int) -> None:
@@ -118,7 +116,7 @@ def record_if_rejected(request: HttpRequest, status: int) -> None:
         return
     scope = _scope_of(request, getattr(request, "user", None))
     if scope is not None:
-        attempts.record_rejected(scope, attempts.keys_for(request, scope))
+        services.record_rejected(scope, keys_for(request, scope))
 
 
 def body_too_large(length: int | None) -> InvalidRequest:
@@ -147,3 +145,16 @@ def prompt_tokens_of(request: Any) -> int | None:
 
 def state_of(request: HttpRequest) -> QuotaState | None:
     return getattr(request, STATE_ATTR, None)
+
+
+def keys_for(request: HttpRequest, scope: str | None) -> list[str]:
+    """The keys a client is remembered by: its credentials, and its quota key when known."""
+    prefix = quota_settings.KEY_PREFIX
+    keys = []
+    authorization = request.META.get("HTTP_AUTHORIZATION")
+    if authorization:
+        digest = hashlib.blake2b(authorization.encode(errors="replace"), digest_size=16)
+        keys.append(f"{prefix}:auth:{digest.hexdigest()}")
+    if scope is not None:
+        keys.append(f"{prefix}:scope:{scope}")
+    return keys

@@ -21,6 +21,7 @@ from typing import Any
 from django.core.handlers.wsgi import WSGIRequest
 from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
+from quotas import services
 from quotas.conf import quota_settings
 from quotas.core.types import QuotaState, ceil_seconds
 from quotas.exceptions import QuotaExceeded, RequestTooLarge
@@ -159,9 +160,7 @@ def simple_error(status: int, code: str, message: str, param: str | None = None)
 
 def unavailable_retry_after() -> int:
     """``Retry-After`` of a 503 under the fail-closed policy: when the breaker probes again."""
-    from quotas.services import get_breaker
-
-    return max(ceil_seconds(get_breaker().retry_after()), 1)
+    return max(ceil_seconds(services.get_breaker().retry_after()), 1)
 
 
 def authentication_challenge(request: HttpRequest) -> str | None:

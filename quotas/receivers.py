@@ -13,12 +13,11 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from quotas.models import Plan, UserQuota
+from quotas.services import forget_limits_of
 
 
 @receiver([post_save, post_delete], sender=Plan, dispatch_uid="quotas_plan_changed")
 def plan_changed(sender: type[Plan], instance: Plan, **kwargs: Any) -> None:
-    from quotas.services import forget_limits_of
-
     # A plan reaches users through UserQuota rows and, as the default, through users with
     # no row at all, who cannot be listed: drop every cached config.
     transaction.on_commit(lambda: forget_limits_of(None))
@@ -26,7 +25,5 @@ def plan_changed(sender: type[Plan], instance: Plan, **kwargs: Any) -> None:
 
 @receiver([post_save, post_delete], sender=UserQuota, dispatch_uid="quotas_userquota_changed")
 def user_quota_changed(sender: type[UserQuota], instance: UserQuota, **kwargs: Any) -> None:
-    from quotas.services import forget_limits_of
-
     user_id = instance.user_id
     transaction.on_commit(lambda: forget_limits_of([user_id]))

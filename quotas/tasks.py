@@ -21,6 +21,7 @@ from celery import shared_task
 from django.db import DatabaseError
 
 from quotas import ledger
+from quotas.engine import dispatch
 from quotas.exceptions import StoreUnavailable
 
 __all__ = [
@@ -86,3 +87,20 @@ def audit_window_task(scope: str) -> int:
 def rebuild_windows_task(user_ids: list[int] | None = None) -> int:
     """Seed lost windows from the ledger now (all recent users, or these user ids)."""
     return len(ledger.rebuild_windows(user_ids))
+
+
+def _send_usage(payloads: list[dict[str, Any]], *, argsrepr: str = "") -> None:
+    # Celery would otherwise build the log's repr of the records (``saferepr``): about half
+    # the cost of a publish, and the users' usage figures in the worker's log.
+    record_usage_task.apply_async(
+        args=[payloads], retry=False, argsrepr=argsrepr or None, kwargsrepr="{}"
+    )
+
+
+def _send_audit(scope: str, *, countdown: float = 0) -> None:
+    audit_window_task.apply_async(args=[scope], countdown=countdown, retry=False)
+
+
+# The engine queues its work by name through this seam (imported by AppConfig.ready()).
+dispatch.register(dispatch.RECORD_USAGE, _send_usage)
+dispatch.register(dispatch.AUDIT_WINDOW, _send_audit)

@@ -14,6 +14,7 @@ from rest_framework.test import APIClient
 
 from quotas import services
 from quotas.backends.redis import RedisWindowStore, ScriptRunner
+from quotas.engine import runtime
 
 pytestmark = pytest.mark.django_db
 
@@ -94,7 +95,7 @@ def test_413s_count_once_each(client):
 def test_every_process_refuses_the_client_through_its_reserve(client):
     for _ in range(ALLOWED):
         post(client, BAD)
-    services._runtime.pop("blocklist")  # another process: it has learned nothing yet
+    runtime._runtime.pop("blocklist")  # another process: it has learned nothing yet
     with mock.patch.object(RedisWindowStore, "reserve", wraps=services.get_store().reserve) as r:
         assert_attempts_refusal(post(client, GOOD))  # the reserve script refuses
         assert r.called

@@ -19,7 +19,9 @@ from django.db.models import Sum
 
 from quotas import ledger, services
 from quotas.backends.redis import LedgerEntry
-from quotas.batching import Batcher
+from quotas.engine import ledger as ledger_engine
+from quotas.engine.batching import Batcher
+from quotas.engine.rows import row_of
 from quotas.models import UsageRecord
 from quotas.tasks import record_usage_task
 from tests.conftest import keys_of
@@ -31,9 +33,9 @@ pytestmark = pytest.mark.django_db
 def user(make_plan: Any, make_user: Any, quota_config: Any) -> Any:
     # A batch interval no test outlives: the tests send batches themselves.
     quota_config(LEDGER_BATCH_SECONDS=3600, LEDGER_BATCH_SIZE=50)
-    services._ledger_batcher()._pending.clear()  # nothing left over from another test
+    ledger_engine.ledger_batcher()._pending.clear()  # nothing left over from another test
     yield make_user(plan=make_plan(tokens_per_hour=100_000))
-    services._ledger_batcher()._pending.clear()  # nor for the exit hook, after the database
+    ledger_engine.ledger_batcher()._pending.clear()  # nor for the exit hook, after the database
 
 
 @pytest.fixture
@@ -84,7 +86,7 @@ def test_a_batch_that_is_never_sent_loses_nothing(user):
     # with every figure the settle knew.
     [served] = serve(user, 1, prompt_tokens=25, completion_tokens=50)
     [refunded] = [services.refund(services.reserve(user, 300, model="gpt-4o"))]
-    services._ledger_batcher()._pending.clear()  # what dying does to the batch
+    ledger_engine.ledger_batcher()._pending.clear()  # what dying does to the batch
 
     assert ledger.flush_ledger() == 2
     got = {
@@ -117,7 +119,7 @@ def test_a_batch_survives_redis_losing_the_outbox(user, redis_client, isolated_q
 
 def test_rows_a_concurrent_writer_wrote_first_are_neither_doubled_nor_counted(user):
     serve(user, 3, total_tokens=50)
-    payloads = list(services._ledger_batcher()._pending)
+    payloads = list(ledger_engine.ledger_batcher()._pending)
     real_atomic, raced = transaction.atomic, []
 
     @contextmanager
@@ -125,7 +127,7 @@ def test_rows_a_concurrent_writer_wrote_first_are_neither_doubled_nor_counted(us
         if not raced:  # another writer commits one of the rows after the existence check
             raced.append(True)
             entry = LedgerEntry.from_payload(payloads[0])
-            ledger._row(entry, user.pk, entry.reserved_at_ms).save()
+            row_of(entry, user.pk, entry.reserved_at_ms).save()
         with real_atomic(*args, **kwargs):
             yield
 

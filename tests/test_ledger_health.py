@@ -16,9 +16,9 @@ from django.core.management import CommandError, call_command
 from django.test import override_settings
 from rest_framework.test import APIClient
 
-from quotas import health as health_module
 from quotas import ledger, services
-from quotas.health import BacklogWatch
+from quotas.engine import health as health_module
+from quotas.engine.health import BacklogWatch
 from quotas.models import UsageRecord
 
 pytestmark = pytest.mark.django_db

@@ -15,7 +15,8 @@ from django.db import DataError, OperationalError
 
 from quotas import ledger, services
 from quotas.core.types import Limits
-from quotas.ledger_rows import REPAIRED_MARK
+from quotas.engine import reconcile
+from quotas.engine.rows import REPAIRED_MARK
 from quotas.models import UsageRecord
 from quotas.tasks import flush_ledger_task, record_usage_task
 
@@ -130,7 +131,7 @@ def test_one_quota_key_that_fails_never_stops_the_sweep_of_the_others(users):
             raise OperationalError("the database went away for this one")
         return real(store, scope, **kwargs)
 
-    with mock.patch.object(ledger, "flush_scope", flush_scope), pytest.raises(OperationalError):
+    with mock.patch.object(reconcile, "flush_scope", flush_scope), pytest.raises(OperationalError):
         ledger.flush_ledger()
     written = set(UsageRecord.objects.values_list("request_id", flat=True))
     assert written == {rid for rid in ids if not rid.startswith(f"{failing}/")}

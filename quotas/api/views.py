@@ -1,5 +1,4 @@
-"""Budget and health endpoints. Thin: every figure comes from ``quotas.services`` and
-``quotas.health``."""
+"""Budget and health endpoints. Thin: every figure comes from ``quotas.services``."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from quotas import health, services
+from quotas import services
 from quotas.api.serializers import BudgetSerializer, PlanSerializer
 from quotas.exceptions import ConfigurationError
 from quotas.models import Plan
@@ -87,5 +86,5 @@ class HealthView(APIView):
     throttle_classes: list[Any] = []
 
     def get(self, request: Request) -> Response:
-        report = health.health()
+        report = services.health()
         return Response(report, status=200 if report["status"] == "ok" else 503)

@@ -21,17 +21,15 @@ What it costs, by design:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from typing import Any
 
-from django.http import HttpRequest
-
 from quotas.conf import quota_settings
+from quotas.engine.runtime import get_store, guarded, per_process
 from quotas.exceptions import QuotaExceeded, StoreUnavailable
 
-__all__ = ["Blocklist", "block", "blocked_for", "keys_for", "record_rejected", "refusal"]
+__all__ = ["Blocklist", "block", "blocked_for", "record_rejected", "refusal"]
 
 # The most clients one process remembers as refused (the oldest are forgotten first).
 BLOCKLIST_SIZE = 10_000
@@ -70,25 +68,7 @@ class Blocklist:
 
 
 def _blocklist() -> Blocklist:
-    from quotas.services import _runtime
-
-    blocklist = _runtime.get("blocklist")
-    if blocklist is None:
-        blocklist = _runtime["blocklist"] = Blocklist()
-    return blocklist
-
-
-def keys_for(request: HttpRequest, scope: str | None) -> list[str]:
-    """The keys a client is remembered by: its credentials, and its quota key when known."""
-    prefix = quota_settings.KEY_PREFIX
-    keys = []
-    authorization = request.META.get("HTTP_AUTHORIZATION")
-    if authorization:
-        digest = hashlib.blake2b(authorization.encode(errors="replace"), digest_size=16)
-        keys.append(f"{prefix}:auth:{digest.hexdigest()}")
-    if scope is not None:
-        keys.append(f"{prefix}:scope:{scope}")
-    return keys
+    return per_process("blocklist", Blocklist)
 
 
 def blocked_for(keys: list[str]) -> float:
@@ -110,10 +90,8 @@ def record_rejected(scope: str, keys: list[str]) -> None:
     limit = quota_settings.REJECTED_PER_MINUTE
     if not limit:
         return
-    from quotas.services import _guarded, get_store
-
     try:
-        seconds = _guarded(get_store().record_attempt, scope, int(limit))
+        seconds = guarded(get_store().record_attempt, scope, int(limit))
     except StoreUnavailable:
         return
     block(keys, seconds)

@@ -27,7 +27,7 @@ from typing import Generic, TypeVar
 
 from django.db import close_old_connections
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "batch_interval"]
 
 logger = logging.getLogger("quotas")
 
@@ -98,3 +98,9 @@ class Batcher(Generic[Payload]):
                 # A batch written to the database directly (the broker was down) opened
                 # this thread's connection: close it as a request would.
                 close_old_connections()
+
+
+def batch_interval(seconds: float) -> float:
+    """A batch thread's sleep for a ``*_BATCH_SECONDS`` setting: 0 turns batching off
+    (nothing is queued), so a thread started earlier wakes rarely."""
+    return float(seconds) if seconds > 0 else 1.0

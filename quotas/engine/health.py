@@ -20,8 +20,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from quotas import services
 from quotas.conf import quota_settings
+from quotas.engine.runtime import broker_state, get_store, guarded
 from quotas.exceptions import StoreUnavailable
 
 __all__ = ["BacklogWatch", "LedgerBacklog", "backlog_watch", "health", "ledger_backlog"]
@@ -48,7 +48,7 @@ class LedgerBacklog:
 def ledger_backlog() -> LedgerBacklog:
     """The ledger's backlog, read from Redis (one round trip); ``StoreUnavailable`` when
     Redis cannot be reached."""
-    outboxes, oldest = services._guarded(services.get_store().backlog)
+    outboxes, oldest = guarded(get_store().backlog)
     return LedgerBacklog(outboxes, oldest)
 
 
@@ -65,7 +65,7 @@ def health() -> dict[str, Any]:
     return {
         "status": "ok" if ok else "degraded",
         "redis": "ok" if backlog is not None else "unavailable",
-        "broker": services.broker_state(),
+        "broker": broker_state(),
         "ledger": {
             "outboxes_waiting": None if backlog is None else backlog.outboxes,
             "oldest_record_seconds": None if backlog is None else backlog.oldest_seconds,

@@ -26,12 +26,14 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from quotas import services
-from quotas.backends.redis import LedgerEntry, RedisWindowStore, WindowContents
+from quotas.backends.redis import RedisWindowStore, WindowContents
 from quotas.conf import quota_settings
 from quotas.core.types import WindowSpec
-from quotas.exceptions import ConfigurationError, StoreUnavailable
-from quotas.ledger_rows import row_of, write_rows
+from quotas.engine.plans import limits_for
+from quotas.engine.rows import write_scope_rows
+from quotas.engine.runtime import get_store, window_spec
+from quotas.engine.seeding import ledger_seed
+from quotas.exceptions import ConfigurationError
 from quotas.models import UsageRecord
 
 __all__ = [
@@ -41,7 +43,6 @@ __all__ = [
     "flush_ledger",
     "rebuild_window",
     "rebuild_windows",
-    "write_usage",
 ]
 
 logger = logging.getLogger("quotas")
@@ -61,14 +62,6 @@ def _moment(ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=ms)
 
 
-def _user_id_of(scope: str) -> int | None:
-    """The user a quota key belongs to, if it is a user's key and the user still exists."""
-    if not scope.isdigit():
-        return None
-    pk = int(scope)
-    return pk if get_user_model().objects.filter(pk=pk).exists() else None
-
-
 # -- the outbox -----------------------------------------------------------------------------
 def flush_ledger(*, batch: int = 500, scan: bool | None = None) -> int:
     """Write every ledger row waiting in the Redis outbox, after moving the reservations past
@@ -82,7 +75,7 @@ def flush_ledger(*, batch: int = 500, scan: bool | None = None) -> int:
     are all tried, and the first failure is raised afterwards (the task retries; what was
     written stays written).
     """
-    store = services.get_store()
+    store = get_store()
     scopes = set(store.backlog_scopes()) | set(store.due_scopes())
     if scan or (scan is None and store.claim_scan(SCAN_EVERY_SECONDS)):
         scopes |= set(store.iter_scopes("p")) | set(store.iter_scopes("x"))
@@ -116,50 +109,13 @@ def flush_scope(store: RedisWindowStore, scope: str, *, batch: int = 500) -> int
     while True:
         moved = store.expire(scope, batch=batch)
         entries = store.outbox(scope, batch=batch)
-        created += _write_rows(scope, entries, store)
+        created += write_scope_rows(scope, entries, store)
         # Only after the rows are committed: a crash before this line leaves the records in
         # the outbox, and the next sweep finds their rows already written. Acknowledging
         # nothing still drops an empty outbox from the backlog registry.
         store.ack_outbox(scope, [entry.reservation_id for entry in entries])
         if moved < batch and len(entries) < batch:
             return created
-
-
-def write_usage(payloads: Iterable[dict[str, Any]]) -> int:
-    """Write the rows of these ledger records (``services.usage_payload`` dicts) that do not
-    exist yet, then drop their outbox copies; returns the rows created. Idempotent.
-
-    A payload that cannot be read is logged and skipped (its outbox copy still reaches the
-    ledger through ``flush_ledger``); a record the database refuses is written repaired or set
-    aside (``quotas.ledger_rows``), never retried: only a database outage raises."""
-    by_scope: dict[str, list[LedgerEntry]] = {}
-    for payload in payloads:
-        try:
-            entry = LedgerEntry.from_payload(payload)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            logger.error("quotas: unreadable usage record skipped (%r): %.500r", exc, payload)
-            continue
-        by_scope.setdefault(entry.scope, []).append(entry)
-    store = services.get_store()
-    created = 0
-    for scope, entries in by_scope.items():
-        created += _write_rows(scope, entries, store)
-        try:
-            store.ack_outbox(scope, [e.reservation_id for e in entries])
-        except StoreUnavailable:  # the sweep finds their rows written and drops them later
-            logger.info("quotas: Redis unavailable; outbox of %s left to the sweep", scope)
-    return created
-
-
-def _write_rows(scope: str, entries: list[LedgerEntry], store: RedisWindowStore) -> int:
-    """Create the rows of these records that do not exist yet (see ``ledger_rows``)."""
-    if not entries:
-        return 0
-    return write_rows(store, scope, entries, _user_id_of(scope))
-
-
-# Kept for callers of the former name.
-_row = row_of
 
 
 # -- audit ----------------------------------------------------------------------------------
@@ -180,7 +136,7 @@ def audit_windows(*, settle_grace_seconds: float = SETTLE_GRACE_SECONDS) -> list
     Keys with ledger rows but no window in Redis need no audit: their window is seeded from
     the ledger when it is next built.
     """
-    store = services.get_store()
+    store = get_store()
     outcomes = [
         audit_window(scope, settle_grace_seconds=settle_grace_seconds, store=store)
         for scope in sorted(set(store.iter_scopes("w")))
@@ -205,7 +161,7 @@ def audit_window(
        is older than the reservation TTL plus ``settle_grace_seconds``; and raising buckets
        never takes the window above the ledger's total for it.
     """
-    store = store or services.get_store()
+    store = store or get_store()
     contents = store.window_contents(scope)
     if not contents.epoch:
         return AuditOutcome(scope, skipped=True)
@@ -304,7 +260,7 @@ def rebuild_windows(user_ids: Iterable[int] | None = None) -> list[str]:
     """Seed the lost windows of these users (default: every key with ledger rows in the last
     window) from the ledger now. Returns the keys rebuilt; windows that exist are untouched."""
     if user_ids is None:
-        spec = services.window_spec()
+        spec = window_spec()
         since = timezone.now() - timedelta(milliseconds=spec.window_ms + spec.bucket_ms)
         rows = UsageRecord.objects.filter(created_at__gt=since)
         scopes = sorted(set(rows.values_list("scope", flat=True)))
@@ -316,16 +272,16 @@ def rebuild_windows(user_ids: Iterable[int] | None = None) -> list[str]:
 def rebuild_window(scope: str) -> bool:
     """Seed one window from the ledger if Redis lost it (it has no epoch). Returns whether it
     was rebuilt. Concurrent rebuilds and requests seed a window once: the script checks."""
-    store = services.get_store()
+    store = get_store()
     if store.peek(scope) is not False:
         return False
     try:
-        limits = services.limits_for(_user_of(scope))
+        limits = limits_for(_user_of(scope))
     except ConfigurationError as exc:
         logger.warning("quotas: cannot rebuild the window of %s: %s", scope, exc)
         return False
-    spec = services.window_spec()
-    seed = services.ledger_seed(scope, spec, _ms(timezone.now()))
+    spec = window_spec()
+    seed = ledger_seed(scope, spec, _ms(timezone.now()))
     store.peek(scope, limits=limits, epoch=uuid.uuid4().hex[:8], seed=seed)
     logger.info("quotas: rebuilt the window of %s from the ledger", scope)
     return True

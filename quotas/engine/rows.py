@@ -21,17 +21,29 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db import DataError, IntegrityError, transaction
 
 from quotas.backends.redis import LedgerEntry, RedisWindowStore
 from quotas.core.bounds import MAX_MODEL_LENGTH
+from quotas.engine.runtime import get_store
 from quotas.exceptions import StoreUnavailable
 from quotas.models import UsageRecord
 from quotas.signals import reservation_expired
 
-__all__ = ["REPAIRED_MARK", "repaired", "row_of", "write_rows"]
+__all__ = [
+    "REPAIRED_MARK",
+    "repaired",
+    "row_of",
+    "user_id_of_scope",
+    "write_rows",
+    "write_scope_rows",
+    "write_usage",
+]
 
 logger = logging.getLogger("quotas")
 
@@ -72,6 +84,47 @@ def write_rows(
         new = [entry for entry in new if _insert_one(store, entry, user_id)]
     _announce_expired(scope, new)
     return len(new)
+
+
+def user_id_of_scope(scope: str) -> int | None:
+    """The user a quota key belongs to, if it is a user's key and the user still exists."""
+    if not scope.isdigit():
+        return None
+    pk = int(scope)
+    return pk if get_user_model().objects.filter(pk=pk).exists() else None
+
+
+def write_usage(payloads: Iterable[dict[str, Any]]) -> int:
+    """Write the rows of these ledger records (``services.usage_payload`` dicts) that do not
+    exist yet, then drop their outbox copies; returns the rows created. Idempotent.
+
+    A payload that cannot be read is logged and skipped (its outbox copy still reaches the
+    ledger through ``flush_ledger``); a record the database refuses is written repaired or set
+    aside (see the module docstring), never retried: only a database outage raises."""
+    by_scope: dict[str, list[LedgerEntry]] = {}
+    for payload in payloads:
+        try:
+            entry = LedgerEntry.from_payload(payload)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            logger.error("quotas: unreadable usage record skipped (%r): %.500r", exc, payload)
+            continue
+        by_scope.setdefault(entry.scope, []).append(entry)
+    store = get_store()
+    created = 0
+    for scope, entries in by_scope.items():
+        created += write_scope_rows(scope, entries, store)
+        try:
+            store.ack_outbox(scope, [e.reservation_id for e in entries])
+        except StoreUnavailable:  # the sweep finds their rows written and drops them later
+            logger.info("quotas: Redis unavailable; outbox of %s left to the sweep", scope)
+    return created
+
+
+def write_scope_rows(scope: str, entries: list[LedgerEntry], store: RedisWindowStore) -> int:
+    """Create the rows of these records that do not exist yet (see ``write_rows``)."""
+    if not entries:
+        return 0
+    return write_rows(store, scope, entries, user_id_of_scope(scope))
 
 
 def row_of(entry: LedgerEntry, user_id: int | None, now_ms: int | None = None) -> UsageRecord:

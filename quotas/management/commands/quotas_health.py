@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from quotas.health import health
+from quotas.services import health
 
 
 class Command(BaseCommand):

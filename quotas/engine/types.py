@@ -1,0 +1,62 @@
+"""What the engine hands to its callers: a ``Reservation`` (tokens held for one request) and
+a ``Settlement`` (what settling it did)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from quotas.core.types import QuotaState
+
+__all__ = ["DEGRADED_EPOCH", "Reservation", "Settlement"]
+
+# The epoch of reservations served while Redis was unavailable (real epochs are hex).
+DEGRADED_EPOCH = "degraded"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Tokens held for one request until it is settled.
+
+    ``state`` (and ``limit``, ``remaining``, ``reset_seconds``) describe the user's budget
+    right after this reservation; ``degraded`` is true when Redis was unavailable and the
+    request was let through under the fail-open policy (its usage still goes to the ledger).
+    """
+
+    id: str
+    scope: str
+    user_id: int | None
+    model: str
+    estimated_tokens: int
+    reserved_at_ms: int
+    state: QuotaState
+    epoch: str = ""
+    plan_slug: str = ""
+    degraded: bool = False
+    # What ``settle`` made of this object: a later automatic settle (the middleware's, after a
+    # view settled itself) then knows there is nothing left to do, without asking Redis.
+    settlements: list[Settlement] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def limit(self) -> int:
+        return self.state.limit
+
+    @property
+    def remaining(self) -> int:
+        return self.state.remaining
+
+    @property
+    def reset_seconds(self) -> float:
+        return self.state.reset_seconds
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What a settle did. ``settled_now`` is false for a repeated settle (nothing changed);
+    ``remaining`` is ``None`` when Redis could not be reached (the ledger still has the row)."""
+
+    reservation_id: str
+    estimated_tokens: int
+    actual_tokens: int
+    applied_tokens: int
+    settled_now: bool
+    remaining: int | None

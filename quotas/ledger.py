@@ -1,0 +1,40 @@
+"""The reconciliation API: the ledger (the source of truth) and the Redis windows kept in
+step with it. ``quotas.tasks`` wraps these in Celery tasks and the management commands call
+them; every one is idempotent, so a re-delivered task changes nothing.
+
+- ``flush_ledger``: write the ledger rows waiting in the Redis outboxes, and expire the
+  reservations never settled within their TTL (charged at their estimate);
+- ``write_usage``: write the rows of a batch of usage records (what a settle sends);
+- ``audit_window(s)``: repair drift between a window and the ledger;
+- ``rebuild_window(s)``: seed lost windows from the ledger now.
+
+A facade over ``quotas.engine.reconcile`` and ``quotas.engine.rows``.
+"""
+
+from __future__ import annotations
+
+from quotas.engine.reconcile import (
+    SCAN_EVERY_SECONDS,
+    SETTLE_GRACE_SECONDS,
+    AuditOutcome,
+    audit_window,
+    audit_windows,
+    flush_ledger,
+    flush_scope,
+    rebuild_window,
+    rebuild_windows,
+)
+from quotas.engine.rows import write_usage
+
+__all__ = [
+    "SCAN_EVERY_SECONDS",
+    "SETTLE_GRACE_SECONDS",
+    "AuditOutcome",
+    "audit_window",
+    "audit_windows",
+    "flush_ledger",
+    "flush_scope",
+    "rebuild_window",
+    "rebuild_windows",
+    "write_usage",
+]
