@@ -33,6 +33,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy quotas
+	$(VENV)/bin/lint-imports
 
 bench: venv
 	$(WITH_REDIS) $(VPY) bench/run_all.py
