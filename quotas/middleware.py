@@ -56,7 +56,6 @@ from quotas.throttling import TokenQuotaThrottle
 __all__ = ["QuotaMiddleware"]
 
 
-
 class QuotaMiddleware:
     """Settle after the view, add headers to every quota-enforced response."""
 
