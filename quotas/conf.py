@@ -70,6 +70,8 @@ DEFAULTS: dict[str, Any] = {
     # ... checked by a background thread this often, so at most once per this many seconds
     # per process (0: no check, no warning).
     "LEDGER_BACKLOG_CHECK_SECONDS": 60,
+    # Time zone of calendar limits (a day, a month): None uses settings.TIME_ZONE.
+    "TIME_ZONE": None,
 }
 
 

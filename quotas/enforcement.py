@@ -56,16 +56,22 @@ def enforce(request: HttpRequest, user: Any, body: Any, tokens: int | None = Non
         if not quota_settings.ANONYMOUS_PLAN:
             raise AnonymousNotAllowed("Authentication credentials were not provided.")
         address = client_address(request)
+    prompt: int | None = None
     if tokens is not None:
         model, named, add_default = "", tokens, False
     else:
         estimate = services.estimate(body)
         model, named = estimate.model, estimate.named_tokens
-        add_default = estimate.output_tokens is None
-        setattr(request, PROMPT_ATTR, estimate.prompt_tokens)
+        add_default, prompt = estimate.output_tokens is None, estimate.prompt_tokens
+        setattr(request, PROMPT_ATTR, prompt)
     try:
         reservation = services.reserve(
-            user, named, model=model, client_address=address, add_default_output=add_default
+            user,
+            named,
+            model=model,
+            client_address=address,
+            add_default_output=add_default,
+            prompt_tokens=prompt,
         )
     except (QuotaExceeded, RequestTooLarge) as exc:
         if exc.state is not None:
@@ -79,9 +85,7 @@ def enforce(request: HttpRequest, user: Any, body: Any, tokens: int | None = Non
 def _note_refusal(
     request: HttpRequest, user: Any, address: str | None, exc: QuotaExceeded | RequestTooLarge
 ) -> None:
-    if isinstance(exc, RequestTooLarge):
-        setattr(request, COUNTED_ATTR, True)  # the reserve script counted this attempt
-    elif exc.scope == "attempts":
+    if isinstance(exc, QuotaExceeded) and exc.scope == "attempts":
         scope = services.scope_for(user, address)
         services.block(keys_for(request, scope), exc.retry_after)
 

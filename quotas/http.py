@@ -23,7 +23,7 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse
 
 from quotas import services
 from quotas.conf import quota_settings
-from quotas.core.types import QuotaState, ceil_seconds
+from quotas.core.types import PolicyState, QuotaState, ceil_seconds
 from quotas.exceptions import QuotaExceeded, RequestTooLarge
 
 __all__ = [
@@ -92,6 +92,41 @@ def _openai_headers(state: QuotaState, remaining: int) -> dict[str, str]:
 
 
 def _ietf_headers(state: QuotaState, remaining: int, reset: int, window: int) -> dict[str, str]:
+    """``RateLimit-Policy`` lists every limit that applied; ``RateLimit`` the binding one of
+    each metric (the one with the least left)."""
+    if not state.policies:  # degraded: only the plan's own limits are known
+        return _ietf_plan_headers(state, remaining, reset, window)
+    listed = [f'"{_name(p.name)}";q={p.limit};w={p.window_seconds}' for p in state.policies]
+    headers = {"RateLimit-Policy": ", ".join(listed)}
+    if not state.degraded:
+        binding = [
+            f'"{_name(p.name)}";r={max(p.remaining, 0)};t={ceil_seconds(p.reset_seconds)}'
+            for p in _binding(state.policies)
+        ]
+        headers["RateLimit"] = ", ".join(binding)
+    return headers
+
+
+def _binding(policies: tuple[PolicyState, ...]) -> list[PolicyState]:
+    tightest: dict[str, PolicyState] = {}
+    for policy in policies:
+        best = tightest.get(policy.metric)
+        if best is None or (policy.remaining, -policy.reset_seconds) < (
+            best.remaining,
+            -best.reset_seconds,
+        ):
+            tightest[policy.metric] = policy
+    return list(tightest.values())
+
+
+def _name(name: str) -> str:
+    """A policy name as a structured-field string (no quote, backslash or control)."""
+    return "".join(ch for ch in name if 32 <= ord(ch) < 127 and ch not in '"\\')
+
+
+def _ietf_plan_headers(
+    state: QuotaState, remaining: int, reset: int, window: int
+) -> dict[str, str]:
     policies = [f'"tokens";q={state.limit};w={window}']
     if state.requests_limit:
         policies.append(f'"requests";q={state.requests_limit};w=60')
@@ -119,11 +154,14 @@ def error_body(exc: QuotaExceeded | RequestTooLarge) -> dict[str, Any]:
     """The JSON body of a 429 or 413: a DRF-style ``detail`` and the OpenAI ``error`` object
     (the shape the official ``openai`` client parses)."""
     message = str(exc)
+    which = {"scope": exc.limit_scope, "window": exc.window, "model": exc.model}
     if isinstance(exc, RequestTooLarge):
         error = {
             "code": "request_too_large",
             "type": "invalid_request_error",
             "message": message,
+            "metric": exc.scope,
+            **which,
             "limit": exc.limit,
             "requested": exc.requested,
         }
@@ -132,6 +170,7 @@ def error_body(exc: QuotaExceeded | RequestTooLarge) -> dict[str, Any]:
             "code": "rate_limit_exceeded",
             "type": exc.scope,
             "message": message,
+            **which,
             "retry_after_seconds": max(ceil_seconds(exc.retry_after), 1),
             "limit": exc.limit,
             "remaining": exc.remaining,

@@ -25,7 +25,7 @@ from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHt
 from quotas import services
 from quotas.conf import quota_settings
 from quotas.core.estimate import InvalidRequest
-from quotas.core.types import ceil_seconds
+from quotas.core.types import QuotaState, ceil_seconds
 from quotas.enforcement import (
     PROMPT_ATTR,
     REFUSED_ATTR,
@@ -125,23 +125,33 @@ class QuotaMiddleware:
             )
             return
         state = state_of(request)
-        remaining: int | None
+        settled: QuotaState | None
         if reservation.settlements:  # the view settled it itself: a second settle is a no-op
-            remaining = reservation.settlements[-1].remaining
+            settled = reservation.settlements[-1].state
         else:
             usage = {"total_tokens": 0} if failed else _usage_of(response)
             status = "refunded" if failed else "settled"
             if quota_settings.SETTLE_BATCH_SECONDS > 0:
                 charged = services.settle_later(reservation, status=status, **usage)
                 # As of the reserve, plus this request's own settle (Redis gets it shortly).
-                remaining = None
-                if state is not None and not reservation.degraded:
-                    remaining = state.remaining + reservation.estimated_tokens - charged
+                settled = None
+                if state is not None:
+                    settled = _corrected(state, reservation.estimated_tokens - charged)
             else:
-                remaining = services.settle(reservation, status=status, **usage).remaining
-        if state is not None and remaining is not None:
-            # The headers tell the budget after this request's real cost.
-            setattr(request, STATE_ATTR, replace(state, remaining=remaining))
+                settled = services.settle(reservation, status=status, **usage).state
+        if settled is not None and not reservation.degraded:
+            # The headers tell the budget after this request's real cost, in every limit.
+            setattr(request, STATE_ATTR, settled)
+
+
+def _corrected(state: QuotaState, returned: int) -> QuotaState:
+    """``state`` with ``returned`` tokens given back to every token limit (a settle still in
+    this process's batch)."""
+    policies = tuple(
+        replace(p, remaining=p.remaining + returned) if p.metric == "tokens" else p
+        for p in state.policies
+    )
+    return replace(state, remaining=state.remaining + returned, policies=policies)
 
 
 def _enforced(view: Any) -> bool:

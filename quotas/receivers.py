@@ -1,7 +1,10 @@
-"""Keep the limits cached in Redis in step with the database.
+"""Keep every process's limits in step with the database.
 
-A saved or deleted plan or user quota drops the cached limits after the transaction commits,
-so the next request of every affected user, in every process, reloads them.
+Saving or deleting anything limits are made of (a plan, a plan's extra limit, a team, a user
+quota, a global limit, a model price) bumps the config version once the transaction commits,
+so every process reloads the limits on its next decision (see ``quotas.engine.config``).
+Queryset ``update()`` and ``bulk_create()`` send no signals: call
+``quotas.services.config_changed()`` after them (``move_to_plan`` does).
 """
 
 from __future__ import annotations
@@ -12,18 +15,14 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from quotas.models import Plan, UserQuota
-from quotas.services import forget_limits_of
+from quotas.models import GlobalLimit, ModelPrice, Plan, PlanLimit, Team, UserQuota
+from quotas.services import config_changed
+
+CONFIG_MODELS = (Plan, PlanLimit, Team, UserQuota, GlobalLimit, ModelPrice)
 
 
-@receiver([post_save, post_delete], sender=Plan, dispatch_uid="quotas_plan_changed")
-def plan_changed(sender: type[Plan], instance: Plan, **kwargs: Any) -> None:
-    # A plan reaches users through UserQuota rows and, as the default, through users with
-    # no row at all, who cannot be listed: drop every cached config.
-    transaction.on_commit(lambda: forget_limits_of(None))
-
-
-@receiver([post_save, post_delete], sender=UserQuota, dispatch_uid="quotas_userquota_changed")
-def user_quota_changed(sender: type[UserQuota], instance: UserQuota, **kwargs: Any) -> None:
-    user_id = instance.user_id
-    transaction.on_commit(lambda: forget_limits_of([user_id]))
+@receiver([post_save, post_delete], dispatch_uid="quotas_config_changed")
+def limits_changed(sender: type, **kwargs: Any) -> None:
+    """One of the models limits are made of changed: every process reloads after commit."""
+    if sender in CONFIG_MODELS:
+        transaction.on_commit(config_changed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from quotas.engine.attempts import block, blocked_for, record_rejected, refusal
 from quotas.engine.budgets import budget_for, reset_window
+from quotas.engine.config import config_changed
 from quotas.engine.estimation import estimate
 from quotas.engine.health import backlog_watch, health, ledger_backlog
 from quotas.engine.ledger import flush_ledger_batch, send_to_ledger, usage_payload
@@ -44,6 +45,7 @@ __all__ = [
     "blocked_for",
     "broker_state",
     "budget_for",
+    "config_changed",
     "estimate",
     "flush_ledger_batch",
     "flush_settle_batch",

@@ -41,8 +41,8 @@ def test_a_served_request_is_settled_from_its_usage_block(client, user, on_commi
     assert response["X-RateLimit-Limit"] == "1000"
     assert response["X-RateLimit-Remaining"] == "960"  # settled at 40, not the 100 estimate
     assert response["x-ratelimit-remaining-tokens"] == "960"
-    assert response["RateLimit-Policy"] == '"tokens";q=1000;w=3600'
-    assert response["RateLimit"].startswith('"tokens";r=960;t=')
+    assert response["RateLimit-Policy"] == '"tokens-hour";q=1000;w=3600'
+    assert response["RateLimit"].startswith('"tokens-hour";r=960;t=')
     me = client.get("/quotas/me/").json()
     assert (me["used"], me["remaining"]) == (40, 960)
     assert int(response["X-RateLimit-Reset"]) == pytest.approx(me["reset_seconds"], abs=1)
@@ -200,7 +200,7 @@ def test_requests_per_minute_headers_and_refusal(make_plan, make_user):
     first = post(api, "/no-usage/")
     assert first["x-ratelimit-limit-requests"] == "2"
     assert first["x-ratelimit-remaining-requests"] == "1"
-    assert first["RateLimit-Policy"] == '"tokens";q=100000;w=3600, "requests";q=2;w=60'
+    assert first["RateLimit-Policy"] == '"tokens-hour";q=100000;w=3600, "requests-minute";q=2;w=60'
     post(api, "/no-usage/")
     refused = post(api, "/no-usage/")
     assert refused.status_code == 429
@@ -304,7 +304,11 @@ def test_a_token_refusal_keeps_token_figures(client):
 def test_a_413_names_the_cap_and_offers_no_retry(client):
     response = post(client, "/completion/", {**BODY, "max_tokens": 700})
     assert response.status_code == 413
-    assert set(response.json()["error"]) == {"code", "type", "message", "limit", "requested"}
+    error = response.json()["error"]
+    assert set(error) == {
+        "code", "type", "message", "limit", "requested", "metric", "scope", "window", "model"
+    }  # fmt: skip
+    assert (error["metric"], error["scope"]) == ("tokens", "user")
     assert "Retry-After" not in response
 
 

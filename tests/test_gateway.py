@@ -151,8 +151,8 @@ def test_the_budget_is_charged_the_actual_usage_not_the_estimate(client):
     assert response["X-RateLimit-Limit"] == response["x-ratelimit-limit-tokens"] == "5000"
     assert response["x-ratelimit-remaining-tokens"] == str(me["remaining"])
     assert int(response["X-RateLimit-Reset"]) == pytest.approx(me["reset_seconds"], abs=1)
-    assert response["RateLimit"].startswith(f'"tokens";r={me["remaining"]};')
-    assert response["RateLimit-Policy"] == '"tokens";q=5000;w=3600'
+    assert response["RateLimit"].startswith(f'"tokens-hour";r={me["remaining"]};')
+    assert response["RateLimit-Policy"] == '"tokens-hour";q=5000;w=3600'
 
 
 def test_a_stream_is_charged_its_actual_usage_once_it_ends(client):

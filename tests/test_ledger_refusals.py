@@ -7,6 +7,7 @@ names were validated: by the store directly, below the services' checks."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 from unittest import mock
 
@@ -14,11 +15,12 @@ import pytest
 from django.db import DataError, OperationalError
 
 from quotas import ledger, services
-from quotas.core.types import Limits
+from quotas.core.decisions import DecisionStatus
 from quotas.engine import reconcile
 from quotas.engine.rows import REPAIRED_MARK
 from quotas.models import UsageRecord
 from quotas.tasks import flush_ledger_task, record_usage_task
+from tests.core.test_redis_store import Plan, counters
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,17 +38,21 @@ def settled_in_store(user: Any, model: str, tokens: int = 100, rid: str = "bad")
     waits in the user's outbox; returns its id."""
     store, scope = services.get_store(), str(user.pk)
     reservation_id = f"{scope}/{rid}"
+    mine = [replace(c, tag=scope) for c in counters(store, Plan(100_000), tokens)]
     result = store.reserve(
         scope,
         reservation_id,
-        tokens,
+        mine,
         ttl_ms=60_000,
-        limits=Limits(100_000),
-        epoch="e1",
+        primary=1,
+        tokens=tokens,
         model=model,
+        seeds={1: ("e1", [])},
     )
-    assert result.allowed
-    store.settle(scope, reservation_id, tokens - 10, epoch=result.epoch, model=model)
+    assert result.status is DecisionStatus.ALLOWED
+    store.settle(
+        scope, reservation_id, mine, actual_tokens=tokens - 10, epoch="e1", primary=1, model=model
+    )
     return reservation_id
 
 

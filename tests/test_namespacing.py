@@ -89,15 +89,20 @@ def test_the_prefix_is_the_cache_key_of_the_quotas_prefix(site, isolated_quotas)
 
 
 def test_a_prefix_with_glob_characters_finds_only_its_own_keys(redis_client):
+    from dataclasses import replace
+
     from quotas.backends.redis import RedisWindowStore
-    from quotas.core.types import Limits, WindowSpec
+    from quotas.core.types import WindowSpec
+    from tests.core.test_redis_store import counters
 
     base = f"glob-{uuid.uuid4().hex[:8]}"
     spec = WindowSpec.from_seconds(60, 1)
     mine = RedisWindowStore(redis_client, prefix=f"{base}[1]*", spec=spec)
     other = RedisWindowStore(redis_client, prefix=f"{base}1x", spec=spec)  # "[1]*" matches it
     try:
-        other.reserve("7", "7/r", 5, ttl_ms=60_000, limits=Limits(100), epoch="e")
+        mine_counters = [replace(c, tag="7") for c in counters(other, tokens=5)]
+        seeds = {1: ("e", [])}
+        other.reserve("7", "7/r", mine_counters, ttl_ms=60_000, primary=1, seeds=seeds)
         assert list(other.iter_scopes("p")) == ["7"]
         assert list(mine.iter_scopes("p")) == []
         assert list(mine.iter_window_keys()) == []

@@ -33,6 +33,30 @@ class PlanRefSerializer(serializers.Serializer):
     name = serializers.CharField()
 
 
+class TeamRefSerializer(serializers.Serializer):
+    slug = serializers.CharField()
+    name = serializers.CharField()
+
+
+class LimitSerializer(serializers.Serializer):
+    """One limit that applies to the user: whose (``scope``: user, team, global), what it
+    counts (``metric``: tokens, requests, cost in micro-dollars), for which models (a glob;
+    blank: all), over which window, and its live figures (``null`` while Redis is
+    unavailable)."""
+
+    name = serializers.CharField()
+    scope = serializers.CharField()
+    metric = serializers.CharField()
+    unit = serializers.CharField()
+    model = serializers.CharField(allow_blank=True)
+    window = serializers.CharField()
+    window_seconds = serializers.FloatField(allow_null=True)
+    limit = serializers.IntegerField()
+    used = serializers.IntegerField(allow_null=True)
+    remaining = serializers.IntegerField(allow_null=True)
+    reset_seconds = serializers.FloatField(allow_null=True)
+
+
 class BudgetSerializer(serializers.Serializer):
     """A budget snapshot (``services.budget_for``); ``used`` includes ``reserved``;
     ``remaining`` is never negative and ``debt`` is the usage beyond the limit.
@@ -54,3 +78,5 @@ class BudgetSerializer(serializers.Serializer):
     max_concurrent_requests = serializers.IntegerField(allow_null=True)
     in_flight = serializers.IntegerField(allow_null=True)
     degraded = serializers.BooleanField()
+    team = TeamRefSerializer(allow_null=True)
+    limits = LimitSerializer(many=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LedgerEntry", "WindowContents", "as_text"]
+__all__ = ["LedgerEntry", "WindowContents", "as_text", "parse_pending"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class LedgerEntry:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     model: str = ""
+    estimated_cost: int = 0
+    cost: int = 0
+    team: str = ""
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> LedgerEntry:
@@ -41,33 +44,59 @@ class LedgerEntry:
             prompt_tokens=payload.get("prompt_tokens"),
             completion_tokens=payload.get("completion_tokens"),
             model=str(payload.get("model") or ""),
+            estimated_cost=int(payload.get("estimated_cost") or 0),
+            cost=int(payload.get("cost") or 0),
+            team=str(payload.get("team") or ""),
         )
 
     @classmethod
     def parse(cls, scope: str, rid: bytes | str, rec: bytes | str) -> LedgerEntry:
-        """Read an outbox record as ``settle.lua`` or ``expire.lua`` wrote it."""
+        """Read an outbox record as ``settle.lua`` (``s2:``; ``s:`` before layered limits)
+        or ``expire.lua`` (``e:``, then the reservation record) wrote it."""
         text = as_text(rec)
-        if text.startswith("s:"):
-            _, estimate, actual, reserved_at, settled_at, prompt, completion, status, model = (
-                text.split(":", 8)
-            )
-            return cls(
-                scope,
-                as_text(rid),
-                status,
-                int(estimate),
-                int(actual),
-                int(reserved_at),
-                int(settled_at),
-                int(prompt) if prompt else None,
-                int(completion) if completion else None,
-                model,
-            )
+        if text.startswith(("s:", "s2:")):
+            return cls._settled(scope, as_text(rid), text)
         if text.startswith("e:"):  # expire.lua's: "e:<moved at ms>:" + the pending record
             text = text.split(":", 2)[2]
-        _bucket, estimate, reserved_at, model = text.split(":", 3)
-        tokens = int(estimate)
-        return cls(scope, as_text(rid), "expired", tokens, tokens, int(reserved_at), model=model)
+        held = parse_pending(text)
+        tokens = held["tokens"]
+        return cls(
+            scope,
+            as_text(rid),
+            "expired",
+            tokens,
+            tokens,
+            held["reserved_at"],
+            model=held["model"],
+            estimated_cost=held["cost"],
+            cost=held["cost"],
+            team=held["team"],
+        )
+
+    @classmethod
+    def _settled(cls, scope: str, rid: str, text: str) -> LedgerEntry:
+        if text.startswith("s2:"):
+            fields = text.split(":", 11)
+            estimated_cost, cost, team = int(fields[8] or 0), int(fields[9] or 0), fields[10]
+        else:
+            fields = text.split(":", 8)
+            estimated_cost, cost, team = 0, 0, ""
+        estimate, actual, reserved_at, settled_at, prompt, completion, status = fields[1:8]
+        return cls(
+            scope,
+            rid,
+            status,
+            int(estimate),
+            int(actual),
+            int(reserved_at),
+            int(settled_at),
+            int(prompt) if prompt else None,
+            int(completion) if completion else None,
+            fields[-1],
+            estimated_cost,
+            cost,
+            team,
+        )
 
 
 @dataclass(frozen=True)
@@ -93,3 +122,23 @@ class WindowContents:
 def as_text(value: bytes | str) -> str:
     """A Redis reply's bytes as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_pending(text: str) -> dict[str, Any]:
+    """A reservation record as reserve.lua writes it (see ``parse_pending`` in _window.lua):
+    ``bucket``, ``tokens``, ``reserved_at``, ``cost``, ``team``, ``counters`` (names),
+    ``model``. Records made before layered limits have no cost, team or counters."""
+    if text.startswith("v2:"):
+        _, bucket, tokens, at, cost, team, counters, model = text.split(":", 7)
+    else:
+        bucket, tokens, at, model = text.split(":", 3)
+        cost, team, counters = "0", "", ""
+    return {
+        "bucket": int(bucket),
+        "tokens": int(tokens),
+        "reserved_at": int(at),
+        "cost": int(cost or 0),
+        "team": team,
+        "counters": [name for name in counters.split(",") if name],
+        "model": model,
+    }

@@ -6,16 +6,18 @@ Every operation is one Lua script, one round trip, atomic. Every Redis error is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from redis import Redis
 from redis.exceptions import RedisError
 
 from quotas.backends.outbox import LedgerOutbox
-from quotas.backends.records import LedgerEntry, WindowContents, as_text
+from quotas.backends.records import LedgerEntry, WindowContents, as_text, parse_pending
 from quotas.backends.scripts import ScriptRunner
-from quotas.core.types import Limits, ReserveResult, SettleResult, Snapshot, WindowSpec
+from quotas.core.decisions import Counter, Decision, Peek, SettleOutcome, counter_args, flat_seeds
+from quotas.core.types import WindowSpec
 from quotas.exceptions import StoreUnavailable
 
 __all__ = ["LedgerEntry", "RedisWindowStore", "ScriptRunner", "WindowContents"]
@@ -23,7 +25,18 @@ __all__ = ["LedgerEntry", "RedisWindowStore", "ScriptRunner", "WindowContents"]
 T = TypeVar("T")
 KEY_SUFFIXES = ("w", "q", "p", "r", "x")
 SETTLE_FIGURES = frozenset(
-    ("status", "prompt_tokens", "completion_tokens", "estimate", "reserved_at_ms", "model")
+    (
+        "actual_cost",
+        "status",
+        "prompt_tokens",
+        "completion_tokens",
+        "estimate",
+        "estimated_cost",
+        "reserved_at_ms",
+        "model",
+        "team",
+        "primary",
+    )
 )
 
 
@@ -68,52 +81,117 @@ class RedisWindowStore(LedgerOutbox):
         except RedisError as exc:
             raise StoreUnavailable(f"Redis error: {exc}") from exc
 
-    # -- operations ----------------------------------------------------------------------
+    # -- decisions -----------------------------------------------------------------------
+    def counter_key(self, tag: str, name: str) -> str:
+        """The hash of one limit's counter; ``tag`` (the user's quota key, ``t:<team id>`` or
+        ``g``) keeps every counter of one scope in one cluster slot."""
+        return f"{self.prefix}:{{{tag}}}:{name}"
+
+    def counter_keys(self, counters: Sequence[Counter]) -> list[str]:
+        return [self.counter_key(counter.tag, counter.limit.key) for counter in counters]
+
+    @property
+    def version_key(self) -> str:
+        """The config version: bumped when a plan, limit, team, quota or price changes, so
+        every process drops the limits it holds in memory (see ``reserve``)."""
+        return f"{self.prefix}:config:version"
+
     def reserve(
         self,
         scope: str,
         reservation_id: str,
-        tokens: int,
+        counters: Sequence[Counter],
         *,
         ttl_ms: int,
-        limits: Limits | None = None,
-        epoch: str = "",
-        model: str = "",
-        add_default_output: bool = False,
-        seed: Sequence[tuple[int, int]] = (),
+        version: str = "",
+        concurrency: int = 0,
         attempts_limit: int = 0,
+        primary: int = 0,
+        tokens: int = 0,
+        cost: int = 0,
+        team: str = "",
+        names: str = "",
+        model: str = "",
+        seeds: Mapping[int, tuple[str, Sequence[tuple[int, int]]]] | None = None,
+        record: bool = True,
         now_ms: int | None = None,
-    ) -> ReserveResult:
-        """Charge ``tokens`` (and one request) if every limit allows; else charge nothing.
+    ) -> Decision:
+        """Charge every counter its amount if each has room (and the concurrency and
+        rejected-attempts limits allow), else charge nothing; one round trip, atomic.
 
-        Without ``limits`` the stored ones are used; when none are stored the result's status
-        is ``NEEDS_CONFIG`` and the caller retries with ``limits`` (plus ``epoch`` and ``seed``
-        when ``window_has_epoch`` is false: the window must be rebuilt from the ledger).
-        ``add_default_output`` adds the plan's default output allowance to ``tokens`` (the
-        request named no ``max_tokens``); the result's ``tokens`` is what was requested.
-        ``attempts_limit`` (0: none) refuses a client with that many rejected attempts in
-        the request window (``OVER_ATTEMPTS``), and counts a 413 as one more.
+        ``version`` (when given) must be the current config version, else nothing is decided
+        (``STALE_CONFIG``, with the version). A counter Redis lost or never had is not
+        decided either (``NEEDS_SEED``, with its 1-based index) until ``seeds`` gives its
+        ledger figures and a new epoch. ``record=False`` only charges the counters (another
+        Redis Cluster slot's share of a decision). ``primary`` is the 1-based index of the
+        user's primary counter (it keeps the tokens reserved); ``tokens``, ``cost``,
+        ``team``, ``names`` (the counters' names) and ``model`` go into the reservation
+        record that settle reads.
         """
-        cfg = limits.encode() if limits else ""
-        pairs = [value for pair in seed for value in pair]
-        raw = self._run(
-            "reserve",
-            scope,
-            [
-                reservation_id,
-                int(tokens),
-                ttl_ms,
-                cfg,
-                epoch,
-                model,
-                "1" if add_default_output else "0",
-                int(attempts_limit),
-                *pairs,
-            ],
-            now_ms,
-            extra_keys=[self.attempts_key(scope), self.due_key],
-        )
-        return ReserveResult.from_script(raw)
+        at = _clock(now_ms)
+        spec = self.spec
+        keys = [
+            *self.keys(scope)[2:4],
+            self.attempts_key(scope),
+            self.due_key,
+            self.version_key,
+            *self.counter_keys(counters),
+        ]
+        args = [
+            "" if now_ms is None else str(int(now_ms)),
+            "r" if record else "c",
+            version,
+            reservation_id,
+            int(ttl_ms),
+            int(concurrency),
+            int(attempts_limit),
+            spec.rpm_window_ms,
+            spec.rpm_bucket_ms,
+            int(primary),
+            int(tokens),
+            int(cost),
+            team,
+            names,
+            model,
+            len(counters),
+            *counter_args(counters, at),
+            *flat_seeds(seeds or {}),
+        ]
+        return Decision.from_script(self.scripts.run("reserve", keys, args))
+
+    def peek(
+        self,
+        scope: str,
+        counters: Sequence[Counter],
+        *,
+        primary: int = 0,
+        seeds: Mapping[int, tuple[str, Sequence[tuple[int, int]]]] | None = None,
+        now_ms: int | None = None,
+    ) -> Peek:
+        """Every counter's figures, charging nothing (or the counters to seed first)."""
+        keys = [self.keys(scope)[2], *self.counter_keys(counters)]
+        args = [
+            "" if now_ms is None else str(int(now_ms)),
+            int(primary),
+            len(counters),
+            *counter_args(counters, _clock(now_ms)),
+            *flat_seeds(seeds or {}),
+        ]
+        return Peek.from_script(self.scripts.run("peek", keys, args))
+
+    def bump_version(self) -> None:
+        """A plan, limit, team, quota or price changed: every process reloads its limits."""
+        self._call(self.client.incr, self.version_key)
+
+    def current_version(self) -> str:
+        """The config version (made when Redis has none)."""
+        self._call(self.client.set, self.version_key, str(_clock(None)), nx=True)
+        return as_text(self._call(self.client.get, self.version_key) or "")
+
+    def pending_record(self, scope: str, reservation_id: str) -> dict[str, Any] | None:
+        """A pending reservation's record (see ``parse_pending``), or ``None``."""
+        raw = self._call(self.client.hget, self.keys(scope)[3], reservation_id)
+        return None if raw is None else parse_pending(as_text(raw))
 
     def attempts_key(self, scope: str) -> str:
         """The window of one quota key's rejected attempts (400s and 413s)."""
@@ -130,43 +208,54 @@ class RedisWindowStore(LedgerOutbox):
         self,
         scope: str,
         reservation_id: str,
-        actual_tokens: int | None,
+        counters: Sequence[Counter],
         *,
+        actual_tokens: int | None,
+        actual_cost: int | None = None,
         epoch: str,
         status: str = "settled",
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         estimate: int = 0,
+        estimated_cost: int = 0,
         reserved_at_ms: int = 0,
         model: str = "",
+        team: str = "",
+        primary: int = 0,
         now_ms: int | None = None,
-    ) -> SettleResult:
-        """Apply ``actual - estimate`` to the reservation's bucket and put its ledger record
-        (``status``, the token figures) in the outbox, atomically; idempotent by id.
+    ) -> SettleOutcome:
+        """Correct every counter by ``actual - estimate`` (tokens, or cost) in the bucket the
+        reservation was charged to, and put its ledger record in the outbox, atomically;
+        idempotent by id.
 
-        ``actual_tokens=None`` keeps the estimate. ``epoch=""`` (settling by id alone) never
-        charges a reservation Redis no longer knows. ``estimate``, ``reserved_at_ms`` and
-        ``model`` are the caller's figures, recorded when Redis no longer knows the
-        reservation (Redis's own figures win when it does).
+        ``actual_tokens=None`` (``actual_cost=None``) keeps the estimate. ``epoch=""``
+        (settling by id alone) never charges a reservation Redis no longer knows. The other
+        figures are the caller's, recorded when Redis no longer knows the reservation
+        (Redis's own figures win when it does).
         """
         keys, args = self._settle_call(
             scope,
             reservation_id,
-            actual_tokens,
+            counters,
+            actual_tokens=actual_tokens,
+            actual_cost=actual_cost,
             epoch=epoch,
             status=status,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             estimate=estimate,
+            estimated_cost=estimated_cost,
             reserved_at_ms=reserved_at_ms,
             model=model,
+            team=team,
+            primary=primary,
             now_ms=now_ms,
         )
-        return SettleResult.from_script(self.scripts.run("settle", keys, args))
+        return SettleOutcome.from_script(self.scripts.run("settle", keys, args))
 
     def settle_many(
         self, settles: Sequence[dict[str, Any]]
-    ) -> list[SettleResult | StoreUnavailable]:
+    ) -> list[SettleOutcome | StoreUnavailable]:
         """Several settles in one round trip: each dict holds ``settle``'s arguments by name.
 
         Each settle is atomic and idempotent on its own, as ``settle`` is; one whose script
@@ -178,7 +267,7 @@ class RedisWindowStore(LedgerOutbox):
         return [
             StoreUnavailable(f"Redis error: {reply}")
             if isinstance(reply, Exception)
-            else SettleResult.from_script(reply)
+            else SettleOutcome.from_script(reply)
             for reply in replies
         ]
 
@@ -186,8 +275,9 @@ class RedisWindowStore(LedgerOutbox):
         self,
         scope: str,
         reservation_id: str,
-        actual_tokens: int | None,
+        counters: Sequence[Counter],
         *,
+        actual_tokens: int | None,
         epoch: str,
         now_ms: int | None = None,
         **figures: Any,
@@ -197,38 +287,38 @@ class RedisWindowStore(LedgerOutbox):
         unknown = set(figures) - SETTLE_FIGURES
         if unknown:
             raise TypeError(f"Unknown settle arguments: {sorted(unknown)}")
-        prompt, completion = figures.get("prompt_tokens"), figures.get("completion_tokens")
-        marker = f"{self.prefix}:{{{scope}}}:s:{reservation_id}"
+        get = figures.get
+        prompt, completion, cost = (
+            get("prompt_tokens"),
+            get("completion_tokens"),
+            get("actual_cost"),
+        )
+        keys = [
+            *self.keys(scope)[2:5],
+            f"{self.prefix}:{{{scope}}}:s:{reservation_id}",
+            self.backlog_key,
+            self.due_key,
+            *self.counter_keys(counters),
+        ]
         args = [
-            *self._common(now_ms),
+            "" if now_ms is None else str(int(now_ms)),
             reservation_id,
             -1 if actual_tokens is None else int(actual_tokens),
+            -1 if cost is None else int(cost),
             epoch,
-            figures.get("status", "settled"),
+            get("status", "settled"),
             "" if prompt is None else int(prompt),
             "" if completion is None else int(completion),
-            int(figures.get("estimate", 0)),
-            int(figures.get("reserved_at_ms", 0)),
-            figures.get("model", ""),
+            int(get("estimate", 0)),
+            int(get("reserved_at_ms", 0)),
+            get("model", ""),
+            int(get("estimated_cost", 0)),
+            get("team", ""),
+            int(get("primary", 0)),
+            len(counters),
+            *counter_args(counters, _clock(now_ms), settle=True),
         ]
-        return [*self.keys(scope), marker, self.backlog_key, self.due_key], args
-
-    def peek(
-        self,
-        scope: str,
-        *,
-        limits: Limits | None = None,
-        epoch: str = "",
-        seed: Sequence[tuple[int, int]] = (),
-        now_ms: int | None = None,
-    ) -> Snapshot | bool:
-        """The budget snapshot, or whether the window has an epoch when no config is stored."""
-        cfg = limits.encode() if limits else ""
-        pairs = [value for pair in seed for value in pair]
-        raw = self._run("peek", scope, [cfg, epoch, *pairs], now_ms)
-        if int(raw[0]) == -1:
-            return bool(int(raw[1]))
-        return Snapshot.from_script(raw)
+        return keys, args
 
     def expire(self, scope: str, *, batch: int = 500, now_ms: int | None = None) -> int:
         """Move up to ``batch`` reservations past their deadline to the outbox; return how many
@@ -271,30 +361,14 @@ class RedisWindowStore(LedgerOutbox):
         delta, changed = self._run("audit", scope, [epoch, *flat], now_ms)
         return None if int(changed) < 0 else int(delta)
 
-    def reset(self, scope: str) -> None:
-        """Give the whole budget back now (keeps the epoch and the stored limits)."""
-        self._run("reset", scope, [], None)
-
-    def forget_limits(self, scopes: Sequence[str]) -> None:
-        """Drop stored limits so the next request reloads them from the database."""
-        pipe = self.client.pipeline(transaction=False)
-        for scope in scopes:
-            pipe.hdel(self.keys(scope)[0], "cfg")
-        self._call(pipe.execute)
-
-    def forget_all_limits(self, batch: int = 1000) -> int:
-        """Drop the stored limits of every quota key (a plan changed). Returns the keys seen."""
-        seen = 0
-        for chunk in self._chunks(self.iter_window_keys(), batch):
-            pipe = self.client.pipeline(transaction=False)
-            for key in chunk:
-                pipe.hdel(key, "cfg")
-            self._call(pipe.execute)
-            seen += len(chunk)
-        return seen
+    def reset(self, scope: str, counters: Sequence[Counter]) -> None:
+        """Give the user's whole budget back now in these counters (the primary first), and
+        forget their rejected attempts; keeps the epochs (nothing is rebuilt)."""
+        keys = [self.attempts_key(scope), *self.counter_keys(counters)]
+        self.scripts.run("reset", keys, [""])
 
     def iter_window_keys(self) -> Iterator[str]:
-        """Every token window hash, by SCAN (never KEYS): for background jobs only."""
+        """Every primary token window hash, by SCAN (never KEYS): for background jobs only."""
         pattern = f"{_glob_escape(self.prefix)}:{{*}}:w"
         try:
             for key in self.client.scan_iter(match=pattern, count=1000, _type="HASH"):
@@ -311,10 +385,11 @@ class RedisWindowStore(LedgerOutbox):
         except RedisError as exc:
             raise StoreUnavailable(f"Redis error: {exc}") from exc
 
-    def memory_usage(self, scope: str) -> int:
-        """Bytes Redis uses for every key of one quota key (``MEMORY USAGE``)."""
+    def memory_usage(self, scope: str, counters: Sequence[Counter] = ()) -> int:
+        """Bytes Redis uses for every key of one quota key, and these counters of its
+        (``MEMORY USAGE``)."""
         total = 0
-        for key in self.keys(scope):
+        for key in [*self.keys(scope), *self.counter_keys(counters)]:
             total += self._call(self.client.memory_usage, key, samples=0) or 0
         return total
 
@@ -322,23 +397,18 @@ class RedisWindowStore(LedgerOutbox):
     def _held(flat: Sequence[bytes | str]) -> dict[str, tuple[int, int]]:
         held = {}
         for rid, rec in zip(flat[::2], flat[1::2], strict=True):
-            bucket, estimate, _ = as_text(rec).split(":", 2)
-            held[as_text(rid)] = (int(bucket), int(estimate))
+            record = parse_pending(as_text(rec))
+            held[as_text(rid)] = (record["bucket"], record["tokens"])
         return held
-
-    @staticmethod
-    def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
-        chunk: list[str] = []
-        for item in items:
-            chunk.append(item)
-            if len(chunk) >= size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
 
 
 def _glob_escape(text: str) -> str:
     """``text`` matched literally in a ``SCAN MATCH`` pattern (a cache prefix may hold any
     character)."""
     return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
+
+
+def _clock(now_ms: int | None) -> int:
+    """The client's clock (ms), for the calendar boundaries it sends: Redis's own clock picks
+    among them, so this one only needs to be within a period of it."""
+    return int(time.time() * 1000) if now_ms is None else int(now_ms)

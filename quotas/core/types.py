@@ -8,6 +8,7 @@ from enum import IntEnum
 
 __all__ = [
     "Limits",
+    "PolicyState",
     "QuotaState",
     "ReserveResult",
     "ReserveStatus",
@@ -64,6 +65,26 @@ class QuotaState:
     requests_remaining: int = 0
     requests_reset_seconds: float = 0.0
     degraded: bool = False
+    # Every limit that applied, for RateLimit-Policy and GET /quotas/me/ (the fields above
+    # are the most restrictive token and request limits among them).
+    policies: tuple[PolicyState, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """One limit's figures after a decision: ``name`` is its policy name (``tokens-hour``,
+    ``team-requests-minute``, ``global-cost-month``), ``remaining`` may be negative (debt:
+    usage beyond the limit, served)."""
+
+    name: str
+    scope: str
+    metric: str
+    model: str
+    window: str
+    limit: int
+    remaining: int
+    reset_seconds: float
+    window_seconds: int
 
 
 @dataclass(frozen=True)

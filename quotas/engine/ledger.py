@@ -34,8 +34,11 @@ def usage_payload(
     prompt: int | None,
     completion: int | None,
     status: str,
+    *,
+    cost: int | None = None,
 ) -> dict[str, Any]:
-    """The primitives a ledger row is made from (what the Celery task receives)."""
+    """The primitives a ledger row is made from (what the Celery task receives); ``cost``
+    (micro-dollars) defaults to the estimated cost."""
     return {
         "request_id": reservation.id,
         "scope": reservation.scope,
@@ -48,6 +51,9 @@ def usage_payload(
         "status": str(status),
         "reserved_at_ms": reservation.reserved_at_ms,
         "settled_at_ms": now_ms(),
+        "team": reservation.team,
+        "estimated_cost": reservation.estimated_cost,
+        "cost": reservation.estimated_cost if cost is None else cost,
     }
 
 

@@ -1,23 +1,36 @@
-"""Who a request counts against, and which limits apply: plans, per-user overrides, the
-anonymous plan. Limits are read from the database only when Redis does not hold them (the
-first request of a user, or after a plan or quota changed)."""
+"""Who a request counts against, and which limits apply to it (see ``quotas.engine.config``):
+read from the database once per user and config version, not on every request."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TypeAlias
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
 from django.db import transaction
 
-from quotas.conf import quota_settings
 from quotas.core.types import Limits
-from quotas.engine.runtime import get_store
-from quotas.exceptions import ConfigurationError, StoreUnavailable
+from quotas.engine.config import (
+    QuotaConfig,
+    anonymous_config,
+    config_changed,
+    configs,
+    user_config,
+)
+from quotas.exceptions import ConfigurationError
 from quotas.models import Plan, UserQuota
 
-__all__ = ["User", "forget_limits_of", "limits_for", "move_to_plan", "scope_for", "user_id_of"]
+__all__ = [
+    "User",
+    "config_for",
+    "forget_limits_of",
+    "limits_for",
+    "move_to_plan",
+    "scope_for",
+    "user_id_of",
+]
 
 logger = logging.getLogger("quotas")
 
@@ -30,61 +43,48 @@ def scope_for(user: User | None, client_address: str | None = None) -> str:
         return str(user.pk)
     if not client_address:
         raise ConfigurationError("An anonymous request needs a client address for its quota.")
-    return f"anon-{client_address}"
+    # A quota key never holds "/": a reservation id is "<quota key>/<request id>" (an IPv6
+    # client's key is its /64 network, "2001:db8::/64", which becomes "2001:db8::_64").
+    return f"anon-{client_address.replace('/', '_')}"
 
 
-def _limits_from_plan(plan: Plan, override: int | None = None) -> Limits:
-    return Limits(
-        tokens_per_window=override or plan.tokens_per_hour,
-        plan_slug=plan.slug,
-        plan_name=plan.name,
-        max_tokens_per_request=plan.max_tokens_per_request,
-        requests_per_minute=plan.requests_per_minute,
-        max_concurrent_requests=plan.max_concurrent_requests,
-        default_output_tokens=plan.default_output_tokens,
-    )
-
-
-def limits_for(user: User | None) -> Limits:
-    """Effective limits: the user's override, else their plan, else the default plan.
+def config_for(user: User | None, client_address: str | None = None) -> QuotaConfig:
+    """Every limit that applies to this user (or anonymous client): from this process's
+    memory, or the database when the config version changed since it was read.
 
     Raises ``ConfigurationError`` when no plan applies (never a silent "unlimited").
     """
+    scope = scope_for(user, client_address)
+    cache = configs()
+    config = cache.get(scope)
+    if config is None:
+        version = cache.current_version()  # read before the database, so never newer
+        config = replace(_read_config(user), version=version)
+        if version == cache.version:
+            cache.put(scope, config)
+    return config
+
+
+def _read_config(user: User | None) -> QuotaConfig:
     if user is None or not user.is_authenticated:
-        return _anonymous_limits()
-    quota = UserQuota.objects.select_related("plan").filter(user_id=user.pk).first()
-    plan = quota.plan if quota and quota.plan and quota.plan.is_active else None
-    plan = plan or Plan.objects.filter(is_default=True, is_active=True).first()
-    if plan is None:
-        raise ConfigurationError(
-            f"User {user.pk} has no plan and no default plan is set: mark one active plan "
-            "as the default, or give the user a plan."
-        )
-    return _limits_from_plan(plan, quota.tokens_per_hour_override if quota else None)
+        return anonymous_config()
+    return user_config(user.pk)
 
 
-def _anonymous_limits() -> Limits:
-    slug = quota_settings.ANONYMOUS_PLAN
-    plan = Plan.objects.filter(slug=slug, is_active=True).first() if slug else None
-    if plan is None:
-        raise ConfigurationError(f"QUOTAS['ANONYMOUS_PLAN'] names no active plan ({slug!r}).")
-    return _limits_from_plan(plan)
+def limits_for(user: User | None, client_address: str | None = None) -> Limits:
+    """The plan's own limits for this user: their override, else their plan, else the
+    default plan (``QuotaConfig.limits``)."""
+    return config_for(user, client_address).limits
 
 
 def user_id_of(user: User | None) -> int | None:
+    """The user's primary key, ``None`` for an anonymous client."""
     return user.pk if user is not None and user.is_authenticated else None
 
 
-def forget_limits_of(user_ids: list[int] | None) -> None:
-    """Make the next request of these users (all users when ``None``) reload their limits."""
-    try:
-        store = get_store()
-        if user_ids is None:
-            store.forget_all_limits()
-        else:
-            store.forget_limits([str(pk) for pk in user_ids])
-    except StoreUnavailable:
-        logger.warning("quotas: Redis unavailable; limits will reload when their keys expire")
+def forget_limits_of(user_ids: list[int] | None = None) -> None:
+    """Make every process reload the limits it holds (a plan or quota changed)."""
+    config_changed()
 
 
 def move_to_plan(user_ids: list[int], plan: Plan) -> int:
@@ -98,5 +98,5 @@ def move_to_plan(user_ids: list[int], plan: Plan) -> int:
             [UserQuota(user_id=pk, plan=plan) for pk in user_ids if pk not in existing]
         )
         # Bulk updates send no signals: drop the cached limits ourselves, after commit.
-        transaction.on_commit(lambda: forget_limits_of(list(user_ids)))
+        transaction.on_commit(config_changed)
     return len(user_ids)

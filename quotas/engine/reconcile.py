@@ -16,7 +16,6 @@ command calls them. Every function is idempotent, so a re-delivered task changes
 from __future__ import annotations
 
 import logging
-import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,10 +28,12 @@ from django.utils import timezone
 from quotas.backends.redis import RedisWindowStore, WindowContents
 from quotas.conf import quota_settings
 from quotas.core.types import WindowSpec
-from quotas.engine.plans import limits_for
+from quotas.engine.counters import all_counters, primary_index
+from quotas.engine.lookup import reservation_of
+from quotas.engine.plans import config_for
 from quotas.engine.rows import write_scope_rows
 from quotas.engine.runtime import get_store, window_spec
-from quotas.engine.seeding import ledger_seed
+from quotas.engine.seeding import counter_seeds
 from quotas.exceptions import ConfigurationError
 from quotas.models import UsageRecord
 
@@ -183,8 +184,17 @@ def _replay_settles(store: RedisWindowStore, scope: str, contents: WindowContent
         status=UsageRecord.Status.EXPIRED
     )
     replayed = 0
-    for request_id, actual in rows.values_list("request_id", "actual_tokens"):
-        result = store.settle(scope, request_id, actual, epoch=contents.epoch)
+    for request_id, actual, cost in rows.values_list("request_id", "actual_tokens", "cost"):
+        held = reservation_of(request_id)  # the counters it charged, from its record
+        result = store.settle(
+            scope,
+            request_id,
+            held.counters,
+            actual_tokens=actual,
+            actual_cost=cost if held.price else None,
+            epoch=contents.epoch,
+            primary=held.primary,
+        )
         replayed += int(result.status == 1)
     return replayed
 
@@ -273,18 +283,25 @@ def rebuild_window(scope: str) -> bool:
     """Seed one window from the ledger if Redis lost it (it has no epoch). Returns whether it
     was rebuilt. Concurrent rebuilds and requests seed a window once: the script checks."""
     store = get_store()
-    if store.peek(scope) is not False:
-        return False
     try:
-        limits = limits_for(_user_of(scope))
+        config = config_for(_user_of(scope), _address_of(scope))
     except ConfigurationError as exc:
         logger.warning("quotas: cannot rebuild the window of %s: %s", scope, exc)
         return False
-    spec = window_spec()
-    seed = ledger_seed(scope, spec, _ms(timezone.now()))
-    store.peek(scope, limits=limits, epoch=uuid.uuid4().hex[:8], seed=seed)
+    counters = all_counters(config, scope)
+    primary = primary_index(counters)
+    peek = store.peek(scope, counters, primary=primary)
+    if not peek.unbuilt:
+        return False
+    team = config.team.id if config.team else None
+    seeds = counter_seeds(scope, team, counters, peek.unbuilt)
+    store.peek(scope, counters, primary=primary, seeds=seeds)
     logger.info("quotas: rebuilt the window of %s from the ledger", scope)
     return True
+
+
+def _address_of(scope: str) -> str | None:
+    return scope.removeprefix("anon-") if scope.startswith("anon-") else None
 
 
 def _user_of(scope: str) -> Any:

@@ -1,14 +1,22 @@
-"""Reserve: hold a request's estimated tokens, atomically across every limit, before the LLM
-call. One Redis round trip in steady state; a refusal charges nothing."""
+"""Reserve: hold a request's estimate in every limit that applies to it, atomically, before the
+LLM call. One Redis round trip in steady state (all the user's, team's and global layers in
+one script); a refusal at any layer charges nothing at any layer."""
 
 from __future__ import annotations
 
+import logging
 import secrets
+from dataclasses import dataclass
 
 from quotas.conf import quota_settings
 from quotas.core.bounds import check_model_name, check_reservation_id, check_token_figure
-from quotas.core.types import QuotaState, ReserveResult, ReserveStatus
-from quotas.engine.plans import User, limits_for, scope_for, user_id_of
+from quotas.core.decisions import Decision, DecisionStatus
+from quotas.core.limits import Limit, Metric
+from quotas.core.pricing import Price
+from quotas.core.types import QuotaState
+from quotas.engine.config import QuotaConfig, configs
+from quotas.engine.counters import Charges, charges_for, quota_state
+from quotas.engine.plans import User, config_for, scope_for, user_id_of
 from quotas.engine.runtime import (
     get_store,
     guarded,
@@ -16,12 +24,43 @@ from quotas.engine.runtime import (
     reservation_ttl_ms,
     window_spec,
 )
-from quotas.engine.seeding import config_for
+from quotas.engine.seeding import counter_seeds
 from quotas.engine.types import DEGRADED_EPOCH, Reservation
 from quotas.exceptions import QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.signals import budget_threshold_crossed, quota_exceeded
 
 __all__ = ["reserve"]
+
+logger = logging.getLogger("quotas")
+# How often a decision may find its limits stale (an edit in between) before it gives up.
+STALE_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as the engine decides it: who, which model, how much."""
+
+    user: User | None
+    address: str | None
+    scope: str
+    rid: str
+    model: str
+    named_tokens: int
+    add_default_output: bool
+    prompt_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A request priced against one config: its tokens (with the plan's default output
+    allowance when it named none), its cost, and the counters it charges."""
+
+    config: QuotaConfig
+    tokens: int
+    cost: int
+    price: Price | None
+    limits: tuple[Limit, ...]
+    charges: Charges
 
 
 def reserve(
@@ -32,11 +71,14 @@ def reserve(
     request_id: str | None = None,
     client_address: str | None = None,
     add_default_output: bool = False,
+    prompt_tokens: int | None = None,
 ) -> Reservation:
-    """Hold ``tokens`` of the user's budget for one LLM call, atomically across every limit.
+    """Hold ``tokens`` for one LLM call in every limit that applies, atomically.
 
     ``add_default_output`` adds the plan's default output allowance to ``tokens`` (for a
-    request that names no ``max_tokens``). Anonymous clients need ``client_address``.
+    request that names no ``max_tokens``); ``prompt_tokens`` (the prompt part of
+    ``tokens``) prices a cost limit exactly, else every token is priced at the dearer of
+    the model's input and output prices. Anonymous clients need ``client_address``.
     Raises ``QuotaExceeded`` (retry later), ``RequestTooLarge`` (never fits), or
     ``StoreUnavailable`` when Redis is down and ``QUOTAS["FAILURE_POLICY"]`` is ``"closed"``;
     ``InvalidRequest`` (a ``ValueError``) when ``tokens`` is not an integer from 0 to
@@ -49,167 +91,217 @@ def reserve(
     rid = f"{scope}/{request_id or secrets.token_hex(16)}"  # 128 random bits, as hex
     if request_id:
         check_reservation_id(rid)
+    request = Request(
+        user, client_address, scope, rid, model, tokens, add_default_output, prompt_tokens
+    )
     try:
-        result = guarded(_reserve_in_store, user, scope, rid, tokens, model, add_default_output)
+        ask, decision = guarded(_decide, request)
     except StoreUnavailable:
         if quota_settings.FAILURE_POLICY == "closed":
             raise
-        return _degraded_reservation(user, scope, rid, tokens, model, add_default_output)
-    return _decide(user, scope, rid, model, result)
+        return _degraded(request)
+    return _outcome(request, ask, decision)
 
 
-def _reserve_in_store(
-    user: User | None, scope: str, rid: str, tokens: int, model: str, add_output: bool
-) -> ReserveResult:
-    store = get_store()
-    ttl_ms = reservation_ttl_ms()
-    attempts = int(quota_settings.REJECTED_PER_MINUTE or 0)
-    result = store.reserve(
-        scope,
-        rid,
-        tokens,
-        ttl_ms=ttl_ms,
-        model=model,
-        add_default_output=add_output,
-        attempts_limit=attempts,
+def ask_for(request: Request, config: QuotaConfig) -> Ask:
+    """Price ``request`` against ``config``; ``RequestTooLarge`` when it can never fit."""
+    tokens = request.named_tokens
+    if request.add_default_output:
+        tokens += config.limits.default_output_tokens
+    price = _price(config, request.model)
+    cost = _cost(price, tokens, request.prompt_tokens)
+    limits = config.applicable(request.model)
+    _check_fits(config, limits, tokens, cost)
+    charges = charges_for(limits, request.scope, config, tokens, cost)
+    return Ask(config, tokens, cost, price, limits, charges)
+
+
+def _decide(request: Request) -> tuple[Ask, Decision]:
+    """One decision in Redis: again with fresh limits while they turn out stale, and with
+    the ledger's figures for counters Redis lost (or never had)."""
+    for _ in range(STALE_RETRIES):
+        ask = ask_for(request, config_for(request.user, request.address))
+        decision = _send(request, ask, {})
+        if decision.status is DecisionStatus.NEEDS_SEED:
+            team = ask.config.team.id if ask.config.team else None
+            seeds = counter_seeds(request.scope, team, ask.charges.counters, decision.unbuilt)
+            decision = _send(request, ask, seeds)
+        if decision.status is not DecisionStatus.STALE_CONFIG:
+            return ask, decision
+        configs().stale(decision.version)
+    raise StoreUnavailable("The limits kept changing during the decision.")
+
+
+def _send(request: Request, ask: Ask, seeds: dict) -> Decision:
+    config = ask.config
+    return get_store().reserve(
+        request.scope,
+        request.rid,
+        ask.charges.counters,
+        ttl_ms=reservation_ttl_ms(),
+        version=config.version,
+        concurrency=config.limits.max_concurrent_requests or 0,
+        attempts_limit=int(quota_settings.REJECTED_PER_MINUTE or 0),
+        primary=ask.charges.primary,
+        tokens=ask.tokens,
+        cost=ask.cost,
+        team=str(config.team.id) if config.team else "",
+        names=ask.charges.names,
+        model=request.model,
+        seeds=seeds,
     )
-    if result.status is ReserveStatus.NEEDS_CONFIG:
-        # Limits not cached (first request, or a plan changed), maybe the window is lost too.
-        limits, seed, epoch = config_for(user, scope, rebuild=not result.window_has_epoch)
-        result = store.reserve(
-            scope,
-            rid,
-            tokens,
-            ttl_ms=ttl_ms,
-            limits=limits,
-            epoch=epoch,
-            model=model,
-            add_default_output=add_output,
-            seed=seed,
-            attempts_limit=attempts,
-        )
-    return result
 
 
-def _decide(
-    user: User | None, scope: str, rid: str, model: str, result: ReserveResult
-) -> Reservation:
-    tokens = result.tokens
-    state = result.state(window_spec().window_seconds)
-    if result.status is ReserveStatus.ALLOWED:
-        _maybe_alert(user, scope, tokens, result)
-        return Reservation(
-            id=rid,
-            scope=scope,
-            user_id=user_id_of(user),
-            model=model,
-            estimated_tokens=tokens,
-            reserved_at_ms=result.now_ms,
-            state=state,
-            epoch=result.epoch,
-            plan_slug=result.plan_slug,
-        )
-    if result.status is ReserveStatus.DUPLICATE_ID:
-        raise ValueError(f"Reservation {rid!r} already exists: request ids must be unique.")
-    exc = _rejection(tokens, result, state)
-    quota_exceeded.send(sender=Reservation, user=user, scope=scope, exception=exc)
+def _outcome(request: Request, ask: Ask, decision: Decision) -> Reservation:
+    counters = ask.charges.counters
+    retry = decision.retry_ms / 1000 if decision.status is not DecisionStatus.ALLOWED else 0.0
+    state = quota_state(counters, decision.figures, decision.now_ms, retry_after=retry)
+    if decision.status is DecisionStatus.ALLOWED:
+        _maybe_alert(request, ask, state)
+        return _reservation(request, ask, state, decision.now_ms, decision.epoch)
+    if decision.status is DecisionStatus.DUPLICATE_ID:
+        raise ValueError(f"Reservation {request.rid!r} already exists: ids must be unique.")
+    exc = _rejection(ask, decision, state)
+    quota_exceeded.send(sender=Reservation, user=request.user, scope=request.scope, exception=exc)
     raise exc
 
 
-def _rejection(
-    tokens: int, result: ReserveResult, state: QuotaState
-) -> QuotaExceeded | RequestTooLarge:
-    if result.status is ReserveStatus.OVER_REQUEST_CAP:
-        return RequestTooLarge(
-            limit=result.max_tokens_per_request,
-            requested=tokens,
-            reason="the per-request cap",
-            state=state,
-        )
-    if result.status is ReserveStatus.OVER_BUDGET:
-        return RequestTooLarge(
-            limit=result.limit, requested=tokens, reason="the whole budget", state=state
-        )
-    if result.status is ReserveStatus.OVER_ATTEMPTS:
-        # Too many rejected requests (see quotas.attempts): figures in attempts.
-        return QuotaExceeded(
-            limit=int(quota_settings.REJECTED_PER_MINUTE),
-            remaining=0,
-            requested=1,
-            retry_after=result.retry_after,
-            scope="attempts",
-            reset_seconds=result.retry_after,
-            state=state,
-        )
-    if result.status is ReserveStatus.OVER_REQUESTS:
-        # In the units of the limit that refused: this one request against the minute's.
-        return QuotaExceeded(
-            limit=result.requests_limit,
-            remaining=max(result.requests_remaining, 0),
-            requested=1,
-            retry_after=result.retry_after,
-            scope="requests",
-            reset_seconds=result.requests_reset_seconds,
-            state=state,
-        )
-    if result.status is ReserveStatus.OVER_CONCURRENCY:
-        return QuotaExceeded(
-            limit=result.concurrency_limit,
-            remaining=max(result.concurrency_limit - result.in_flight, 0),
-            requested=1,
-            retry_after=result.retry_after,
-            scope="concurrency",
-            state=state,
-        )
-    return QuotaExceeded(
-        limit=result.limit,
-        remaining=max(result.remaining, 0),
-        requested=tokens,
-        retry_after=result.retry_after,
-        scope="tokens",
-        reset_seconds=result.reset_seconds,
+def _reservation(
+    request: Request, ask: Ask, state: QuotaState, at_ms: int, epoch: str, degraded: bool = False
+) -> Reservation:
+    config = ask.config
+    return Reservation(
+        id=request.rid,
+        scope=request.scope,
+        user_id=user_id_of(request.user),
+        model=request.model,
+        estimated_tokens=ask.tokens,
+        reserved_at_ms=at_ms,
         state=state,
+        epoch=epoch,
+        plan_slug=config.limits.plan_slug,
+        degraded=degraded,
+        counters=ask.charges.counters,
+        primary=ask.charges.primary,
+        estimated_cost=ask.cost,
+        prompt_tokens=request.prompt_tokens,
+        price=ask.price,
+        team=str(config.team.id) if config.team else "",
     )
 
 
-def _maybe_alert(user: User | None, scope: str, tokens: int, result: ReserveResult) -> None:
+def _rejection(ask: Ask, decision: Decision, state: QuotaState) -> QuotaExceeded:
+    """The 429 of a refusal, in the units of the limit that refused."""
+    retry = decision.retry_ms / 1000
+    if decision.status is DecisionStatus.OVER_ATTEMPTS:
+        allowed = int(quota_settings.REJECTED_PER_MINUTE)
+        return QuotaExceeded(
+            limit=allowed, remaining=0, requested=1, retry_after=retry, scope="attempts",
+            reset_seconds=retry, state=state, window="minute",
+        )  # fmt: skip
+    if decision.status is DecisionStatus.OVER_CONCURRENCY:
+        slots = ask.config.limits.max_concurrent_requests or 0
+        return QuotaExceeded(
+            limit=slots, remaining=max(slots - decision.in_flight, 0), requested=1,
+            retry_after=retry, scope="concurrency", state=state,
+        )  # fmt: skip
+    counter = ask.charges.counters[decision.refusing - 1]
+    figure = decision.figures[decision.refusing - 1]
+    refused = counter.limit
+    return QuotaExceeded(
+        limit=refused.budget,
+        remaining=max(refused.budget - figure.total, 0),
+        requested=counter.amount,
+        retry_after=retry,
+        scope=refused.metric.value,
+        reset_seconds=figure.reset_ms / 1000,
+        state=state,
+        limit_scope=refused.scope.value,
+        window=refused.window.name,
+        model=refused.model,
+    )
+
+
+def _check_fits(config: QuotaConfig, limits: tuple[Limit, ...], tokens: int, cost: int) -> None:
+    """``RequestTooLarge`` for a request no waiting can let through: over a per-request cap,
+    or over a whole budget of tokens or cost."""
+    for cap, _origin in config.caps:
+        if tokens > cap:
+            raise RequestTooLarge(limit=cap, requested=tokens, reason="the per-request cap")
+    for limit in limits:
+        asked = {Metric.TOKENS: tokens, Metric.COST: cost}.get(limit.metric, 1)
+        if asked > limit.budget:
+            raise RequestTooLarge(
+                limit=limit.budget,
+                requested=asked,
+                reason=f"the whole budget of {limit.name}",
+                scope=limit.metric.value,
+                limit_scope=limit.scope.value,
+                window=limit.window.name,
+                model=limit.model,
+            )
+
+
+def _price(config: QuotaConfig, model: str) -> Price | None:
+    """The model's price (``None`` with an empty price table). A model the table does not
+    list is never free: it is priced at the table's highest prices, with one warning."""
+    if not config.prices:
+        return None
+    price, listed = config.prices.price_for(model)
+    if not listed:
+        _warn_unpriced(model)
+    return price
+
+
+_warned: set[str] = set()
+
+
+def _warn_unpriced(model: str) -> None:
+    if model not in _warned and len(_warned) < 1000:
+        _warned.add(model)
+        logger.warning(
+            "quotas: no price is listed for model %r: its cost is counted at the highest "
+            "listed prices (add a model price in the admin)",
+            model,
+        )
+
+
+def _cost(price: Price | None, tokens: int, prompt: int | None) -> int:
+    """Micro-dollars of an estimate: its prompt at the input price, the rest at the output
+    price; without the split, every token at the dearer of the two."""
+    if price is None:
+        return 0
+    if prompt is None or prompt > tokens:
+        dearer = max(price.input_per_million, price.output_per_million)
+        return Price("", dearer, dearer).cost(tokens, 0)
+    return price.cost(prompt, tokens - prompt)
+
+
+def _maybe_alert(request: Request, ask: Ask, state: QuotaState) -> None:
+    """``budget_threshold_crossed`` once, when this reservation takes the primary budget
+    from below to at-or-above ``ALERT_THRESHOLD``."""
     threshold = quota_settings.ALERT_THRESHOLD
-    used = result.limit - result.remaining
-    mark = threshold * result.limit
-    if threshold and used - tokens < mark <= used:
+    primary = ask.charges.primary
+    if not threshold or not primary:
+        return
+    policy = state.policies[primary - 1]
+    used = policy.limit - policy.remaining
+    mark = threshold * policy.limit
+    if used - ask.tokens < mark <= used:
         budget_threshold_crossed.send(
             sender=Reservation,
-            user=user,
-            scope=scope,
+            user=request.user,
+            scope=request.scope,
             used=used,
-            limit=result.limit,
+            limit=policy.limit,
             threshold=threshold,
         )
 
 
-def _degraded_reservation(
-    user: User | None, scope: str, rid: str, tokens: int, model: str, add_output: bool
-) -> Reservation:
-    """Fail-open: serve without Redis. The per-request cap still holds (it needs no Redis)."""
-    limits = limits_for(user)
-    tokens += limits.default_output_tokens if add_output else 0
-    cap = limits.max_tokens_per_request
-    if cap and tokens > cap:
-        raise RequestTooLarge(limit=cap, requested=tokens, reason="the per-request cap")
-    if tokens > limits.tokens_per_window:
-        raise RequestTooLarge(
-            limit=limits.tokens_per_window, requested=tokens, reason="the whole budget"
-        )
-    window = window_spec().window_seconds
-    return Reservation(
-        id=rid,
-        scope=scope,
-        user_id=user_id_of(user),
-        model=model,
-        estimated_tokens=tokens,
-        reserved_at_ms=now_ms(),
-        state=QuotaState(limits.tokens_per_window, 0, 0.0, window, degraded=True),
-        epoch=DEGRADED_EPOCH,
-        plan_slug=limits.plan_slug,
-        degraded=True,
-    )
+def _degraded(request: Request) -> Reservation:
+    """Fail-open: serve without Redis. Per-request caps and whole budgets still hold (they
+    need no Redis); the usage is charged to every layer once Redis answers again."""
+    ask = ask_for(request, config_for(request.user, request.address))
+    limits, window = ask.config.limits, window_spec().window_seconds
+    state = QuotaState(limits.tokens_per_window, 0, 0.0, window, degraded=True)
+    return _reservation(request, ask, state, now_ms(), DEGRADED_EPOCH, degraded=True)

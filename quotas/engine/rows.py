@@ -32,7 +32,7 @@ from quotas.backends.redis import LedgerEntry, RedisWindowStore
 from quotas.core.bounds import MAX_MODEL_LENGTH
 from quotas.engine.runtime import get_store
 from quotas.exceptions import StoreUnavailable
-from quotas.models import UsageRecord
+from quotas.models import Team, UsageRecord
 from quotas.signals import reservation_expired
 
 __all__ = [
@@ -74,14 +74,15 @@ def write_rows(
         UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
     )
     new = [entry for entry in entries if entry.reservation_id not in existing]
+    teams = _teams(new)
     try:
         with transaction.atomic():
-            UsageRecord.objects.bulk_create([row_of(entry, user_id) for entry in new])
+            UsageRecord.objects.bulk_create([row_of(e, user_id, teams=teams) for e in new])
     except REFUSALS:
         # A concurrent writer (the sweep, or another batch) wrote some of them first, or the
         # database refused a row: one row at a time, so each row is created, and counted,
         # exactly once, and a refused one is set aside alone.
-        new = [entry for entry in new if _insert_one(store, entry, user_id)]
+        new = [entry for entry in new if _insert_one(store, entry, user_id, teams)]
     _announce_expired(scope, new)
     return len(new)
 
@@ -127,13 +128,31 @@ def write_scope_rows(scope: str, entries: list[LedgerEntry], store: RedisWindowS
     return write_rows(store, scope, entries, user_id_of_scope(scope))
 
 
-def row_of(entry: LedgerEntry, user_id: int | None, now_ms: int | None = None) -> UsageRecord:
-    """The ``UsageRecord`` of one ledger record (not saved)."""
+def _teams(entries: list[LedgerEntry]) -> set[int]:
+    """The teams of these records that still exist (a deleted team's rows keep none)."""
+    named = {int(entry.team) for entry in entries if entry.team.isdigit()}
+    if not named:
+        return set()
+    return set(Team.objects.filter(pk__in=named).values_list("pk", flat=True))
+
+
+def row_of(
+    entry: LedgerEntry,
+    user_id: int | None,
+    now_ms: int | None = None,
+    teams: set[int] | None = None,
+) -> UsageRecord:
+    """The ``UsageRecord`` of one ledger record (not saved); its team only when it is one of
+    ``teams`` (the teams that still exist)."""
     settled_at = entry.settled_at_ms if entry.settled_at_ms is not None else now_ms
+    team = int(entry.team) if entry.team.isdigit() else None
     return UsageRecord(
         request_id=entry.reservation_id,
         scope=entry.scope,
         user_id=user_id,
+        team_id=team if teams is not None and team in teams else None,
+        estimated_cost=_figure(entry.estimated_cost),
+        cost=_figure(entry.cost),
         model=entry.model,
         estimated_tokens=entry.estimate,
         prompt_tokens=entry.prompt_tokens,
@@ -185,11 +204,13 @@ def _checked(entry: LedgerEntry) -> LedgerEntry:
     return fixed
 
 
-def _insert_one(store: RedisWindowStore, entry: LedgerEntry, user_id: int | None) -> bool:
+def _insert_one(
+    store: RedisWindowStore, entry: LedgerEntry, user_id: int | None, teams: set[int]
+) -> bool:
     """Insert one row; ``False`` when it already exists or was set aside (refused)."""
     try:
         with transaction.atomic():
-            row_of(entry, user_id).save(force_insert=True)
+            row_of(entry, user_id, teams=teams).save(force_insert=True)
     except REFUSALS as exc:
         if UsageRecord.objects.filter(request_id=entry.reservation_id).exists():
             return False  # written by a concurrent writer: not ours to count

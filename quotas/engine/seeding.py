@@ -1,52 +1,100 @@
-"""Building a user's window in Redis: the limits it decides with and, when Redis lost the
-window (or never had it), the ledger's figures it is seeded with, so a Redis restart never
-hands every user a fresh budget."""
+"""Rebuilding counters Redis lost (or never had) from the ledger, so a Redis restart never
+hands every user a fresh budget: each counter is seeded with the ledger's usage still inside
+its window, in the buckets it was charged to."""
 
 from __future__ import annotations
 
 import logging
+import re
 import uuid
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from django.db import transaction
+from django.db.models import QuerySet
 
 from quotas.conf import quota_settings
-from quotas.core.types import Limits, WindowSpec
+from quotas.core.decisions import Counter
+from quotas.core.limits import Limit, Metric, Scope, Window
+from quotas.core.types import WindowSpec
 from quotas.engine import dispatch
-from quotas.engine.plans import User, limits_for
-from quotas.engine.runtime import now_ms, window_spec
+from quotas.engine.runtime import now_ms
 from quotas.models import UsageRecord
 
-__all__ = ["config_for", "ledger_seed"]
+__all__ = ["counter_seeds", "ledger_seed", "limit_seed", "new_epoch"]
 
 logger = logging.getLogger("quotas")
 
+Seeds = dict[int, tuple[str, list[tuple[int, int]]]]
 
-def ledger_seed(scope: str, spec: WindowSpec, now_ms: int) -> list[tuple[int, int]]:
-    """Tokens per bucket still live in the window, from the ledger (to rebuild a lost window).
 
-    A bucket counts until its end is a window old, so one bucket more than the window is read.
-    """
-    since = datetime.fromtimestamp((now_ms - spec.window_ms - spec.bucket_ms) / 1000, tz=UTC)
+def new_epoch() -> str:
+    """The epoch stamped on a counter built or rebuilt now."""
+    return uuid.uuid4().hex[:8]
+
+
+def counter_seeds(
+    scope: str, team: int | None, counters: Sequence[Counter], unbuilt: Iterable[int]
+) -> Seeds:
+    """The ledger's figures (and a new epoch) for each unbuilt counter (1-based indexes into
+    ``counters``) of quota key ``scope`` (in team ``team``). A rebuilt primary window gets
+    an audit once the usage in flight has landed."""
+    at = now_ms()
+    seeds: Seeds = {}
+    for index in unbuilt:
+        limit = counters[index - 1].limit
+        pairs = limit_seed(limit, scope, team, at)
+        seeds[index] = (new_epoch(), pairs)
+        if limit.counter == "w" and pairs:
+            logger.info("quotas: rebuilt the window of %s from the ledger", scope)
+            transaction.on_commit(lambda: _schedule_audit(scope))
+    return seeds
+
+
+def limit_seed(limit: Limit, scope: str, team: int | None, at_ms: int) -> list[tuple[int, int]]:
+    """Units per bucket (a calendar period's start, for a calendar limit) still counted by
+    ``limit``'s counter for ``scope`` (or its team, or all traffic), from the ledger."""
+    window = limit.window
+    if window.is_sliding:
+        since = at_ms - window.window_ms - window.bucket_ms  # a bucket counts until its end
+    else:
+        since = window.boundaries(at_ms)[1]
+    rows = _rows(limit, scope, team).filter(created_at__gt=_moment(since - 1))
     totals: dict[int, int] = {}
-    rows = UsageRecord.objects.filter(scope=scope, created_at__gt=since)
-    for created_at, tokens in rows.values_list("created_at", "actual_tokens").iterator():
-        bucket = spec.bucket_of(int(created_at.timestamp() * 1000))
-        totals[bucket] = totals.get(bucket, 0) + tokens
+    for created_at, tokens, cost in rows.values_list("created_at", "actual_tokens", "cost"):
+        moment = int(created_at.timestamp() * 1000)
+        bucket = moment // window.bucket_ms if window.is_sliding else since
+        units = {Metric.TOKENS: tokens, Metric.COST: cost}.get(limit.metric, 1)
+        totals[bucket] = totals.get(bucket, 0) + units
     return sorted(totals.items())
 
 
-def config_for(
-    user: User | None, scope: str, *, rebuild: bool
-) -> tuple[Limits, list[tuple[int, int]], str]:
-    """The user's limits, the ledger's seed when the window must be rebuilt (``rebuild``), and
-    a new epoch for it. A rebuilt window gets an audit once the usage in flight has landed."""
-    limits = limits_for(user)
-    seed = ledger_seed(scope, window_spec(), now_ms()) if rebuild else []
-    if rebuild and seed:
-        logger.info("quotas: rebuilt the window of %s from the ledger", scope)
-        transaction.on_commit(lambda: _schedule_audit(scope))
-    return limits, seed, uuid.uuid4().hex[:8]
+def _rows(limit: Limit, scope: str, team: int | None) -> QuerySet[UsageRecord]:
+    rows = UsageRecord.objects.all()
+    if limit.scope is Scope.USER:
+        rows = rows.filter(scope=scope)
+    elif limit.scope is Scope.TEAM:
+        rows = rows.filter(team_id=team)
+    if limit.model:
+        rows = rows.filter(model__regex=_glob_regex(limit.model))
+    return rows
+
+
+def _glob_regex(glob: str) -> str:
+    """A model glob as a regular expression both PostgreSQL and SQLite's Python ``re`` read."""
+    body = "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in glob)
+    return f"^{body}$"
+
+
+def _moment(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def ledger_seed(scope: str, spec: WindowSpec, now_ms: int) -> list[tuple[int, int]]:
+    """Tokens per bucket still live in a user's primary window, from the ledger."""
+    hour = Window.sliding(spec.window_ms / 1000, spec.bucket_ms / 1000)
+    limit = Limit(Scope.USER, Metric.TOKENS, 1, hour, counter="w")
+    return limit_seed(limit, scope, None, now_ms)
 
 
 def _schedule_audit(scope: str) -> None:

@@ -10,10 +10,12 @@ from typing import Any
 
 from quotas.conf import quota_settings
 from quotas.core.bounds import check_token_figure
-from quotas.core.types import QuotaState, SettleResult
+from quotas.core.decisions import SettleOutcome
 from quotas.engine.batching import Batcher, batch_interval
+from quotas.engine.counters import quota_state
 from quotas.engine.ledger import ledger_batcher, send_to_ledger, usage_payload
-from quotas.engine.runtime import get_store, guarded, now_ms, window_spec
+from quotas.engine.lookup import actual_cost, reservation_of
+from quotas.engine.runtime import get_store, guarded, now_ms
 from quotas.engine.types import Reservation, Settlement
 from quotas.exceptions import StoreUnavailable
 from quotas.signals import usage_settled
@@ -41,7 +43,7 @@ def settle(
     """
     job = _settle_job(reservation_or_id, prompt_tokens, completion_tokens, total_tokens, status)
     try:
-        result: SettleResult | StoreUnavailable = guarded(
+        result: SettleOutcome | StoreUnavailable = guarded(
             get_store().settle, **job.store_arguments()
         )
     except StoreUnavailable as exc:
@@ -96,20 +98,26 @@ class _SettleJob:
     status: str
     prompt: int | None
     completion: int | None
+    cost: int | None = None
 
     def store_arguments(self) -> dict[str, Any]:
         reservation = self.reservation
         return {
             "scope": reservation.scope,
             "reservation_id": reservation.id,
+            "counters": reservation.counters,
             "actual_tokens": self.actual,
+            "actual_cost": self.cost,
             "epoch": reservation.epoch,
             "status": self.status,
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion,
             "estimate": reservation.estimated_tokens,
+            "estimated_cost": reservation.estimated_cost,
             "reserved_at_ms": reservation.reserved_at_ms,
             "model": reservation.model,
+            "team": reservation.team,
+            "primary": reservation.primary,
         }
 
 
@@ -120,18 +128,20 @@ def _settle_job(
     total: int | None,
     status: str,
 ) -> _SettleJob:
-    reservation = _as_reservation(reservation_or_id)
+    reservation = reservation_of(reservation_or_id)
     actual = _actual_tokens(prompt, completion, total)
+    cost = actual_cost(reservation, prompt, completion, actual)
     if reservation.degraded:
         # Served without Redis, so nothing was charged: the settle script charges the real
-        # usage to a built window now (its epoch never matches DEGRADED_EPOCH), or leaves it
-        # to the ledger row when the window is still to be rebuilt.
+        # usage to every built counter now (its epoch never matches DEGRADED_EPOCH), or leaves
+        # it to the ledger row when the window is still to be rebuilt.
         status = "degraded"
         actual = reservation.estimated_tokens if actual is None else actual
-    return _SettleJob(reservation, actual, status, prompt, completion)
+        cost = reservation.estimated_cost if cost is None else cost
+    return _SettleJob(reservation, actual, status, prompt, completion, cost)
 
 
-def _finish_settle(job: _SettleJob, result: SettleResult | StoreUnavailable) -> Settlement:
+def _finish_settle(job: _SettleJob, result: SettleOutcome | StoreUnavailable) -> Settlement:
     """The settlement of the store's answer; sends the ledger record and the signal."""
     reservation = job.reservation
     if isinstance(result, StoreUnavailable):
@@ -139,28 +149,31 @@ def _finish_settle(job: _SettleJob, result: SettleResult | StoreUnavailable) -> 
         # task repairs it or it ages out.
         logger.warning("quotas: Redis unavailable while settling %s; ledger only", reservation.id)
         used = reservation.estimated_tokens if job.actual is None else job.actual
-        outcome = Settlement(reservation.id, reservation.estimated_tokens, used, 0, True, None)
+        cost = reservation.estimated_cost if job.cost is None else job.cost
+        outcome = Settlement(
+            reservation.id, reservation.estimated_tokens, used, 0, True, None, None, cost
+        )
     else:
         if result.status == 1:
             # Redis knows the reservation best (settling by id alone knows nothing else).
             reservation = replace(
                 reservation,
                 estimated_tokens=result.estimate,
+                estimated_cost=result.estimated_cost,
                 reserved_at_ms=result.reserved_at_ms,
                 model=reservation.model or result.model,
+                team=reservation.team or result.team,
             )
-        outcome = Settlement(
-            reservation.id,
-            reservation.estimated_tokens,
-            result.actual,
-            result.applied,
-            result.settled_now,
-            result.remaining,
-        )
+        outcome = _settlement(reservation, result)
     if outcome.settled_now:
         send_to_ledger(
             usage_payload(
-                reservation, outcome.actual_tokens, job.prompt, job.completion, job.status
+                reservation,
+                outcome.actual_tokens,
+                job.prompt,
+                job.completion,
+                job.status,
+                cost=outcome.cost,
             )
         )
         usage_settled.send(
@@ -174,10 +187,27 @@ def _finish_settle(job: _SettleJob, result: SettleResult | StoreUnavailable) -> 
     return outcome
 
 
+def _settlement(reservation: Reservation, result: SettleOutcome) -> Settlement:
+    counters = reservation.counters
+    state = None
+    if counters and len(result.figures) == len(counters):
+        state = quota_state(counters, result.figures, now_ms())
+    return Settlement(
+        reservation.id,
+        reservation.estimated_tokens,
+        result.actual,
+        result.applied,
+        result.settled_now,
+        state.remaining if state else None,
+        state,
+        result.cost,
+    )
+
+
 def _settle_batch(jobs: list[_SettleJob]) -> None:
     """Send settles in one round trip and finish each (in the batcher's thread, mostly)."""
     try:
-        results: list[SettleResult | StoreUnavailable] = guarded(
+        results: list[SettleOutcome | StoreUnavailable] = guarded(
             get_store().settle_many, [job.store_arguments() for job in jobs]
         )
     except StoreUnavailable as exc:
@@ -205,25 +235,6 @@ def _settle_batcher() -> Batcher[_SettleJob]:
 
 
 _settler: Batcher[_SettleJob] | None = None
-
-
-def _as_reservation(reservation_or_id: Reservation | str) -> Reservation:
-    if isinstance(reservation_or_id, Reservation):
-        return reservation_or_id
-    scope, sep, _ = str(reservation_or_id).partition("/")
-    if not sep or not scope:
-        raise ValueError(f"Not a reservation id: {reservation_or_id!r}.")
-    # Settling by id alone: Redis holds the estimate, bucket and model. An empty epoch tells
-    # the script never to charge an id it does not know.
-    return Reservation(
-        id=str(reservation_or_id),
-        scope=scope,
-        user_id=int(scope) if scope.isdigit() else None,
-        model="",
-        estimated_tokens=0,
-        reserved_at_ms=now_ms(),
-        state=QuotaState(0, 0, 0.0, window_spec().window_seconds),
-    )
 
 
 def _actual_tokens(prompt: int | None, completion: int | None, total: int | None) -> int | None:

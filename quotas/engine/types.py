@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from quotas.core.decisions import Counter
+from quotas.core.pricing import Price
 from quotas.core.types import QuotaState
 
 __all__ = ["DEGRADED_EPOCH", "Reservation", "Settlement"]
@@ -32,6 +34,16 @@ class Reservation:
     epoch: str = ""
     plan_slug: str = ""
     degraded: bool = False
+    # The layers it was charged to (each counter with its amount), the primary's 1-based
+    # index among them, and what settling needs to price the real usage: the cost charged
+    # (micro-dollars), the prompt part of the estimate, the price at reserve time (which
+    # wins at settle, so a price edit never re-prices a request in flight), the team.
+    counters: tuple[Counter, ...] = ()
+    primary: int = 0
+    estimated_cost: int = 0
+    prompt_tokens: int | None = None
+    price: Price | None = None
+    team: str = ""
     # What ``settle`` made of this object: a later automatic settle (the middleware's, after a
     # view settled itself) then knows there is nothing left to do, without asking Redis.
     settlements: list[Settlement] = field(default_factory=list, compare=False, repr=False)
@@ -60,3 +72,6 @@ class Settlement:
     applied_tokens: int
     settled_now: bool
     remaining: int | None
+    # Every limit's figures after the settle (``None`` when Redis could not be reached).
+    state: QuotaState | None = None
+    cost: int = 0

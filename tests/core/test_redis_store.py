@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from django_redis import get_redis_connection
 
 from quotas.backends.redis import LedgerEntry, RedisWindowStore
-from quotas.core.types import Limits, ReserveStatus, WindowSpec
+from quotas.core.decisions import Counter, Decision, DecisionStatus
+from quotas.core.limits import Limit, Metric, Scope, Window
+from quotas.core.types import WindowSpec
 from quotas.exceptions import StoreUnavailable
 
 T0 = 1_800_000_000_000  # a bucket boundary for every bucket size used here
@@ -26,32 +29,95 @@ def store() -> Any:
         client.delete(*keys)
 
 
-def limits(tokens: int = 1000, **kwargs: Any) -> Limits:
-    return Limits(tokens_per_window=tokens, plan_slug="p", **kwargs)
+@dataclass(frozen=True)
+class Plan:
+    """The plan of the store tests' user "u": tokens per window, requests per minute,
+    concurrent requests (0: none)."""
+
+    tokens: int = 1000
+    rpm: int = 0
+    concurrency: int = 0
 
 
-def reserve(store: Any, tokens: int, at: int, rid: str | None = None, **kwargs: Any) -> Any:
-    kwargs.setdefault("limits", limits())
-    return store.reserve("u", rid or uuid.uuid4().hex, tokens, ttl_ms=TTL, now_ms=at, **kwargs)
+PLAN = Plan()
 
 
-def test_without_stored_limits_asks_for_them_and_charges_nothing(store: Any) -> None:
-    result = store.reserve("u", "a", 10, ttl_ms=TTL, now_ms=T0)
-    assert result.status is ReserveStatus.NEEDS_CONFIG
-    assert result.window_has_epoch is False
-    assert store.peek("u", now_ms=T0) is False
+def counters(store: Any, plan: Plan = PLAN, tokens: int = 0) -> list[Counter]:
+    """The user's primary token counter (and requests counter) charging ``tokens``."""
+    spec = store.spec
+    hour = Window.sliding(spec.window_ms / 1000, spec.bucket_ms / 1000)
+    found = [Counter("u", Limit(Scope.USER, Metric.TOKENS, plan.tokens, hour, counter="w"), tokens)]
+    if plan.rpm:
+        minute = Window.sliding(60, spec.rpm_bucket_ms / 1000)
+        limit = Limit(Scope.USER, Metric.REQUESTS, plan.rpm, minute, counter="q")
+        found.append(Counter("u", limit, 1, seeded=False))
+    return found
+
+
+def reserve(
+    store: Any,
+    tokens: int,
+    at: int | None,
+    rid: str | None = None,
+    *,
+    plan: Plan = PLAN,
+    epoch: str = "e",
+    seed: Any = (),
+    ttl: int = TTL,
+    model: str = "",
+) -> Decision:
+    """Reserve for "u"; a window without an epoch is built (stamped ``epoch``, seeded with
+    ``seed`` pairs) on the way."""
+    return store.reserve(
+        "u",
+        rid or uuid.uuid4().hex,
+        counters(store, plan, tokens),
+        ttl_ms=ttl,
+        concurrency=plan.concurrency,
+        primary=1,
+        tokens=tokens,
+        model=model,
+        seeds={1: (epoch, list(seed))},
+        now_ms=at,
+    )
+
+
+def allowed(decision: Decision) -> bool:
+    return decision.status is DecisionStatus.ALLOWED
+
+
+def settle(store: Any, rid: str, actual: int | None, at: int | None, **figures: Any) -> Any:
+    figures.setdefault("epoch", "e")
+    return store.settle(
+        "u", rid, counters(store), actual_tokens=actual, primary=1, now_ms=at, **figures
+    )
+
+
+def peek(store: Any, at: int | None) -> Any:
+    return store.peek("u", counters(store), primary=1, now_ms=at)
+
+
+def used(store: Any, at: int | None) -> int:
+    return peek(store, at).figures[0].total
+
+
+def test_an_unbuilt_window_asks_to_be_seeded_and_charges_nothing(store: Any) -> None:
+    decision = store.reserve("u", "a", counters(store, tokens=10), ttl_ms=TTL, now_ms=T0)
+    assert decision.status is DecisionStatus.NEEDS_SEED and decision.unbuilt == (1,)
+    assert peek(store, T0).unbuilt == (1,)
+    assert store.client.hgetall(store.keys("u")[3]) == {}  # no reservation recorded
 
 
 def test_tokens_come_back_exactly_when_their_bucket_leaves_the_window(store: Any) -> None:
-    assert reserve(store, 600, T0 + 100).allowed  # bucket [T0, T0+500)
-    assert reserve(store, 400, T0 + 2_600).allowed  # bucket [T0+2500, T0+3000)
+    assert allowed(reserve(store, 600, T0 + 100))  # bucket [T0, T0+500)
+    assert allowed(reserve(store, 400, T0 + 2_600))  # bucket [T0+2500, T0+3000)
     # A bucket leaves when its end is a window (6 s) old: T0 + 6500. Never earlier, so no
     # token counts for less than a full window; not at a window boundary.
-    assert not reserve(store, 600, T0 + 6_499).allowed
-    assert reserve(store, 600, T0 + 6_500).allowed
+    assert not allowed(reserve(store, 600, T0 + 6_499))
+    assert allowed(reserve(store, 600, T0 + 6_500))
     # The second bucket leaves at T0 + 3000 + 6000.
-    assert not reserve(store, 400, T0 + 8_999).allowed
-    assert reserve(store, 400, T0 + 9_000).allowed
+    assert not allowed(reserve(store, 400, T0 + 8_999))
+    assert allowed(reserve(store, 400, T0 + 9_000))
 
 
 def test_no_true_window_ever_holds_more_than_the_budget(store: Any) -> None:
@@ -59,7 +125,7 @@ def test_no_true_window_ever_holds_more_than_the_budget(store: Any) -> None:
     admitted: list[tuple[int, int]] = []
     for i in range(400):
         at = T0 + i * 37  # every 37 ms, across bucket edges, for 14.8 s
-        if reserve(store, 90, at).allowed:
+        if allowed(reserve(store, 90, at)):
             admitted.append((at, 90))
     for start, _ in admitted:
         inside = sum(tokens for at, tokens in admitted if start <= at < start + 6_000)
@@ -67,12 +133,12 @@ def test_no_true_window_ever_holds_more_than_the_budget(store: Any) -> None:
 
 
 def test_a_rejected_reservation_consumes_nothing(store: Any) -> None:
-    assert reserve(store, 900, T0).allowed
+    assert allowed(reserve(store, 900, T0))
     for _ in range(5):
-        assert reserve(store, 200, T0 + 10).status is ReserveStatus.OVER_TOKENS
-    snapshot = store.peek("u", now_ms=T0 + 20)
-    assert (snapshot.used, snapshot.remaining, snapshot.reserved) == (900, 100, 900)
-    assert reserve(store, 100, T0 + 30).allowed
+        assert reserve(store, 200, T0 + 10).status is DecisionStatus.OVER_LIMIT
+    snapshot = peek(store, T0 + 20)
+    assert (snapshot.figures[0].total, snapshot.reserved) == (900, 900)
+    assert allowed(reserve(store, 100, T0 + 30))
 
 
 def test_retry_after_is_exact(store: Any) -> None:
@@ -80,12 +146,12 @@ def test_retry_after_is_exact(store: Any) -> None:
     reserve(store, 300, T0 + 1_100)
     reserve(store, 300, T0 + 2_100)
     refused = reserve(store, 350, T0 + 3_000)
-    assert refused.status is ReserveStatus.OVER_TOKENS
+    assert (refused.status, refused.refusing) == (DecisionStatus.OVER_LIMIT, 1)
     # 350 needs 250 more tokens freed: the first bucket (300) leaves at T0 + 6500.
-    assert refused.retry_after == pytest.approx(3.5)
-    at = T0 + 3_000 + int(refused.retry_after * 1000)
-    assert not reserve(store, 350, at - 500).allowed  # one bucket earlier
-    assert reserve(store, 350, at).allowed
+    assert refused.retry_ms == 3_500
+    at = T0 + 3_000 + refused.retry_ms
+    assert not allowed(reserve(store, 350, at - 500))  # one bucket earlier
+    assert allowed(reserve(store, 350, at))
 
 
 def test_retry_after_skips_buckets_that_do_not_free_enough(store: Any) -> None:
@@ -93,81 +159,75 @@ def test_retry_after_skips_buckets_that_do_not_free_enough(store: Any) -> None:
     reserve(store, 800, T0 + 1_000)
     refused = reserve(store, 500, T0 + 2_000)
     # Freeing the 100-token bucket is not enough; the 800-token one leaves at T0 + 7500.
-    assert refused.retry_after == pytest.approx(5.5)
-
-
-def test_over_the_request_cap_or_the_whole_budget_never_fits(store: Any) -> None:
-    capped = limits(1000, max_tokens_per_request=300)
-    assert reserve(store, 301, T0, limits=capped).status is ReserveStatus.OVER_REQUEST_CAP
-    assert reserve(store, 1001, T0).status is ReserveStatus.OVER_BUDGET
-    assert store.peek("u", now_ms=T0).used == 0
+    assert refused.retry_ms == 5_500
 
 
 def test_settle_refund_returns_tokens_at_once(store: Any) -> None:
-    r = reserve(store, 800, T0, rid="a")
-    assert not reserve(store, 500, T0 + 10).allowed
-    settled = store.settle("u", "a", 200, epoch=r.epoch, now_ms=T0 + 20)
-    assert (settled.status, settled.applied, settled.remaining) == (1, -600, 800)
-    assert reserve(store, 500, T0 + 30).allowed
+    reserve(store, 800, T0, rid="a")
+    assert not allowed(reserve(store, 500, T0 + 10))
+    settled = settle(store, "a", 200, T0 + 20)
+    assert (settled.status, settled.applied, settled.figures[0].total) == (1, -600, 200)
+    assert allowed(reserve(store, 500, T0 + 30))
 
 
 def test_settle_extra_charge_past_the_limit_blocks_the_next_request(store: Any) -> None:
-    r = reserve(store, 100, T0, rid="a")
-    settled = store.settle("u", "a", 1_200, epoch=r.epoch, now_ms=T0 + 10)
-    assert settled.remaining == -200
+    reserve(store, 100, T0, rid="a")
+    settled = settle(store, "a", 1_200, T0 + 10)
+    assert settled.figures[0].total == 1_200  # 200 beyond the budget: debt
     refused = reserve(store, 1, T0 + 20)
-    assert refused.status is ReserveStatus.OVER_TOKENS
+    assert refused.status is DecisionStatus.OVER_LIMIT
     # The debt sits in the original bucket and ages out with it.
-    assert refused.retry_after == pytest.approx(6.48)
+    assert refused.retry_ms == 6_480
 
 
 def test_settling_twice_changes_nothing(store: Any) -> None:
-    r = reserve(store, 500, T0, rid="a")
-    first = store.settle("u", "a", 100, epoch=r.epoch, now_ms=T0 + 10)
-    second = store.settle("u", "a", 100, epoch=r.epoch, now_ms=T0 + 20)
-    by_id = store.settle("u", "a", 999, epoch="", now_ms=T0 + 30)
+    reserve(store, 500, T0, rid="a")
+    first = settle(store, "a", 100, T0 + 10)
+    second = settle(store, "a", 100, T0 + 20)
+    by_id = settle(store, "a", 999, T0 + 30, epoch="")
     assert first.status == 1 and second.status == 0 and by_id.status == 0
-    assert store.peek("u", now_ms=T0 + 40).used == 100
+    assert used(store, T0 + 40) == 100
 
 
 def test_a_refund_after_the_bucket_aged_out_changes_nothing(store: Any) -> None:
-    r = reserve(store, 500, T0, rid="a")
+    reserve(store, 500, T0, rid="a")
     reserve(store, 300, T0 + 3_000)
-    late = store.settle("u", "a", 0, epoch=r.epoch, now_ms=T0 + 6_500)
+    late = settle(store, "a", 0, T0 + 6_500)
     assert late.status == 1 and late.applied == 0
-    assert store.peek("u", now_ms=T0 + 6_500).used == 300
+    assert used(store, T0 + 6_500) == 300
 
 
 def test_settle_releases_the_concurrency_slot(store: Any) -> None:
-    two = limits(1000, max_concurrent_requests=2)
-    a = reserve(store, 10, T0, rid="a", limits=two)
-    reserve(store, 10, T0, rid="b", limits=two)
-    refused = reserve(store, 10, T0, rid="c", limits=two)
-    assert refused.status is ReserveStatus.OVER_CONCURRENCY
-    store.settle("u", "a", 10, epoch=a.epoch, now_ms=T0 + 1)
-    assert reserve(store, 10, T0 + 2, rid="c", limits=two).allowed
+    two = Plan(concurrency=2)
+    reserve(store, 10, T0, rid="a", plan=two)
+    reserve(store, 10, T0, rid="b", plan=two)
+    refused = reserve(store, 10, T0, rid="c", plan=two)
+    assert (refused.status, refused.in_flight) == (DecisionStatus.OVER_CONCURRENCY, 2)
+    settle(store, "a", 10, T0 + 1)
+    assert allowed(reserve(store, 10, T0 + 2, rid="c", plan=two))
 
 
 def test_requests_per_minute_slide_and_report_retry_after(store: Any) -> None:
-    rpm = limits(10_000, requests_per_minute=3)
+    rpm = Plan(10_000, rpm=3)
     for i in range(3):
-        assert reserve(store, 1, T0 + i * 1_000, limits=rpm).allowed
-    refused = reserve(store, 1, T0 + 10_000, limits=rpm)
-    assert refused.status is ReserveStatus.OVER_REQUESTS
-    assert refused.retry_after == pytest.approx(51.0)  # the first request leaves at T0 + 61 s
-    assert not reserve(store, 1, T0 + 60_999, limits=rpm).allowed
-    assert reserve(store, 1, T0 + 61_000, limits=rpm).allowed
+        assert allowed(reserve(store, 1, T0 + i * 1_000, plan=rpm))
+    refused = reserve(store, 1, T0 + 10_000, plan=rpm)
+    assert (refused.status, refused.refusing) == (DecisionStatus.OVER_LIMIT, 2)
+    assert refused.retry_ms == 51_000  # the first request leaves at T0 + 61 s
+    assert not allowed(reserve(store, 1, T0 + 60_999, plan=rpm))
+    assert allowed(reserve(store, 1, T0 + 61_000, plan=rpm))
 
 
 def test_all_or_nothing_across_limits(store: Any) -> None:
-    rpm = limits(1000, requests_per_minute=1)
-    assert reserve(store, 10, T0, limits=rpm).allowed
-    assert not reserve(store, 10, T0 + 1, limits=rpm).allowed  # tokens fit, requests do not
-    assert store.peek("u", now_ms=T0 + 2).used == 10
+    rpm = Plan(1000, rpm=1)
+    assert allowed(reserve(store, 10, T0, plan=rpm))
+    refused = reserve(store, 10, T0 + 1, plan=rpm)  # tokens fit, requests do not
+    assert (refused.status, refused.refusing) == (DecisionStatus.OVER_LIMIT, 2)
+    assert used(store, T0 + 2) == 10
 
 
 def test_expired_reservations_move_to_the_outbox_once(store: Any) -> None:
-    store.reserve("u", "a", 100, ttl_ms=1_000, limits=limits(), now_ms=T0, model="gpt-4")
+    reserve(store, 100, T0, rid="a", ttl=1_000, model="gpt-4")
     assert store.expire("u", now_ms=T0 + 999) == 0
     assert store.expire("u", now_ms=T0 + 1_001) == 1
     expired = store.outbox("u")
@@ -176,15 +236,15 @@ def test_expired_reservations_move_to_the_outbox_once(store: Any) -> None:
     assert store.outbox("u") == expired  # still waiting for its ack
     store.ack_outbox("u", ["a"])
     assert store.outbox("u") == []
-    snapshot = store.peek("u", now_ms=T0 + 1_004)
-    assert (snapshot.used, snapshot.reserved, snapshot.in_flight) == (100, 0, 0)
+    snapshot = peek(store, T0 + 1_004)
+    assert (snapshot.figures[0].total, snapshot.reserved, snapshot.in_flight) == (100, 0, 0)
 
 
 def test_a_settle_puts_its_ledger_record_in_the_outbox_once(store: Any) -> None:
-    store.reserve("u", "a", 100, ttl_ms=60_000, limits=limits(), now_ms=T0, model="ft:gpt:x")
-    args = {"epoch": "", "status": "refunded", "prompt_tokens": 30, "now_ms": T0 + 5}
-    assert store.settle("u", "a", 30, **args).status == 1
-    assert store.settle("u", "a", 30, **args).status == 0  # a repeat records nothing more
+    reserve(store, 100, T0, rid="a", model="ft:gpt:x")
+    args = {"epoch": "", "status": "refunded", "prompt_tokens": 30}
+    assert settle(store, "a", 30, T0 + 5, **args).status == 1
+    assert settle(store, "a", 30, T0 + 5, **args).status == 0  # a repeat records nothing
     assert store.outbox("u") == [
         LedgerEntry("u", "a", "refunded", 100, 30, T0, T0 + 5, 30, None, "ft:gpt:x")
     ]
@@ -193,8 +253,8 @@ def test_a_settle_puts_its_ledger_record_in_the_outbox_once(store: Any) -> None:
 def test_a_settle_redis_no_longer_knows_records_the_callers_figures(store: Any) -> None:
     reserve(store, 10, T0, epoch="e1")
     args = {"epoch": "old", "estimate": 80, "reserved_at_ms": T0 - 5, "model": "m"}
-    assert store.settle("u", "lost", 70, now_ms=T0 + 1, **args).status == 2
-    assert store.settle("u", "lost", 70, now_ms=T0 + 2, **args).status == 0
+    assert settle(store, "lost", 70, T0 + 1, **args).status == 2
+    assert settle(store, "lost", 70, T0 + 2, **args).status == 0
     assert store.outbox("u") == [
         LedgerEntry("u", "lost", "settled", 80, 70, T0 - 5, T0 + 1, None, None, "m")
     ]
@@ -204,24 +264,25 @@ def test_a_lost_window_is_seeded_from_the_caller(store: Any) -> None:
     spec = store.spec
     seed = [(spec.bucket_of(T0 - 7_000), 999), (spec.bucket_of(T0 - 1_000), 700)]
     result = reserve(store, 200, T0, epoch="e2", seed=seed)
-    assert result.allowed and result.epoch == "e2"
-    assert store.peek("u", now_ms=T0).used == 900  # the 7 s old bucket is outside the window
+    assert allowed(result) and result.epoch == "e2"
+    assert used(store, T0) == 900  # the 7 s old bucket is outside the window
 
 
 def test_every_key_has_a_ttl_and_the_users_hash_tag(store: Any) -> None:
-    store.reserve("u", "a", 100, ttl_ms=TTL, limits=limits(requests_per_minute=5), now_ms=None)
-    for key in store.keys("u"):
+    reserve(store, 100, None, plan=Plan(rpm=5))
+    keys = [*store.keys("u"), *store.counter_keys(counters(store, Plan(rpm=5)))]
+    for key in keys:
         if store.client.exists(key):
             assert "{u}" in key
             assert store.client.pttl(key) > 0
 
 
 def test_memory_after_1000_reservations_over_one_window(store: Any) -> None:
-    rpm = limits(10**9, requests_per_minute=10_000)
+    rpm = Plan(10**9, rpm=10_000)
     for i in range(1_000):
         at = T0 + i * 6  # 1,000 reservations spread over the 6 s window
-        r = reserve(store, 500, at, rid=f"r{i}", limits=rpm)
-        store.settle("u", f"r{i}", 450, epoch=r.epoch, now_ms=at + 3)
+        reserve(store, 500, at, rid=f"r{i}", plan=rpm)
+        settle(store, f"r{i}", 450, at + 3)
         if i % 100 == 99:  # the ledger flush drains the outbox every few seconds
             store.ack_outbox("u", [e.reservation_id for e in store.outbox("u", batch=1000)])
     assert store.outbox("u") == []
@@ -229,13 +290,13 @@ def test_memory_after_1000_reservations_over_one_window(store: Any) -> None:
 
 
 def test_a_reservation_redis_lost_is_charged_once_however_often_it_is_settled(store: Any) -> None:
-    lost = reserve(store, 300, T0, rid="a", epoch="e1")
+    reserve(store, 300, T0, rid="a", epoch="e1")
     store.client.delete(*store.keys("u"))  # Redis loses the window and the reservation
     reserve(store, 100, T0 + 10, epoch="e2")  # rebuilt (empty ledger), new epoch
-    first = store.settle("u", "a", 250, epoch=lost.epoch, now_ms=T0 + 20)
-    again = store.settle("u", "a", 250, epoch=lost.epoch, now_ms=T0 + 30)
+    first = settle(store, "a", 250, T0 + 20, epoch="e1")
+    again = settle(store, "a", 250, T0 + 30, epoch="e1")
     assert (first.status, first.applied, again.status) == (2, 250, 0)
-    assert store.peek("u", now_ms=T0 + 40).used == 350
+    assert used(store, T0 + 40) == 350
 
 
 # -- how the scripts reach Redis ---------------------------------------------------------------
@@ -261,7 +322,7 @@ def test_scripts_run_on_one_connection_per_thread_not_the_pool(store: Any) -> No
     thread.start()
     thread.join()
     assert others and others[0] is not mine
-    assert store.peek("u", now_ms=T0).remaining == 997
+    assert used(store, T0) == 3
 
     # A thread's connection goes when the thread does (no socket per finished thread).
     gone = weakref.ref(others.pop())
@@ -272,8 +333,8 @@ def test_scripts_run_on_one_connection_per_thread_not_the_pool(store: Any) -> No
 def test_a_script_flushed_from_redis_is_sent_again(store: Any) -> None:
     reserve(store, 10, T0)
     store.client.script_flush()
-    assert reserve(store, 10, T0).allowed
-    assert store.peek("u", now_ms=T0).remaining == 980
+    assert allowed(reserve(store, 10, T0))
+    assert used(store, T0) == 20
 
 
 def test_a_connection_the_server_closed_is_replaced_without_failing_the_call(store: Any) -> None:
@@ -282,8 +343,8 @@ def test_a_connection_the_server_closed_is_replaced_without_failing_the_call(sto
     mine.send_command("CLIENT", "ID")
     client_id = mine.read_response()
     store.client.client_kill_filter(_id=client_id)  # as a restart or an idle timeout would
-    assert reserve(store, 10, T0).allowed  # charged once: the first attempt never ran
-    assert store.peek("u", now_ms=T0).remaining == 980
+    assert allowed(reserve(store, 10, T0))  # charged once: the first attempt never ran
+    assert used(store, T0) == 20
 
 
 def test_a_script_error_leaves_the_connection_usable(store: Any) -> None:
@@ -292,7 +353,7 @@ def test_a_script_error_leaves_the_connection_usable(store: Any) -> None:
     with pytest.raises(StoreUnavailable, match="Redis error"):  # no window length: Lua fails
         store.scripts.run("reserve", store.keys("u"), [str(T0), "not a number"])
     assert store.scripts._local.connection is mine and mine.is_connected
-    assert reserve(store, 10, T0).allowed
+    assert allowed(reserve(store, 10, T0))
 
 
 def test_a_script_call_is_packed_as_its_connection_packs_it(store: Any) -> None:
@@ -319,43 +380,40 @@ def test_a_forked_child_makes_its_own_connection(store: Any) -> None:
     pid = os.fork()
     if pid == 0:  # the child: reserve, report whether it used the parent's socket
         try:
-            ok = reserve(store, 10, T0).allowed
+            ok = allowed(reserve(store, 10, T0))
             shared = store.scripts._local.connection._sock is parent_socket
             os.write(write, b"1" if ok and not shared else b"0")
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1"
-    assert reserve(store, 10, T0).allowed  # the parent's connection is still in step
-    assert store.peek("u", now_ms=T0).remaining == 970
+    assert allowed(reserve(store, 10, T0))  # the parent's connection is still in step
+    assert used(store, T0) == 30
 
 
 def test_settle_many_is_each_settle_in_one_round_trip_even_after_a_script_flush(
     store: Any,
 ) -> None:
-    a, b = reserve(store, 300, T0, rid="a"), reserve(store, 300, T0, rid="b")
-    store.client.set(store.keys("z")[0], "not a hash")  # scope z's script will fail
+    reserve(store, 300, T0, rid="a"), reserve(store, 300, T0, rid="b")
+    store.client.set(store.keys("z")[3], "not a hash")  # scope z's script will fail
     store.client.script_flush()  # every call in the pipeline meets NOSCRIPT: sent again
+    mine = counters(store)
+
+    def one(scope: str, rid: str, actual: int) -> dict[str, Any]:
+        return {"scope": scope, "reservation_id": rid, "counters": mine, "primary": 1,
+                "actual_tokens": actual, "epoch": "e"}  # fmt: skip
+
     results = store.settle_many(
-        [
-            {"scope": "u", "reservation_id": "a", "actual_tokens": 100, "epoch": a.epoch},
-            {"scope": "u", "reservation_id": "b", "actual_tokens": 0, "epoch": b.epoch},
-            {"scope": "u", "reservation_id": "a", "actual_tokens": 999, "epoch": a.epoch},
-            {"scope": "z", "reservation_id": "c", "actual_tokens": 5, "epoch": "e"},
-        ]
+        [one("u", "a", 100), one("u", "b", 0), one("u", "a", 999), one("z", "c", 5)]
     )
     assert [r.status for r in results[:3]] == [1, 1, 0]  # the repeat changes nothing
     assert isinstance(results[3], StoreUnavailable)  # its script failed; the others stand
-    assert store.peek("u", now_ms=T0).used == 100
+    assert used(store, T0) == 100
 
 
 # -- the ledger registries: where the sweep's work is, and how old the backlog is -----------
 def settle_at(store: Any, rid: str, at: int) -> Any:
-    return store.settle("u", rid, 50, epoch=reserve_epoch(store), now_ms=at)
-
-
-def reserve_epoch(store: Any) -> str:
-    return store.window_contents("u", now_ms=T0).epoch
+    return settle(store, rid, 50, at)
 
 
 def test_the_backlog_is_the_age_of_the_oldest_record_not_yet_written(store: Any) -> None:

@@ -1,26 +1,39 @@
 -- Shared helpers, prepended to every script of this folder when it is registered.
 --
--- A window is one Redis hash per user and limit:
---   <slot> -> tokens charged in one bucket; bucket index = floor(ms / bucket_ms) and
+-- Every limit has one counter: a Redis hash. A *sliding* counter holds
+--   <slot> -> units charged in one bucket; bucket index = floor(ms / bucket_ms) and
 --             slot = index % buckets per window. Small slot numbers keep the hash compact;
 --             a slot is reused only after open_window dropped the bucket that left it.
 --   t   -> running total of the live buckets
---   o   -> oldest bucket index that may still hold tokens (cursor for incremental expiry)
+--   o   -> oldest bucket index that may still hold units (cursor for incremental expiry)
 --   n   -> newest bucket index charged
--- The token window hash also holds:
---   e   -> epoch: set when the window is created or rebuilt from the ledger; a window without
---          one was never built (or Redis lost it), so the caller must rebuild it first
---   cfg -> the user's limits "tokens,rpm,concurrency,max_per_request,default_output,plan_slug"
---          (0 = no such limit)
+-- A *calendar* counter (a day or a month that resets at its boundary) holds
+--   t   -> total of the current period, ps -> the period's start (ms)
+-- Both hold
+--   e   -> epoch: set when the counter is created or rebuilt from the ledger; a counter
+--          without one was never built (or Redis lost it), so the caller must seed it first
+-- The user's primary token counter (the plan's hourly budget) also holds
 --   rv  -> tokens held by reservations not yet settled
 --   rs  -> when an admin last reset the window (ms): older usage no longer counts
 -- Every script uses the Redis server clock (TIME) unless ARGV[1] overrides it (tests only).
--- Common ARGV: [1] now ms override or "", [2] window ms, [3] bucket ms,
---              [4] request window ms, [5] request bucket ms.
--- Common KEYS: [1] token window hash, [2] request window hash, [3] pending zset
---              (reservation id -> deadline ms), [4] reservations hash (id -> record),
---              [5] ledger outbox hash (id -> record of a settled or expired reservation,
---              until its ledger row is written; see settle.lua and expire.lua).
+--
+-- A *layer* is one limit a request is decided against, passed in ARGV as 7 values:
+--   kind ('s' sliding, 'c' calendar; upper case 'S' / 'C': a counter without an epoch
+--   starts empty instead of asking to be seeded from the ledger), budget, amount (units
+--   this request charges),
+--   then sliding: window ms, bucket ms, -, - ; calendar: four consecutive period
+--   boundaries (ms) around the client's clock, the current period between the 2nd and 3rd
+--   (the script picks the one that holds Redis's own clock).
+
+-- The user's own keys, under the user's {hash tag}: w the primary token counter (its
+-- window is WINDOW_SECONDS), q the requests-per-minute counter, p the pending zset
+-- (reservation id -> deadline ms), r the reservations hash (id -> record, see
+-- parse_pending), x the ledger outbox hash (id -> record of a settled or expired
+-- reservation until its ledger row is written; see settle.lua and expire.lua), a the
+-- rejected-attempts window (see attempt.lua).
+-- expire.lua, buckets.lua and audit.lua take the common layout of earlier versions:
+--   KEYS: [1] w, [2] q, [3] p, [4] r, [5] x; ARGV: [1] now ms override or "", [2] window ms,
+--   [3] bucket ms, [4] request window ms, [5] request bucket ms.
 -- Two registries per key prefix (not per user: no hash tag) tell the ledger sweep where its
 -- work is, without SCAN, and the health check how old the ledger's backlog is:
 --   backlog zset: outbox key -> ms since its oldest record not yet acknowledged waits
@@ -30,6 +43,9 @@
 
 -- An outbox record waits at most this long for its ledger row (a week without a sweep).
 local OUTBOX_TTL_MS = 7 * 24 * 3600 * 1000
+-- A calendar counter outlives its period by this much (late settles still find it).
+local PERIOD_GRACE_MS = 3600 * 1000
+local LAYER_ARGS = 7
 
 -- A registry entry's TTL (refreshed whenever it is written): no registry outlives its keys.
 local REGISTRY_TTL_MS = OUTBOX_TTL_MS
@@ -44,23 +60,22 @@ local function slot(nb, b)
   return b % nb
 end
 
--- Opens a window at `now`: drops the buckets that left it (amortised O(1): each bucket is
--- dropped once, and the cursor never scans past the newest bucket charged), and reads the
--- hash's bookkeeping fields in the same call.
--- A bucket leaves the window when its *end* is a window old, so no token ever stops counting
+-- Opens a sliding window at `now`: drops the buckets that left it (amortised O(1): each
+-- bucket is dropped once, and the cursor never scans past the newest bucket charged), and
+-- reads the hash's bookkeeping fields in the same call.
+-- A bucket leaves the window when its *end* is a window old, so no unit ever stops counting
 -- before it is a full window old: window / bucket + 1 buckets are live at once.
 local function open_window(key, now, window_ms, bucket_ms)
   local nb = math.floor(window_ms / bucket_ms) + 1
   local cur = math.floor(now / bucket_ms)
   local w = {key = key, nb = nb, bms = bucket_ms, ttl = window_ms + 2 * bucket_ms,
              cur = cur, first = cur - nb + 1}
-  local vals = redis.call('HMGET', key, 't', 'o', 'n', 'e', 'rv', 'cfg')
+  local vals = redis.call('HMGET', key, 't', 'o', 'n', 'e', 'rv')
   local total = tonumber(vals[1]) or 0
   local oldest = tonumber(vals[2])
   w.newest = tonumber(vals[3])
   w.epoch = vals[4] or nil
   w.reserved = tonumber(vals[5]) or 0
-  w.cfg = vals[6] or nil
   w.has_cursor = oldest ~= nil
   if oldest and oldest < w.first then
     local stop = w.first - 1
@@ -79,14 +94,14 @@ local function open_window(key, now, window_ms, bucket_ms)
   return w
 end
 
--- Adds tokens to the current bucket and writes the bookkeeping (plus any `extra` field/value
+-- Adds units to the current bucket and writes the bookkeeping (plus any `extra` field/value
 -- pairs) in one HSET. The TTL is refreshed once per bucket: one set earlier in the same bucket
 -- already outlives every bucket charged so far (and the hash never empties while it holds
--- tokens, so it cannot have been recreated without one). Returns whether this was the first
+-- units, so it cannot have been recreated without one). Returns whether this was the first
 -- charge of the bucket.
-local function charge(w, tokens, extra)
-  redis.call('HINCRBY', w.key, slot(w.nb, w.cur), tokens)
-  w.total = w.total + tokens
+local function charge(w, units, extra)
+  redis.call('HINCRBY', w.key, slot(w.nb, w.cur), units)
+  w.total = w.total + units
   local first_in_bucket = not w.newest or w.newest < w.cur
   if first_in_bucket then w.newest = w.cur end
   local fields = {'t', w.total, 'n', w.newest}
@@ -100,7 +115,7 @@ local function charge(w, tokens, extra)
   return first_in_bucket
 end
 
--- Milliseconds until `need` more fits under `limit`: the moment enough counted tokens have
+-- Milliseconds until `need` more fits under `limit`: the moment enough counted units have
 -- left the window. Bucket b is live while now < (b + nb) * bms.
 local function wait_ms(w, need, limit, now)
   local excess = w.total + need - limit
@@ -117,7 +132,7 @@ local function wait_ms(w, need, limit, now)
   return (last + w.nb) * w.bms - now
 end
 
--- Milliseconds until every counted token has left the window.
+-- Milliseconds until every counted unit has left the window.
 local function reset_ms(w, now)
   if w.total <= 0 or not w.newest then return 0 end
   local ms = (w.newest + w.nb) * w.bms - now
@@ -125,39 +140,175 @@ local function reset_ms(w, now)
   return ms
 end
 
-local function parse_cfg(cfg)
-  local tokens, rpm, conc, cap, out, slug =
-    string.match(cfg, '^(%d+),(%d+),(%d+),(%d+),(%d+),(.*)$')
-  return {tokens = tonumber(tokens), rpm = tonumber(rpm), conc = tonumber(conc),
-          cap = tonumber(cap), out = tonumber(out), slug = slug}
+-- Applies `delta` to the bucket a reservation made at `created` was charged to, if that
+-- bucket is still in the window (a bucket already gone takes nothing). Never below zero.
+-- Returns the units really applied.
+local function correct(w, created, delta)
+  local bucket = math.floor(created / w.bms)
+  if delta == 0 or bucket < w.first then return 0 end
+  local field = slot(w.nb, bucket)
+  local before = tonumber(redis.call('HGET', w.key, field)) or 0
+  local after = math.max(before + delta, 0)
+  if after == 0 then
+    redis.call('HDEL', w.key, field)
+  else
+    redis.call('HSET', w.key, field, after)
+  end
+  w.total = math.max(w.total + after - before, 0)
+  redis.call('HSET', w.key, 't', w.total)
+  return after - before
 end
 
--- The user's limits for an open window `w`. When the caller passes them (`cfg_arg`), they are
--- stored; when the window has no epoch it was lost or never built: it is seeded from the
--- ledger figures the caller passed (ARGV pairs of bucket index, tokens, from `seed_from`),
--- stamped with the caller's new epoch, and reopened.
--- Returns the parsed config (nil when none is stored or passed) and the window.
-local function load_cfg(w, now, window_ms, bucket_ms, cfg_arg, epoch_arg, seed_from)
-  if cfg_arg == '' then
-    return w.cfg and parse_cfg(w.cfg), w
-  end
-  if not w.epoch then
-    local total, oldest, newest = w.total, nil, w.newest
-    for i = seed_from, #ARGV, 2 do
-      local b, v = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-      if b >= w.first and b <= w.cur and v > 0 then
-        redis.call('HINCRBY', w.key, slot(w.nb, b), v)
-        total = total + v
-        if not oldest or b < oldest then oldest = b end
-        if not newest or b > newest then newest = b end
-      end
+-- Seeds a sliding window Redis lost (or never had) with the ledger's units per bucket
+-- (pairs of bucket index, units from ARGV[from] on, `count` pairs), stamps its epoch, and
+-- reopens it.
+local function seed_window(w, now, epoch, from, count)
+  local total, oldest, newest = w.total, nil, w.newest
+  for i = from, from + 2 * count - 1, 2 do
+    local b, v = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+    if b >= w.first and b <= w.cur and v > 0 then
+      redis.call('HINCRBY', w.key, slot(w.nb, b), v)
+      total = total + v
+      if not oldest or b < oldest then oldest = b end
+      if not newest or b > newest then newest = b end
     end
-    redis.call('HSET', w.key, 'e', epoch_arg, 't', total, 'o', oldest or w.first)
-    if newest then redis.call('HSET', w.key, 'n', newest) end
   end
-  redis.call('HSET', w.key, 'cfg', cfg_arg)
+  redis.call('HSET', w.key, 'e', epoch, 't', total, 'o', oldest or w.first)
+  if newest then redis.call('HSET', w.key, 'n', newest) end
   redis.call('PEXPIRE', w.key, w.ttl)
-  return parse_cfg(cfg_arg), open_window(w.key, now, window_ms, bucket_ms)
+  return open_window(w.key, now, w.bms * (w.nb - 1), w.bms)
+end
+
+-- Opens a calendar counter: the period holding `now` among the client's boundaries. A
+-- counter still holding an older period starts the new one at zero.
+local function open_period(key, now, b1, b2, b3, b4)
+  local start, stop = b2, b3
+  if now < b2 then start, stop = b1, b2 elseif now >= b3 then start, stop = b3, b4 end
+  local vals = redis.call('HMGET', key, 't', 'ps', 'e')
+  local w = {key = key, calendar = true, start = start, stop = stop, cur = start,
+             epoch = vals[3] or nil, ttl = stop - now + PERIOD_GRACE_MS}
+  local ps = tonumber(vals[2])
+  w.total = tonumber(vals[1]) or 0
+  if ps and ps < start then
+    w.total = 0
+    redis.call('HSET', key, 't', 0, 'ps', start)
+  elseif not ps then
+    w.fresh = true
+  end
+  w.newest = w.total > 0 and start or nil
+  return w
+end
+
+local function charge_period(w, units)
+  w.total = redis.call('HINCRBY', w.key, 't', units)
+  if w.fresh then
+    redis.call('HSET', w.key, 'ps', w.start)
+    w.fresh = false
+  end
+  redis.call('PEXPIRE', w.key, w.ttl)
+end
+
+local function correct_period(w, created, delta)
+  if delta == 0 or created < w.start then return 0 end
+  local after = math.max(w.total + delta, 0)
+  local applied = after - w.total
+  w.total = after
+  redis.call('HSET', w.key, 't', after)
+  return applied
+end
+
+-- The seed of a calendar counter: the ledger's units of the current period (the pairs'
+-- units whose bucket, a period start, is this period's).
+local function seed_period(w, epoch, from, count)
+  local total = w.total
+  for i = from, from + 2 * count - 1, 2 do
+    if tonumber(ARGV[i]) == w.start then total = total + tonumber(ARGV[i + 1]) end
+  end
+  redis.call('HSET', w.key, 'e', epoch, 't', total, 'ps', w.start)
+  redis.call('PEXPIRE', w.key, w.ttl)
+  w.total, w.fresh = total, false
+  w.newest = total > 0 and w.start or nil
+  return w
+end
+
+-- Layers: the limits of one decision, parsed from ARGV (see the top of this file).
+local function read_layers(first_key, from, count, now)
+  local layers = {}
+  for i = 1, count do
+    local a = from + (i - 1) * LAYER_ARGS
+    local key = KEYS[first_key + i - 1]
+    local w
+    local kind = ARGV[a]
+    if kind == 'c' or kind == 'C' then
+      w = open_period(key, now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+                      tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
+    else
+      w = open_window(key, now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
+    end
+    w.budget, w.amount = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    if not w.epoch and (kind == 'S' or kind == 'C') then w.epoch = '-' end
+    layers[i] = w
+  end
+  return layers
+end
+
+local function layer_charge(w, units, extra)
+  if w.calendar then
+    charge_period(w, units)
+    if extra and #extra > 0 then redis.call('HSET', w.key, unpack(extra)) end
+    return false
+  end
+  return charge(w, units, extra)
+end
+
+local function layer_wait(w, now)
+  if w.total + w.amount <= w.budget then return 0 end
+  if w.calendar then return w.stop - now end
+  return wait_ms(w, w.amount, w.budget, now)
+end
+
+local function layer_reset(w, now)
+  if w.calendar then
+    if w.total > 0 then return w.stop - now end
+    return 0
+  end
+  return reset_ms(w, now)
+end
+
+local function layer_correct(w, created, delta)
+  if w.calendar then return correct_period(w, created, delta) end
+  return correct(w, created, delta)
+end
+
+local function layer_seed(w, now, epoch, from, count)
+  if w.calendar then return seed_period(w, epoch, from, count) end
+  return seed_window(w, now, epoch, from, count)
+end
+
+-- {total, reset ms} of every layer, flattened: what the caller's headers are made from.
+local function layer_figures(layers, now)
+  local out = {}
+  for i, w in ipairs(layers) do
+    out[2 * i - 1] = w.total
+    out[2 * i] = layer_reset(w, now)
+  end
+  return out
+end
+
+-- A reservation record (the reservations hash): {bucket, tokens, reserved at ms, cost,
+-- team, counters, model}. Records are "v2:<primary bucket>:<tokens>:<reserved at>:<cost>:
+-- <team>:<counters>:<model>"; records made before layered limits, "<bucket>:<tokens>:
+-- <reserved at>:<model>", read with no cost, team or counters.
+local function parse_pending(rec)
+  if string.sub(rec, 1, 3) == 'v2:' then
+    local b, t, at, cost, team, counters, model =
+      string.match(rec, '^v2:(%-?%d+):(%d+):(%d+):(%d*):([^:]*):([^:]*):(.*)$')
+    return {bucket = tonumber(b), tokens = tonumber(t), at = tonumber(at),
+            cost = tonumber(cost) or 0, team = team, counters = counters, model = model}
+  end
+  local b, t, at, model = string.match(rec, '^(%-?%d+):(%d+):(%d+):(.*)$')
+  return {bucket = tonumber(b), tokens = tonumber(t), at = tonumber(at), cost = 0, team = '',
+          counters = '', model = model}
 end
 
 -- The outbox `outbox` has a record waiting since `now` (unless an older one already waits).

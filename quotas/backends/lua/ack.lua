@@ -21,8 +21,8 @@ end
 -- expired record written before the registries, when it was reserved (earlier: never late).
 local oldest = nil
 for _, rec in ipairs(redis.call('HVALS', KEYS[1])) do
-  local since = string.match(rec, '^s:%d+:%d+:%d+:(%d+):') or string.match(rec, '^e:(%d+):')
-    or string.match(rec, '^%-?%d+:%d+:(%d+):')
+  local since = string.match(rec, '^s2?:%d+:%d+:%d+:(%d+):') or string.match(rec, '^e:(%d+):')
+    or string.match(rec, '^v2:%-?%d+:%d+:(%d+):') or string.match(rec, '^%-?%d+:%d+:(%d+):')
   since = tonumber(since)
   if since and (not oldest or since < oldest) then oldest = since end
 end

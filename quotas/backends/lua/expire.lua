@@ -3,8 +3,8 @@
 -- outbox entry and then acknowledges it (ack.lua), so a crash in between loses nothing.
 -- KEYS and ARGV[1..5]: see _window.lua. KEYS[6] the backlog registry, KEYS[7] the due
 -- registry (see _window.lua). ARGV[6] most reservations to move.
--- Outbox record: "e:moved at ms:bucket:estimate:reserved at ms:model" (records written before
--- the registries lack "e:moved at ms:"). Returns how many overdue ids left the pending set (at
+-- Outbox record: "e:<moved at ms>:" then the reservation record (see parse_pending in
+-- _window.lua); records written before the registries lack "e:<moved at ms>:". Returns how many overdue ids left the pending set (at
 -- most ARGV[6]: the caller calls again while it gets that many).
 local now = clock(ARGV[1])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
@@ -15,7 +15,7 @@ for _, rid in ipairs(ids) do
   if rec then
     redis.call('HDEL', KEYS[4], rid)
     redis.call('HSET', KEYS[5], rid, 'e:' .. now .. ':' .. rec)
-    local estimate = tonumber(string.match(rec, '^%-?%d+:(%d+):'))
+    local estimate = parse_pending(rec).tokens
     if redis.call('HINCRBY', KEYS[1], 'rv', -estimate) < 0 then
       redis.call('HSET', KEYS[1], 'rv', 0)
     end

@@ -1,18 +1,31 @@
--- peek: the budget snapshot, charging nothing (expired buckets are dropped on the way).
--- KEYS and ARGV[1..5]: see _window.lua.
--- ARGV[6] config or "" (as in reserve.lua), ARGV[7] epoch to stamp if rebuilt,
--- ARGV[8..] seed pairs: bucket, tokens.
--- Returns {1, limit, used, reserved, remaining, reset ms, rpm limit, rpm used, plan slug,
---          max per request, concurrency limit, in flight} or {-1, window has epoch (1/0)}.
+-- peek: a budget snapshot of every layer, charging nothing (expired buckets are dropped on
+-- the way). Counters without an epoch are seeded from the ledger figures the caller passes.
+-- KEYS: [1] pending zset, [2 .. 1+N] the layers' counters.
+-- ARGV: [1] now ms override or "", [2] index of the primary layer (0: none), [3] N layers,
+--       [4 ..] 7 values per layer (see _window.lua), then S seeded layers and, per seeded
+--       layer, its index, its new epoch, P pairs, and P pairs of bucket index, units.
+-- Returns {1, tokens reserved in the primary counter, requests in flight, total, reset ms
+--          of every layer...}, or {-3, layer index, ...}: these counters must be seeded.
 local now = clock(ARGV[1])
-local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
-local cfg, w = load_cfg(open_window(KEYS[1], now, window_ms, bucket_ms), now, window_ms,
-                        bucket_ms, ARGV[6], ARGV[7], 8)
-if not cfg then return {-1, w.epoch and 1 or 0} end
-local rpm_used = 0
-if cfg.rpm > 0 then
-  rpm_used = open_window(KEYS[2], now, tonumber(ARGV[4]), tonumber(ARGV[5])).total
+local n = tonumber(ARGV[3])
+local layers = read_layers(2, 4, n, now)
+local at = 4 + 7 * n
+for _ = 1, tonumber(ARGV[at]) do
+  local i, epoch, count = tonumber(ARGV[at + 1]), ARGV[at + 2], tonumber(ARGV[at + 3])
+  if not layers[i].epoch then
+    local budget = layers[i].budget
+    layers[i] = layer_seed(layers[i], now, epoch, at + 4, count)
+    layers[i].budget, layers[i].amount, layers[i].epoch = budget, 0, epoch
+  end
+  at = at + 3 + 2 * count
 end
-local in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')
-return {1, cfg.tokens, w.total, w.reserved, cfg.tokens - w.total, reset_ms(w, now), cfg.rpm,
-        rpm_used, cfg.slug, cfg.cap, cfg.conc, in_flight}
+local unbuilt = {-3}
+for i, w in ipairs(layers) do
+  if not w.epoch then unbuilt[#unbuilt + 1] = i end
+end
+if #unbuilt > 1 then return unbuilt end
+local primary = layers[tonumber(ARGV[2])]
+local out = {1, primary and primary.reserved or 0,
+             redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')}
+for _, v in ipairs(layer_figures(layers, now)) do out[#out + 1] = v end
+return out

@@ -1,92 +1,120 @@
--- reserve: check and charge every limit that applies, all or nothing.
--- KEYS and ARGV[1..5]: see _window.lua. KEYS[7] the due registry (see _window.lua).
--- ARGV[6] reservation id, ARGV[7] tokens (integer >= 0), ARGV[8] reservation TTL ms,
--- ARGV[9] config (see _window.lua) or "" (use the stored one),
--- ARGV[10] epoch to stamp if the window is (re)built, ARGV[11] model name (kept with the
--- reservation for its ledger row), ARGV[12] "1": add the plan's default output allowance
--- to the tokens (the request named no max_tokens), ARGV[13] rejected attempts allowed per
--- request window (0: no such limit), ARGV[14..] seed pairs: bucket, tokens.
--- KEYS[6]: the rejected-attempts window (see attempt.lua). A client at its allowance is
--- refused (status 7) whatever it asks; a 413 (status 4 or 5) counts as one more attempt.
--- Returns {status, limit, remaining, reset ms, retry-after ms, reserved, rpm limit,
---          rpm remaining, epoch, plan slug, max per request, bucket index, now ms,
---          tokens requested, rpm reset ms, concurrency limit, requests in flight (before
---          this one; counted only when a concurrency limit applies)}
--- status: 1 allowed; 0 over tokens; 2 over requests per minute; 3 over concurrency;
---         4 over the per-request cap; 5 over the whole budget; 6 duplicate reservation id;
---         7 over the rejected-attempts allowance;
---         -1 no config stored: {-1, window has epoch (1/0)}. Rejections charge nothing.
+-- reserve: decide a request against every limit that applies to it (its layers: the user's
+-- windows, the team's, the global ones, per metric and model) and charge them all, or charge
+-- nothing.
+-- KEYS: [1] the user's pending zset, [2] reservations hash, [3] rejected-attempts window,
+--       [4] the due registry, [5] the config version key, [6 .. 5+N] one counter per layer.
+-- ARGV: [1] now ms override or "", [2] mode: "r" records a reservation (the user's share of
+--       a decision), "c" only checks and charges the layers (the share of another Redis
+--       Cluster slot: KEYS[1..5] are then not touched),
+--       [3] the config version the caller's limits were read at, or "" (not checked here),
+--       [4] reservation id, [5] reservation TTL ms, [6] concurrency limit (0: none),
+--       [7] rejected attempts allowed per window (0: none), [8] its window ms, [9] its
+--       bucket ms, [10] index of the primary layer (its counter keeps `rv`; 0: none),
+--       [11] estimated tokens, [12] estimated cost (micro-dollars), [13] team,
+--       [14] the layers' counter names, [15] model: kept in the reservation record,
+--       [16] N layers, [17 ..] 7 values per layer (see _window.lua), then
+--       [17+7N] S seeded layers, and per seeded layer: its index, its new epoch, P, and P
+--       pairs of bucket index, units (the ledger's figures).
+-- Returns {status, refusing layer index, retry-after ms, now ms, primary epoch, primary
+--          bucket, tokens reserved in the primary counter, requests in flight (counted only
+--          under a concurrency limit), then total and reset ms of every layer}
+-- status: 1 allowed; 0 over a layer's budget; 3 over concurrency; 6 duplicate reservation
+--         id; 7 over the rejected-attempts allowance; -2 the caller's limits are stale:
+--         {-2, current version}; -3 counters without an epoch must be seeded first:
+--         {-3, layer index, ...}. Every refusal charges nothing.
 local now = clock(ARGV[1])
-local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
-local rid, tokens, ttl = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-local cfg, w = load_cfg(open_window(KEYS[1], now, window_ms, bucket_ms), now, window_ms,
-                        bucket_ms, ARGV[9], ARGV[10], 14)
-if not cfg then return {-1, w.epoch and 1 or 0} end
-if ARGV[12] == '1' then tokens = tokens + cfg.out end
+local mode, rid, n = ARGV[2], ARGV[4], tonumber(ARGV[16])
+local first = 17 + LAYER_ARGS * n
 
-local q = nil
-local status, retry, rpm_remaining, in_flight = 1, 0, -1, 0
-if cfg.rpm > 0 then
-  q = open_window(KEYS[2], now, tonumber(ARGV[4]), tonumber(ARGV[5]))
-  rpm_remaining = cfg.rpm - q.total
+if ARGV[3] ~= '' then
+  local version = redis.call('GET', KEYS[5])
+  if not version then  -- a Redis without the key (new, or it lost its data): a new version
+    version = tostring(now)
+    redis.call('SET', KEYS[5], version)
+  end
+  if version ~= ARGV[3] then return {-2, version} end
 end
 
-local attempts_limit = tonumber(ARGV[13])
-local a = nil
-if attempts_limit > 0 then
-  a = open_window(KEYS[6], now, tonumber(ARGV[4]), tonumber(ARGV[5]))
+local layers = read_layers(6, 17, n, now)
+local at = first + 1
+for _ = 1, tonumber(ARGV[first]) do
+  local i, epoch, count = tonumber(ARGV[at]), ARGV[at + 1], tonumber(ARGV[at + 2])
+  if not layers[i].epoch then
+    local budget, amount = layers[i].budget, layers[i].amount
+    layers[i] = layer_seed(layers[i], now, epoch, at + 3, count)
+    layers[i].budget, layers[i].amount, layers[i].epoch = budget, amount, epoch
+  end
+  at = at + 3 + 2 * count
 end
-
-if a and a.total >= attempts_limit then
-  status = 7
-  retry = wait_ms(a, 1, attempts_limit, now)
-elseif cfg.cap > 0 and tokens > cfg.cap then
-  status = 4
-elseif tokens > cfg.tokens then
-  status = 5
-else
-  if w.total + tokens > cfg.tokens then
-    status = 0
-    retry = wait_ms(w, tokens, cfg.tokens, now)
-  end
-  if q and q.total + 1 > cfg.rpm then
-    if status == 1 then status = 2 end
-    retry = math.max(retry, wait_ms(q, 1, cfg.rpm, now))
-  end
-  if cfg.conc > 0 then in_flight = redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') end
-  if cfg.conc > 0 and in_flight >= cfg.conc then
-    if status == 1 then status = 3 end
-    -- A slot frees when another request finishes, which no clock can tell: a short hint.
-    retry = math.max(retry, 1000)
-  end
+local unbuilt = {-3}
+for i, w in ipairs(layers) do
+  if not w.epoch then unbuilt[#unbuilt + 1] = i end
 end
+if #unbuilt > 1 then return unbuilt end
 
-if a and (status == 4 or status == 5) then charge(a, 1) end
-
-local reserved = w.reserved
-local record = w.cur .. ':' .. tokens .. ':' .. now .. ':' .. ARGV[11]
-if status == 1 and redis.call('HSETNX', KEYS[4], rid, record) == 0 then
-  status = 6  -- the id is taken: charge nothing
+local status, refusing, retry, in_flight = 1, 0, 0, 0
+local attempts_limit = tonumber(ARGV[7])
+if mode == 'r' and attempts_limit > 0 then
+  local a = open_window(KEYS[3], now, tonumber(ARGV[8]), tonumber(ARGV[9]))
+  if a.total >= attempts_limit then
+    status, retry = 7, wait_ms(a, 1, attempts_limit, now)
+  end
 end
 if status == 1 then
-  reserved = reserved + tokens
-  local first_in_bucket = charge(w, tokens, {'rv', reserved})
-  if q then
-    charge(q, 1)
-    rpm_remaining = rpm_remaining - 1
+  for i, w in ipairs(layers) do
+    local wait = 0
+    if w.amount > 0 then wait = layer_wait(w, now) end
+    -- The request fits once every layer has room: the longest wait is the binding one.
+    if wait > 0 and (refusing == 0 or wait > retry) then
+      status, refusing, retry = 0, i, wait
+    end
   end
-  redis.call('ZADD', KEYS[3], now + ttl, rid)
-  -- LT: a later deadline leaves the key's earliest one in place (one write, no read).
-  redis.call('ZADD', KEYS[7], 'LT', now + ttl, KEYS[3])
-  -- Settles and expiry delete these keys when they empty, which leaves nothing reserved: with
-  -- tokens still reserved they exist, and a refresh once per bucket keeps them alive longer
-  -- than any reservation in them.
-  if w.reserved == 0 or first_in_bucket then
-    redis.call('PEXPIRE', KEYS[3], ttl + window_ms)
-    redis.call('PEXPIRE', KEYS[4], ttl + window_ms)
-    redis.call('PEXPIRE', KEYS[7], REGISTRY_TTL_MS)
+  local concurrency = tonumber(ARGV[6])
+  if mode == 'r' and concurrency > 0 then
+    in_flight = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+    if in_flight >= concurrency then
+      if status == 1 then status = 3 end
+      -- A slot frees when another request finishes, which no clock can tell: a short hint.
+      retry = math.max(retry, 1000)
+    end
   end
 end
-return {status, cfg.tokens, cfg.tokens - w.total, reset_ms(w, now), retry, reserved,
-        cfg.rpm, rpm_remaining, w.epoch or '', cfg.slug, cfg.cap, w.cur, now, tokens,
-        q and reset_ms(q, now) or 0, cfg.conc, in_flight}
+
+local primary = layers[tonumber(ARGV[10])]
+local reserved = primary and primary.reserved or 0
+local bucket = primary and primary.cur or 0
+if status == 1 and mode == 'r' then
+  local record = table.concat({'v2', bucket, ARGV[11], now, ARGV[12], ARGV[13], ARGV[14],
+                               ARGV[15]}, ':')
+  if redis.call('HSETNX', KEYS[2], rid, record) == 0 then status = 6 end  -- charge nothing
+end
+if status == 1 then
+  local first_in_bucket = false
+  for _, w in ipairs(layers) do
+    if w == primary then
+      reserved = reserved + tonumber(ARGV[11])
+      first_in_bucket = layer_charge(w, w.amount, {'rv', reserved})
+    elseif w.amount > 0 then
+      layer_charge(w, w.amount)
+    end
+  end
+  if mode == 'r' then
+    local ttl = tonumber(ARGV[5])
+    redis.call('ZADD', KEYS[1], now + ttl, rid)
+    -- LT: a later deadline leaves the key's earliest one in place (one write, no read).
+    redis.call('ZADD', KEYS[4], 'LT', now + ttl, KEYS[1])
+    -- Settles and expiry delete these keys when they empty, which leaves nothing reserved:
+    -- with tokens still reserved they exist, and a refresh once per bucket keeps them alive
+    -- longer than any reservation in them.
+    if not primary or primary.reserved == 0 or first_in_bucket then
+      local keep = ttl + (primary and primary.ttl or 0)
+      redis.call('PEXPIRE', KEYS[1], keep)
+      redis.call('PEXPIRE', KEYS[2], keep)
+      redis.call('PEXPIRE', KEYS[4], REGISTRY_TTL_MS)
+    end
+  end
+end
+local out = {status, refusing, retry, now, primary and primary.epoch or '', bucket, reserved,
+             in_flight}
+for _, v in ipairs(layer_figures(layers, now)) do out[#out + 1] = v end
+return out

@@ -1,82 +1,107 @@
--- settle: apply actual - estimate to the bucket the reservation was charged to, release its
--- concurrency slot, forget it, and put its ledger record in the outbox (KEYS[5]) in the same
--- step, so no settle can happen without its record. Idempotent: an unknown reservation id
--- changes nothing.
--- KEYS and ARGV[1..5]: see _window.lua. KEYS[6]: this id's settled marker (a string key
--- that makes a repeated settle of an id Redis does not know change nothing). KEYS[7] the
--- backlog registry, KEYS[8] the due registry (see _window.lua).
--- ARGV[6] reservation id, ARGV[7] actual tokens (integer >= 0; -1: the estimate stands),
--- ARGV[8] the epoch the reservation was made in ("" when unknown: never charge anew),
--- ARGV[9] ledger status, ARGV[10] prompt tokens or "", ARGV[11] completion tokens or "",
--- ARGV[12] estimate, ARGV[13] reserved at ms, ARGV[14] model: the caller's figures, used
--- when Redis no longer knows the reservation (and the model also when it knows no model).
--- Outbox record: "s:estimate:actual:reserved at ms:settled at ms:prompt:completion:status:model"
--- Returns {status, tokens applied to the window, estimate, reserved at ms, limit, remaining,
---          reset ms, actual tokens, model}
--- status: 1 settled; 0 unknown id (already settled or expired); 2 the window was rebuilt
--- since the reservation (Redis lost it): the actual usage is charged to the current bucket;
--- 3 the window is not built yet: nothing charged, the ledger row will seed it.
+-- settle: correct every layer a reservation was charged to by (actual - estimate), in the
+-- bucket (or calendar period) it was charged to, release its concurrency slot, forget it,
+-- and put its ledger record in the outbox (KEYS[3]) in the same step, so no settle can
+-- happen without its record. Idempotent: an unknown reservation id changes nothing.
+-- KEYS: [1] pending zset, [2] reservations hash, [3] ledger outbox hash, [4] this id's
+--       settled marker (a string key that makes a repeated settle of an id Redis does not
+--       know change nothing), [5] the backlog registry, [6] the due registry (see
+--       _window.lua), [7 .. 6+N] the layers' counters.
+-- ARGV: [1] now ms override or "", [2] reservation id, [3] actual tokens (-1: the estimate
+--       stands), [4] actual cost in micro-dollars (-1: the estimate stands), [5] the
+--       primary epoch the reservation was made in ("" when unknown: never charge anew),
+--       [6] ledger status, [7] prompt tokens or "", [8] completion tokens or "",
+--       [9] estimate, [10] reserved at ms, [11] model, [12] estimated cost, [13] team: the
+--       caller's figures, used when Redis no longer knows the reservation (and the model
+--       also when it knows no model), [14] index of the primary layer (0: none),
+--       [15] N layers, [16 ..] 7 values per layer (see _window.lua) whose amount is the
+--       layer's metric: "t" tokens, "c" cost, "r" requests (never corrected).
+-- Outbox record: "s2:estimate:actual:reserved at:settled at:prompt:completion:status:
+--                 estimated cost:actual cost:team:model"
+-- Returns {status, tokens applied to the primary counter, estimate, reserved at ms, actual
+--          tokens, model, estimated cost, actual cost, team, total, reset ms of every layer...}
+-- status: 1 settled; 0 unknown id (already settled or expired); 2 the primary counter was
+-- rebuilt since the reservation (Redis lost it): the actual usage is charged to the current
+-- bucket of every built layer; 3 the primary counter is not built yet: nothing charged, the
+-- ledger row will seed it.
 local now = clock(ARGV[1])
-local window_ms, bucket_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
-local rid, actual = ARGV[6], tonumber(ARGV[7])
-
-local function to_outbox(estimate, reserved_at, model)
-  if model == '' then model = ARGV[14] end
-  redis.call('HSET', KEYS[5], rid, table.concat({'s', estimate, actual, reserved_at, now,
-             ARGV[10], ARGV[11], ARGV[9], model}, ':'))
-  redis.call('PEXPIRE', KEYS[5], OUTBOX_TTL_MS)
-  note_backlog(KEYS[7], KEYS[5], now)
+local rid, actual, actual_cost = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = tonumber(ARGV[15])
+local layers = {}
+for i = 1, n do
+  local a = 16 + (i - 1) * 7
+  if ARGV[a] == 'c' or ARGV[a] == 'C' then
+    layers[i] = open_period(KEYS[6 + i], now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+                            tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
+  else
+    layers[i] = open_window(KEYS[6 + i], now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
+  end
+  layers[i].metric = ARGV[a + 2]
+  if ARGV[a] == 'S' or ARGV[a] == 'C' then layers[i].epoch = layers[i].epoch or '-' end
 end
-local rec = redis.call('HGET', KEYS[4], rid)
-local w = open_window(KEYS[1], now, window_ms, bucket_ms)
-local limit = 0
-if w.cfg then limit = parse_cfg(w.cfg).tokens end
+local primary = layers[tonumber(ARGV[14])]
 
+local function to_outbox(estimate, reserved_at, model, cost_est, team)
+  if model == '' then model = ARGV[11] end
+  redis.call('HSET', KEYS[3], rid, table.concat({'s2', estimate, actual, reserved_at, now,
+             ARGV[7], ARGV[8], ARGV[6], cost_est, actual_cost, team, model}, ':'))
+  redis.call('PEXPIRE', KEYS[3], OUTBOX_TTL_MS)
+  note_backlog(KEYS[5], KEYS[3], now)
+end
+
+local function result(status, applied, estimate, created, model, cost_est, team)
+  local out = {status, applied, estimate, created, math.max(actual, 0), model, cost_est,
+               math.max(actual_cost, 0), team}
+  for _, v in ipairs(layer_figures(layers, now)) do out[#out + 1] = v end
+  return out
+end
+
+local rec = redis.call('HGET', KEYS[2], rid)
 if not rec then
-  -- Unknown id: a repeated settle (same epoch, or the caller does not know it) changes nothing.
-  -- Otherwise Redis lost the reservation; a known actual figure is still charged (status 2) or
-  -- left for the ledger row to seed the window when it is rebuilt (status 3).
-  local epoch = w.epoch
-  local status = 0
-  if actual >= 0 and ARGV[8] ~= '' and epoch ~= ARGV[8] then
+  -- Unknown id: a repeated settle (same epoch, or the caller does not know it) changes
+  -- nothing. Otherwise Redis lost the reservation; a known actual figure is still charged
+  -- (status 2) or left for the ledger row to seed the counters when rebuilt (status 3).
+  local status, charged = 0, 0
+  if actual >= 0 and ARGV[5] ~= '' and primary and primary.epoch ~= ARGV[5] then
     -- Claim the id first: a repeat of this settle finds the marker and changes nothing.
-    if redis.call('SET', KEYS[6], 1, 'NX', 'PX', w.ttl) then
-      if epoch then
+    if redis.call('SET', KEYS[4], 1, 'NX', 'PX', primary.ttl) then
+      status = 3
+      if primary.epoch then
         status = 2
-        charge(w, actual)
-      else
-        status = 3
+        if actual_cost < 0 then actual_cost = tonumber(ARGV[12]) or 0 end
+        for _, w in ipairs(layers) do
+          local units = ({t = actual, c = actual_cost, r = 1})[w.metric] or 0
+          if w.epoch and units > 0 then layer_charge(w, units) end
+        end
+        charged = actual
       end
     end
   end
-  local charged = 0
-  if status == 2 then charged = actual end
-  if status ~= 0 then to_outbox(ARGV[12], ARGV[13], '') end
-  return {status, charged, 0, now, limit, limit - w.total, reset_ms(w, now),
-          math.max(actual, 0), ''}
+  if status ~= 0 then
+    if actual_cost < 0 then actual_cost = tonumber(ARGV[12]) or 0 end
+    to_outbox(ARGV[9], ARGV[10], '', ARGV[12], ARGV[13])
+  end
+  return result(status, charged, 0, now, '', ARGV[12], ARGV[13])
 end
 
-local bucket, estimate, created, model = string.match(rec, '^(%-?%d+):(%d+):(%d+):(.*)$')
-bucket, estimate, created = tonumber(bucket), tonumber(estimate), tonumber(created)
+local held = parse_pending(rec)
+local estimate, created, cost_est = held.tokens, held.at, held.cost
+local team, model = held.team, held.model
 if actual < 0 then actual = estimate end
+if actual_cost < 0 then actual_cost = cost_est end
 local applied = 0
-if bucket >= w.first then
-  -- A bucket still in the window takes the difference, so refunds and extra charges age out
-  -- when the original usage does. A bucket already gone takes nothing.
-  local field = slot(w.nb, bucket)
-  local before = tonumber(redis.call('HGET', KEYS[1], field)) or 0
-  local after = math.max(before + actual - estimate, 0)
-  applied = after - before
-  if after == 0 then
-    redis.call('HDEL', KEYS[1], field)
-  else
-    redis.call('HSET', KEYS[1], field, after)
+for _, w in ipairs(layers) do
+  local delta = 0
+  if w.metric == 't' then delta = actual - estimate elseif w.metric == 'c' then
+    delta = actual_cost - cost_est
   end
-  w.total = math.max(w.total + applied, 0)
+  local done = layer_correct(w, created, delta)
+  if w == primary then applied = done end
 end
-redis.call('HSET', KEYS[1], 't', w.total, 'rv', math.max(w.reserved - estimate, 0))
-redis.call('HDEL', KEYS[4], rid)
-redis.call('ZREM', KEYS[3], rid)
-note_due(KEYS[8], KEYS[3])
-to_outbox(estimate, created, model)
-return {1, applied, estimate, created, limit, limit - w.total, reset_ms(w, now), actual, model}
+if primary then
+  redis.call('HSET', primary.key, 'rv', math.max(primary.reserved - estimate, 0))
+end
+redis.call('HDEL', KEYS[2], rid)
+redis.call('ZREM', KEYS[1], rid)
+note_due(KEYS[6], KEYS[1])
+to_outbox(estimate, created, model, cost_est, team)
+return result(1, applied, estimate, created, model, cost_est, team)

@@ -1,17 +1,18 @@
-"""Plans, per-user quotas and the usage ledger.
-
-The ledger (``UsageRecord``) is the source of truth: Redis windows can be rebuilt from it.
-"""
+"""Plans, teams and per-user quotas: who gets which budget."""
 
 from __future__ import annotations
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q
 
-__all__ = ["Plan", "UsageRecord", "UserQuota"]
+__all__ = ["MAX_BUDGET", "Plan", "PlanQuerySet", "Team", "UserQuota"]
+
+# The largest budget a limit may have: Redis counts in Lua numbers, exact to 2^53; this
+# leaves room for many windows' worth of usage above any budget.
+MAX_BUDGET = 10**12
 
 
 class PlanQuerySet(models.QuerySet["Plan"]):
@@ -27,9 +28,12 @@ class Plan(models.Model):
     tier = models.PositiveSmallIntegerField(
         default=0, help_text="Ordering of plans, cheapest first."
     )
-    tokens_per_hour = models.PositiveBigIntegerField(validators=[MinValueValidator(1)])
+    tokens_per_hour = models.PositiveBigIntegerField(
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_BUDGET)],
+        help_text="The plan's primary budget: tokens per window (WINDOW_SECONDS, an hour).",
+    )
     max_tokens_per_request = models.PositiveBigIntegerField(
-        null=True, blank=True, validators=[MinValueValidator(1)]
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(MAX_BUDGET)]
     )
     requests_per_minute = models.PositiveIntegerField(
         null=True, blank=True, validators=[MinValueValidator(1)]
@@ -109,7 +113,15 @@ class UserQuota(models.Model):
         Plan, null=True, blank=True, on_delete=models.SET_NULL, related_name="user_quotas"
     )
     tokens_per_hour_override = models.PositiveBigIntegerField(
-        null=True, blank=True, validators=[MinValueValidator(1)]
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(MAX_BUDGET)]
+    )
+    team = models.ForeignKey(
+        "quotas.Team",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="members",
+        help_text="The team whose pooled budget this user's requests also count against.",
     )
 
     class Meta:
@@ -125,43 +137,25 @@ class UserQuota(models.Model):
         return f"{self.user} on {self.plan or 'the default plan'}"
 
 
-class UsageRecord(models.Model):
-    """One durable row per reservation: what was estimated and what was really used."""
+class Team(models.Model):
+    """A pooled budget its members share: its plan's limits count the whole team's usage
+    (tokens per hour, requests per minute, the plan's extra limits) on top of each member's
+    own. A user belongs to at most one team (``UserQuota.team``). No plan: no pooled limit."""
 
-    class Status(models.TextChoices):
-        SETTLED = "settled", "Settled"
-        EXPIRED = "expired", "Expired (charged at estimate)"
-        REFUNDED = "refunded", "Refunded (request failed)"
-        DEGRADED = "degraded", "Recorded while Redis was unavailable"
-
-    request_id = models.CharField(max_length=200, unique=True)
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL,
+    name = models.CharField(max_length=100)
+    slug = models.SlugField(max_length=50, unique=True)
+    plan = models.ForeignKey(
+        Plan,
         null=True,
         blank=True,
         on_delete=models.SET_NULL,
-        related_name="token_usage",
+        related_name="teams",
+        help_text="Limits of the team as a whole (its members' usage added up).",
     )
-    scope = models.CharField(
-        max_length=200, db_index=True, help_text="The quota key: a user id or an anonymous key."
-    )
-    model = models.CharField(max_length=200, blank=True, default="")
-    estimated_tokens = models.PositiveBigIntegerField(default=0)
-    prompt_tokens = models.PositiveBigIntegerField(null=True, blank=True)
-    completion_tokens = models.PositiveBigIntegerField(null=True, blank=True)
-    actual_tokens = models.PositiveBigIntegerField(default=0)
-    difference = models.GeneratedField(
-        expression=F("actual_tokens") - F("estimated_tokens"),
-        output_field=models.BigIntegerField(),
-        db_persist=True,
-    )
-    status = models.CharField(max_length=16, choices=Status.choices, db_index=True)
-    created_at = models.DateTimeField(db_index=True, help_text="When the tokens were reserved.")
-    settled_at = models.DateTimeField(null=True, blank=True)
+    is_active = models.BooleanField(default=True)
 
     class Meta:
-        ordering = ["-created_at"]
-        indexes = [models.Index(fields=["scope", "created_at"])]
+        ordering = ["name"]
 
     def __str__(self) -> str:
-        return f"{self.request_id}: {self.actual_tokens} tokens ({self.status})"
+        return self.name

@@ -1,0 +1,21 @@
+"""Plans, teams, per-user quotas, extra and global limits, prices, and the usage ledger.
+
+The ledger (``UsageRecord``) is the source of truth: Redis windows can be rebuilt from it.
+"""
+
+from quotas.models.ledger import UsageRecord
+from quotas.models.limits import GlobalLimit, LimitFields, ModelPrice, PlanLimit
+from quotas.models.plans import MAX_BUDGET, Plan, PlanQuerySet, Team, UserQuota
+
+__all__ = [
+    "MAX_BUDGET",
+    "GlobalLimit",
+    "LimitFields",
+    "ModelPrice",
+    "Plan",
+    "PlanLimit",
+    "PlanQuerySet",
+    "Team",
+    "UsageRecord",
+    "UserQuota",
+]
