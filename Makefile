@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 WITH_REDIS := $(VPY) -m project.devtools.with_redis
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test matrix dist lint bench clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,16 @@ run: venv
 test: venv
 	$(WITH_REDIS) $(VPY) -m pytest $(PYTEST_ARGS)
 
+# Every other cell of the supported-versions matrix (noxfile.py), as CI runs them after `test`.
+matrix: venv
+	$(VENV)/bin/nox --tags ci
+
+# The sdist and the wheel, in dist/ (tests/test_wheel.py checks what they carry).
+dist: venv
+	rm -rf dist
+	$(VPY) -m build --outdir dist .
+	$(VPY) -m twine check --strict dist/*
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -39,6 +49,6 @@ bench: venv
 	$(WITH_REDIS) $(VPY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .nox build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
 	rm -rf var/redis-embedded var/celerybeat-schedule* var/test-db.sqlite3* var/static
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

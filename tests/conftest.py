@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -64,16 +65,34 @@ def keys_of(redis_client: Any, prefix: str) -> list[Any]:
     return list(redis_client.scan_iter(match=f"*{prefix}:*", count=1000))
 
 
+@contextmanager
+def celery_conf(**options: Any) -> Iterator[None]:
+    """Set options of the demo's Celery app (``task_always_eager=False``) for a block."""
+    from project.celery import app
+
+    saved = {name: getattr(app.conf, name) for name in options}
+    _set_celery_options(app, options)
+    try:
+        yield
+    finally:
+        _set_celery_options(app, saved)
+
+
+def _set_celery_options(app: Any, options: dict[str, Any]) -> None:
+    for name, value in options.items():
+        app.conf[name] = value
+        # Celery before 5.7 reads an app configured from Django settings with a namespace
+        # (CELERY_...) by the namespaced name first: an option set by its own name alone
+        # would be ignored (and tasks published to the shared broker instead of run).
+        app.conf[f"CELERY_{name.upper()}"] = value
+
+
 @pytest.fixture(autouse=True)
 def eager_celery() -> Iterator[None]:
     """Run queued tasks in-process, so nothing piles up in the shared broker. Tests that
-    start a real worker turn this off (``celery_app.conf.task_always_eager = False``)."""
-    from project.celery import app
-
-    saved = app.conf.task_always_eager, app.conf.task_eager_propagates
-    app.conf.task_always_eager, app.conf.task_eager_propagates = True, True
-    yield
-    app.conf.task_always_eager, app.conf.task_eager_propagates = saved
+    start a real worker turn this off (``with celery_conf(task_always_eager=False)``)."""
+    with celery_conf(task_always_eager=True, task_eager_propagates=True):
+        yield
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from quotas.signals import (
     usage_settled,
 )
 from quotas.tasks import audit_windows_task, flush_ledger_task, record_usage_task
-from tests.conftest import keys_of, quotas_settings
+from tests.conftest import celery_conf, keys_of, quotas_settings
 
 pytestmark = pytest.mark.django_db
 
@@ -425,17 +425,14 @@ def dead_broker() -> Iterator[None]:
     """Celery publishes to a port nothing listens on (with the project's broker options)."""
     from project.celery import app
 
-    saved = app.conf.broker_url, app.conf.task_always_eager
-
     def drop_pools() -> None:
         app._pool = None
         app.amqp._producer_pool = None
 
-    app.conf.broker_url = f"redis://127.0.0.1:{closed_port()}/0"
-    app.conf.task_always_eager = False
-    drop_pools()
-    yield
-    app.conf.broker_url, app.conf.task_always_eager = saved
+    dead = f"redis://127.0.0.1:{closed_port()}/0"
+    with celery_conf(broker_url=dead, task_always_eager=False):
+        drop_pools()
+        yield
     drop_pools()
 
 

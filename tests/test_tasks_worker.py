@@ -26,6 +26,7 @@ from kombu import Connection
 
 from quotas.models import UsageRecord
 from quotas.tasks import record_usage_task
+from tests.conftest import celery_conf
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -61,8 +62,8 @@ def broker() -> Iterator[dict[str, Any]]:
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
     }
-    app.conf.task_always_eager = False  # restored by the autouse eager_celery fixture
-    yield {"url": app.conf.broker_url, "queue": f"quotas-test-{run}", "options": options}
+    with celery_conf(task_always_eager=False):
+        yield {"url": app.conf.broker_url, "queue": f"quotas-test-{run}", "options": options}
     client = redis.Redis.from_url(app.conf.broker_url)
     keys = list(client.scan_iter(match=f"{options['global_keyprefix']}*", count=1000))
     if keys:
