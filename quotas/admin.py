@@ -17,9 +17,25 @@ from django.utils.text import capfirst
 
 from quotas import services
 from quotas.exceptions import QuotaError
-from quotas.models import Plan, UsageRecord, UserQuota
+from quotas.models import (
+    GlobalLimit,
+    ModelPrice,
+    Plan,
+    PlanLimit,
+    Team,
+    UsageRecord,
+    UserQuota,
+)
 
-__all__ = ["ModelErrorsForm", "PlanAdmin", "UsageRecordAdmin", "UserQuotaAdmin"]
+__all__ = [
+    "GlobalLimitAdmin",
+    "ModelErrorsForm",
+    "ModelPriceAdmin",
+    "PlanAdmin",
+    "TeamAdmin",
+    "UsageRecordAdmin",
+    "UserQuotaAdmin",
+]
 
 
 class ModelErrorsForm(forms.ModelForm):
@@ -70,6 +86,24 @@ class PlanAdminForm(ModelErrorsForm):
         ]
 
 
+LIMIT_FIELDS = ["metric", "period", "window_seconds", "bucket_seconds", "model", "budget"]
+
+
+class PlanLimitForm(ModelErrorsForm):
+    class Meta:
+        model = PlanLimit
+        fields = LIMIT_FIELDS
+
+
+class PlanLimitInline(admin.TabularInline):
+    """A plan's extra limits: a day's tokens, a month's cost, a model's tokens per minute."""
+
+    model = PlanLimit
+    form = PlanLimitForm
+    extra = 0
+    fields = LIMIT_FIELDS
+
+
 @admin.register(Plan)
 class PlanAdmin(admin.ModelAdmin):
     list_display = [
@@ -89,6 +123,7 @@ class PlanAdmin(admin.ModelAdmin):
     prepopulated_fields = {"slug": ["name"]}
     search_fields = ["name", "slug"]
     form = PlanAdminForm
+    inlines = [PlanLimitInline]
 
     def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> Any:
         # Django builds the list view's forms on a plain ModelForm, not on ``form``.
@@ -103,9 +138,9 @@ class MoveToPlanForm(ActionForm):
 
 @admin.register(UserQuota)
 class UserQuotaAdmin(admin.ModelAdmin):
-    list_display = ["user", "plan", "tokens_per_hour_override", "live_usage"]
-    list_filter = ["plan"]
-    list_select_related = ["user", "plan"]
+    list_display = ["user", "plan", "team", "tokens_per_hour_override", "live_usage"]
+    list_filter = ["plan", "team"]
+    list_select_related = ["user", "plan", "team"]
     search_fields = ["user__username", "user__email"]
     autocomplete_fields = ["user"]
     action_form = MoveToPlanForm
@@ -138,6 +173,80 @@ class UserQuotaAdmin(admin.ModelAdmin):
         self.message_user(request, f"Moved {moved} user(s) to {target}.")
 
 
+class TeamMemberInline(admin.TabularInline):
+    """The team's members: each user's quota row (a user belongs to at most one team)."""
+
+    model = UserQuota
+    fk_name = "team"
+    fields = ["user", "plan", "tokens_per_hour_override"]
+    autocomplete_fields = ["user"]
+    extra = 0
+    verbose_name = "member"
+    verbose_name_plural = "members"
+
+
+class TeamAdminForm(ModelErrorsForm):
+    class Meta:
+        model = Team
+        fields = ["name", "slug", "plan", "is_active"]
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    """Teams: a pooled budget (the team's plan) its members share."""
+
+    list_display = ["name", "slug", "plan", "member_count", "is_active"]
+    list_filter = ["is_active", "plan"]
+    list_select_related = ["plan"]
+    prepopulated_fields = {"slug": ["name"]}
+    search_fields = ["name", "slug"]
+    form = TeamAdminForm
+    inlines = [TeamMemberInline]
+
+    @admin.display(description="Members")
+    def member_count(self, obj: Team) -> int:
+        return obj.members.count()
+
+
+class GlobalLimitForm(ModelErrorsForm):
+    class Meta:
+        model = GlobalLimit
+        fields = ["name", *LIMIT_FIELDS, "is_active"]
+
+
+@admin.register(GlobalLimit)
+class GlobalLimitAdmin(admin.ModelAdmin):
+    """Limits over all traffic together: the provider key's TPM and RPM, a monthly bill."""
+
+    list_display = ["name", "metric", "period", "window_seconds", "model", "budget", "is_active"]
+    list_editable = ["budget", "is_active"]
+    list_filter = ["metric", "period", "is_active"]
+    search_fields = ["name", "model"]
+    form = GlobalLimitForm
+
+    def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> Any:
+        return super().get_changelist_form(request, **{"form": GlobalLimitForm, **kwargs})
+
+
+class ModelPriceForm(ModelErrorsForm):
+    class Meta:
+        model = ModelPrice
+        fields = ["model", "input_per_million", "output_per_million"]
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    """Prices in US dollars per million tokens, for cost limits and the ledger's cost."""
+
+    list_display = ["model", "input_per_million", "output_per_million"]
+    list_editable = ["input_per_million", "output_per_million"]
+    search_fields = ["model"]
+    form = ModelPriceForm
+
+    def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> Any:
+        return super().get_changelist_form(request, **{"form": ModelPriceForm, **kwargs})
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
     """The ledger is evidence: it can be read and filtered, never edited."""
@@ -150,6 +259,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "estimated_tokens",
         "actual_tokens",
         "difference",
+        "cost",
         "created_at",
         "settled_at",
     ]

@@ -6,20 +6,30 @@ quotas.E003  WINDOW_SECONDS / BUCKET_SECONDS / RPM_BUCKET_SECONDS are not a vali
 quotas.E004  FAILURE_POLICY is neither "open" nor "closed".
 quotas.E005  A numeric setting is out of range.
 quotas.E006  Unknown keys in QUOTAS (likely a typo).
+quotas.E007  QUOTAS["TIME_ZONE"] is not a time zone this machine knows (calendar limits).
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
+quotas.W002  Cost limits exist but no model price is listed: every cost would be 0.
+quotas.W003  Models used in the last 30 days have no listed price while cost limits exist:
+             they are charged at the table's highest prices (never free). Database checks:
+             run with ``manage.py check --database default``.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.urls import URLPattern, URLResolver, get_resolver
+from django.utils import timezone
 
 from quotas.conf import DEFAULTS, quota_settings
+from quotas.core.globs import glob_matches
 from quotas.core.types import WindowSpec
+from quotas.models import GlobalLimit, ModelPrice, PlanLimit, UsageRecord
 from quotas.throttling import TokenQuotaThrottle
 
 E001_MSG = "QUOTAS['CACHE_ALIAS'] = {alias!r} is not a cache in CACHES."
@@ -39,6 +49,14 @@ W001_HINT = (
     "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
     "the actual usage; without it every request is charged its full estimate when it expires."
 )
+
+E007_MSG = "QUOTAS['TIME_ZONE'] = {value!r} is not a time zone this machine knows."
+E007_HINT = "Use an IANA name such as 'UTC' or 'Europe/Paris' (install tzdata if none work)."
+W002_MSG = "Cost limits exist but no model price is listed: every request would cost 0."
+W002_HINT = "Add model prices in the admin (quotas > model prices)."
+W003_MSG = "These models have no listed price and are charged at the highest prices: {models}."
+W003_HINT = "Add a price (or a glob such as 'gpt-4o*') for each in the admin."
+UNPRICED_LOOKBACK = timedelta(days=30)
 
 NUMERIC_RULES: dict[str, tuple[str, Any]] = {
     "RESERVATION_TTL_SECONDS": ("a positive number", lambda v: v > 0),
@@ -99,6 +117,42 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
         msg = E006_MSG.format(keys=", ".join(unknown))
         errors.append(Error(msg, hint=E006_HINT, id="quotas.E006"))
     return errors
+
+
+@register("quotas")
+def check_time_zone(**kwargs: Any) -> list[CheckMessage]:
+    zone = quota_settings.TIME_ZONE
+    if zone is None:
+        return []
+    try:
+        ZoneInfo(str(zone))
+    except (ValueError, KeyError, OSError):
+        return [Error(E007_MSG.format(value=zone), hint=E007_HINT, id="quotas.E007")]
+    return []
+
+
+@register("quotas", Tags.database)
+def check_prices(databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Cost limits need prices; models without one are listed (database checks only)."""
+    if not databases:
+        return []
+    cost = {"metric": "cost"}
+    if not (
+        PlanLimit.objects.filter(**cost).exists() or GlobalLimit.objects.filter(**cost).exists()
+    ):
+        return []
+    globs = list(ModelPrice.objects.values_list("model", flat=True))
+    if not globs:
+        return [Warning(W002_MSG, hint=W002_HINT, id="quotas.W002")]
+    since = timezone.now() - UNPRICED_LOOKBACK
+    used = UsageRecord.objects.filter(created_at__gte=since).values_list("model", flat=True)
+    unpriced = sorted(
+        {m for m in used.distinct()[:1000] if m and not any(glob_matches(g, m) for g in globs)}
+    )
+    if not unpriced:
+        return []
+    msg = W003_MSG.format(models=", ".join(repr(m) for m in unpriced[:20]))
+    return [Warning(msg, hint=W003_HINT, id="quotas.W003")]
 
 
 @register("quotas", Tags.urls)

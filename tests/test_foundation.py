@@ -86,7 +86,7 @@ def test_seed_demo_is_idempotent() -> None:
     out = io.StringIO()
     call_command("seed_demo", "--print-token", stdout=out)
 
-    assert first == (3, 2, 1, 1)
+    assert first == (4, 2, 1, 1)
     assert seeded_counts() == first
     assert out.getvalue().strip() == token
     assert Plan.objects.get(is_default=True).slug == "free"

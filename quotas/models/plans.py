@@ -98,8 +98,23 @@ class Plan(models.Model):
             )
         if self.is_default and not self.is_active:
             errors["is_default"] = "The default plan must be active."
+        below = self._token_budgets_below(cap)
+        if below and "max_tokens_per_request" not in errors:
+            errors["max_tokens_per_request"] = (
+                f"The per-request cap ({cap}) is above this plan's token limit of {below}: "
+                "a request the cap allows could never fit it."
+            )
         if errors:
             raise ValidationError(errors)
+
+    def _token_budgets_below(self, cap: int | None) -> int | None:
+        """The smallest budget of this plan's extra token limits below ``cap``, if any."""
+        if not cap or self.pk is None:
+            return None
+        budgets = self.limits.filter(metric="tokens", budget__lt=cap).values_list(
+            "budget", flat=True
+        )
+        return min(budgets, default=None)
 
 
 class UserQuota(models.Model):

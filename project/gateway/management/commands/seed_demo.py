@@ -1,8 +1,19 @@
-"""Create the demo plans and users. Idempotent: a second run changes nothing, and existing
-rows (say, a plan edited in the admin) are never overwritten."""
+"""Create the demo plans, limits, team, prices and users. Idempotent: a second run changes
+nothing, and existing rows (say, a plan edited in the admin) are never overwritten.
+
+What the demo shows off:
+- free (the default): 10,000 tokens per hour and 50,000 per sliding day;
+- pro: a cap on the expensive gpt-4 family (50,000 tokens per hour) and a $20 monthly cost
+  budget (a calendar month in QUOTAS["TIME_ZONE"]);
+- team "acme" (the demo user is in it): its plan pools 500,000 tokens per hour and 300
+  requests per minute for all its members;
+- a global limit: the provider's 200,000 tokens per minute for the gpt-4 family;
+- prices for the usual OpenAI models (cost limits and the ledger's cost).
+"""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -11,14 +22,14 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 from rest_framework.authtoken.models import Token
 
-from quotas.models import Plan, UserQuota
+from quotas.models import GlobalLimit, ModelPrice, Plan, PlanLimit, Team, UserQuota
 
 DEMO_PLANS: list[dict[str, Any]] = [
     {
         "slug": "free",
         "name": "Free",
         "tier": 0,
-        "tokens_per_hour": 20_000,
+        "tokens_per_hour": 10_000,
         "max_tokens_per_request": 4_000,
         "requests_per_minute": 20,
         "max_concurrent_requests": 2,
@@ -49,7 +60,38 @@ DEMO_PLANS: list[dict[str, Any]] = [
         "default_output_tokens": 4_096,
         "is_default": False,
     },
+    {
+        "slug": "team",
+        "name": "Team pool",
+        "tier": 3,
+        "tokens_per_hour": 500_000,
+        "max_tokens_per_request": None,
+        "requests_per_minute": 300,
+        "max_concurrent_requests": None,
+        "default_output_tokens": 1_024,
+        "is_default": False,
+    },
 ]
+# Extra limits by plan slug: (metric, period, window seconds, model glob, budget).
+DEMO_LIMITS: dict[str, list[tuple[str, str, int | None, str, int]]] = {
+    "free": [("tokens", "sliding", 86_400, "", 50_000)],
+    "pro": [
+        ("tokens", "sliding", 3_600, "gpt-4*", 50_000),
+        ("cost", "month", None, "", 20_000_000),  # $20
+    ],
+}
+DEMO_GLOBAL_LIMITS = [
+    ("Provider TPM, gpt-4 family", "tokens", "sliding", 60, "gpt-4*", 200_000),
+]
+# US dollars per million tokens: input, output.
+DEMO_PRICES = {
+    "gpt-4o-mini*": ("0.15", "0.60"),
+    "gpt-4o*": ("2.50", "10.00"),
+    "gpt-4-turbo*": ("10.00", "30.00"),
+    "gpt-4": ("30.00", "60.00"),
+    "gpt-3.5-turbo*": ("0.50", "1.50"),
+}
+DEMO_TEAM = {"slug": "acme", "name": "Acme", "plan": "team"}
 DEMO_USERNAME = "demo"
 DEMO_PASSWORD = "demo"
 ADMIN_USERNAME = "admin"
@@ -67,6 +109,28 @@ def seed_plans() -> dict[str, Plan]:
     return plans
 
 
+def seed_limits(plans: dict[str, Plan]) -> None:
+    """The plans' extra limits, the global limit and the prices, once: a plan that already
+    has limits (or a table that has rows) is left as the admin made it."""
+    for slug, limits in DEMO_LIMITS.items():
+        plan = plans[slug]
+        if not plan.limits.exists():
+            PlanLimit.objects.bulk_create(
+                PlanLimit(plan=plan, metric=m, period=p, window_seconds=w, model=g, budget=b)
+                for m, p, w, g, b in limits
+            )
+    if not GlobalLimit.objects.exists():
+        GlobalLimit.objects.bulk_create(
+            GlobalLimit(name=n, metric=m, period=p, window_seconds=w, model=g, budget=b)
+            for n, m, p, w, g, b in DEMO_GLOBAL_LIMITS
+        )
+    if not ModelPrice.objects.exists():
+        ModelPrice.objects.bulk_create(
+            ModelPrice(model=model, input_per_million=Decimal(i), output_per_million=Decimal(o))
+            for model, (i, o) in DEMO_PRICES.items()
+        )
+
+
 def ensure_user(username: str, password: str, *, admin: bool = False) -> AbstractBaseUser:
     """Return the user ``username``, creating it with ``password`` if it does not exist."""
     user_model = get_user_model()
@@ -82,15 +146,22 @@ def ensure_user(username: str, password: str, *, admin: bool = False) -> Abstrac
 def seed_demo() -> Token:
     """Create the plans, the demo user (free plan) and the admin; return the demo's token."""
     plans = seed_plans()
+    seed_limits(plans)
+    team, _ = Team.objects.get_or_create(
+        slug=DEMO_TEAM["slug"], defaults={"name": DEMO_TEAM["name"], "plan": plans["team"]}
+    )
     demo = ensure_user(DEMO_USERNAME, DEMO_PASSWORD)
-    UserQuota.objects.get_or_create(user=demo, defaults={"plan": plans["free"]})
+    UserQuota.objects.get_or_create(user=demo, defaults={"plan": plans["free"], "team": team})
     ensure_user(ADMIN_USERNAME, ADMIN_PASSWORD, admin=True)
     token, _ = Token.objects.get_or_create(user=demo)
     return token
 
 
 class Command(BaseCommand):
-    help = "Create the demo plans (free, pro, enterprise), the demo user and the admin."
+    help = (
+        "Create the demo plans (free, pro, enterprise, team) with their extra limits, the "
+        "acme team, a global limit, model prices, the demo user and the admin."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -103,7 +174,7 @@ class Command(BaseCommand):
             self.stdout.write(token.key)
             return
         self.stdout.write(
-            self.style.SUCCESS("Demo data ready: plans free, pro, enterprise.")
-            + f"\n  user {DEMO_USERNAME}/{DEMO_PASSWORD} (free plan), token {token.key}"
+            self.style.SUCCESS("Demo data ready: plans free, pro, enterprise, team.")
+            + f"\n  user {DEMO_USERNAME}/{DEMO_PASSWORD} (free plan, team acme), token {token.key}"
             + f"\n  admin {ADMIN_USERNAME}/{ADMIN_PASSWORD}"
         )
