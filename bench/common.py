@@ -35,12 +35,14 @@ __all__ = [
     "Stats",
     "cleanup",
     "main",
+    "make_limits",
     "make_user",
     "measure",
     "print_summary",
     "redis_client",
     "redis_url",
     "setup_django",
+    "store_reserve",
     "verdict",
 ]
 
@@ -151,6 +153,12 @@ def cleanup() -> None:
             batch.clear()
     if batch:
         client.unlink(*batch)
+    if _django_ready:  # the limits, teams and prices the run made (each named after PREFIX)
+        from quotas.models import GlobalLimit, ModelPrice, Team
+
+        GlobalLimit.objects.filter(name__startswith=PREFIX).delete()
+        ModelPrice.objects.filter(model__startswith=PREFIX).delete()
+        Team.objects.filter(slug__startswith=PREFIX).delete()
 
 
 # -- timing -----------------------------------------------------------------------------------
@@ -258,3 +266,78 @@ def main(run: Callable[[], list[Row]]) -> None:
         cleanup()
     print_summary(rows)
     print(f"({time.monotonic() - started:.0f} s)")
+
+
+def make_limits(user: Any, count: int, label: str) -> None:
+    """Give ``user`` ``count`` limits in all (1 to 6): the plan's hour, then a day and a
+    month of cost on its plan, a team's hour, a global minute and a global day of requests.
+    Every budget is far out of reach. The global limits and the prices apply only to the
+    model ``<PREFIX>-<label>`` (call with that model), so no other part of the run sees them."""
+    from quotas import services
+    from quotas.models import GlobalLimit, ModelPrice, PlanLimit, UserQuota
+
+    model, big = f"{PREFIX}-{label}", 10**12
+    quota = UserQuota.objects.select_related("plan").get(user=user)
+    extra: list[Callable[[], Any]] = [
+        lambda: PlanLimit.objects.create(
+            plan=quota.plan, metric="tokens", window_seconds=86_400, budget=big
+        ),
+        lambda: PlanLimit.objects.create(
+            plan=quota.plan, metric="cost", period="month", budget=big
+        ),
+        lambda: _join_team(quota, label, big),
+        lambda: GlobalLimit.objects.create(
+            name=model, metric="tokens", window_seconds=60, model=model, budget=big
+        ),
+        lambda: GlobalLimit.objects.create(
+            name=f"{model}-r", metric="requests", window_seconds=86_400, model=model, budget=big
+        ),
+    ]
+    for make in extra[: count - 1]:
+        make()
+    if count >= 3:
+        ModelPrice.objects.get_or_create(
+            model=model, defaults={"input_per_million": 1, "output_per_million": 2}
+        )
+    services.config_changed()
+
+
+def _join_team(quota: Any, label: str, budget: int) -> None:
+    from quotas.models import Team
+
+    plan = make_user(f"{label}-team-plan", budget).token_quota.plan
+    quota.team = Team.objects.create(name=f"{PREFIX}-{label}", slug=f"{PREFIX}-{label}", plan=plan)
+    quota.save()
+
+
+def store_reserve(user: Any, tokens: int, model: str = "") -> Callable[[], Any]:
+    """A call of the store's reserve with what ``services.reserve(user, tokens)`` sends (its
+    counters and figures), without the engine's Python around it: the store's own cost."""
+    from quotas import services
+    from quotas.engine.plans import config_for
+    from quotas.engine.reservations import Request, ask_for
+    from quotas.engine.runtime import reservation_ttl_ms
+
+    services.reserve(user, tokens, model=model)  # limits loaded, counters built
+    scope = str(user.pk)
+    config = config_for(user)
+    request = Request(user, None, scope, "", model, tokens, False, None)
+    ask = ask_for(request, config)
+    store = services.get_store()
+
+    def call() -> Any:
+        return store.reserve(
+            scope,
+            f"{scope}/{secrets.token_hex(16)}",
+            ask.charges.counters,
+            ask.charges.amounts,
+            ttl_ms=reservation_ttl_ms(),
+            version=config.version,
+            primary=ask.charges.primary,
+            tokens=ask.tokens,
+            cost=ask.cost,
+            names=ask.charges.names,
+            model=model,
+        )
+
+    return call

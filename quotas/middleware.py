@@ -148,7 +148,7 @@ def _corrected(state: QuotaState, returned: int) -> QuotaState:
     """``state`` with ``returned`` tokens given back to every token limit (a settle still in
     this process's batch)."""
     policies = tuple(
-        replace(p, remaining=p.remaining + returned) if p.metric == "tokens" else p
+        p._replace(remaining=p.remaining + returned) if p.metric == "tokens" else p
         for p in state.policies
     )
     return replace(state, remaining=state.remaining + returned, policies=policies)

@@ -19,6 +19,10 @@ def staff(django_user_model):
     return client
 
 
+# The management form of the plan's extra-limits inline (what the browser sends with none).
+NO_LIMITS = {"limits-TOTAL_FORMS": "0", "limits-INITIAL_FORMS": "0"}
+
+
 def test_staff_edit_a_plan_and_the_next_request_uses_it(staff, make_plan, make_user, on_commit):
     plan = make_plan(slug="free", name="Free", tokens_per_hour=1000)
     user = make_user(plan=plan)
@@ -30,6 +34,7 @@ def test_staff_edit_a_plan_and_the_next_request_uses_it(staff, make_plan, make_u
         "tokens_per_hour": 5000,
         "default_output_tokens": 256,
         "is_active": "on",
+        **NO_LIMITS,
     }
     with on_commit(execute=True):
         response = staff.post(f"/admin/quotas/plan/{plan.pk}/change/", form)
@@ -46,6 +51,7 @@ def test_the_admin_refuses_a_cap_above_the_budget(staff):
         "max_tokens_per_request": 500,
         "default_output_tokens": 10,
         "is_active": "on",
+        **NO_LIMITS,
     }
     response = staff.post("/admin/quotas/plan/add/", form)
     assert response.status_code == 200
@@ -160,6 +166,7 @@ def change_form(plan, **fields):
         "tokens_per_hour": plan.tokens_per_hour,
         "default_output_tokens": plan.default_output_tokens,
         "is_active": "on",
+        **NO_LIMITS,
         **fields,
     }
     return {name: value for name, value in form.items() if value is not None}

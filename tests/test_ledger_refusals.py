@@ -38,11 +38,12 @@ def settled_in_store(user: Any, model: str, tokens: int = 100, rid: str = "bad")
     waits in the user's outbox; returns its id."""
     store, scope = services.get_store(), str(user.pk)
     reservation_id = f"{scope}/{rid}"
-    mine = [replace(c, tag=scope) for c in counters(store, Plan(100_000), tokens)]
+    mine = [replace(c, tag=scope) for c in counters(store, Plan(100_000))]
     result = store.reserve(
         scope,
         reservation_id,
         mine,
+        [tokens],
         ttl_ms=60_000,
         primary=1,
         tokens=tokens,

@@ -100,9 +100,9 @@ def test_a_prefix_with_glob_characters_finds_only_its_own_keys(redis_client):
     mine = RedisWindowStore(redis_client, prefix=f"{base}[1]*", spec=spec)
     other = RedisWindowStore(redis_client, prefix=f"{base}1x", spec=spec)  # "[1]*" matches it
     try:
-        mine_counters = [replace(c, tag="7") for c in counters(other, tokens=5)]
+        mine_counters = [replace(c, tag="7") for c in counters(other)]
         seeds = {1: ("e", [])}
-        other.reserve("7", "7/r", mine_counters, ttl_ms=60_000, primary=1, seeds=seeds)
+        other.reserve("7", "7/r", mine_counters, [5], ttl_ms=60_000, primary=1, seeds=seeds)
         assert list(other.iter_scopes("p")) == ["7"]
         assert list(mine.iter_scopes("p")) == []
         assert list(mine.iter_window_keys()) == []

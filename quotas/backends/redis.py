@@ -48,6 +48,8 @@ class RedisWindowStore(LedgerOutbox):
         self.prefix = prefix
         self.spec = spec
         self.scripts = ScriptRunner(client)
+        self._counter_keys: dict[tuple[str, str], str] = {}
+        self._scope_keys: dict[str, list[str]] = {}
 
     # -- keys ----------------------------------------------------------------------------
     def keys(self, scope: str) -> list[str]:
@@ -87,8 +89,31 @@ class RedisWindowStore(LedgerOutbox):
         ``g``) keeps every counter of one scope in one cluster slot."""
         return f"{self.prefix}:{{{tag}}}:{name}"
 
+    def _decision_keys(self, scope: str) -> list[str]:
+        """The reserve script's first five keys for ``scope`` (remembered, as counter keys)."""
+        keys = self._scope_keys.get(scope)
+        if keys is None:
+            if len(self._scope_keys) > 100_000:
+                self._scope_keys.clear()
+            own = self.keys(scope)
+            keys = [own[2], own[3], self.attempts_key(scope), self.due_key, self.version_key]
+            self._scope_keys[scope] = keys
+        return keys
+
     def counter_keys(self, counters: Sequence[Counter]) -> list[str]:
-        return [self.counter_key(counter.tag, counter.limit.key) for counter in counters]
+        """The keys of these counters (remembered: every request names the same few)."""
+        known = self._counter_keys
+        keys = []
+        for counter in counters:
+            key = known.get((counter.tag, counter.limit.key))
+            if key is None:
+                if len(known) > 100_000:
+                    known.clear()
+                key = known[(counter.tag, counter.limit.key)] = self.counter_key(
+                    counter.tag, counter.limit.key
+                )
+            keys.append(key)
+        return keys
 
     @property
     def version_key(self) -> str:
@@ -101,6 +126,7 @@ class RedisWindowStore(LedgerOutbox):
         scope: str,
         reservation_id: str,
         counters: Sequence[Counter],
+        amounts: Sequence[int],
         *,
         ttl_ms: int,
         version: str = "",
@@ -116,8 +142,9 @@ class RedisWindowStore(LedgerOutbox):
         record: bool = True,
         now_ms: int | None = None,
     ) -> Decision:
-        """Charge every counter its amount if each has room (and the concurrency and
-        rejected-attempts limits allow), else charge nothing; one round trip, atomic.
+        """Charge every counter its amount (``amounts``, in order) if each has room (and the
+        concurrency and rejected-attempts limits allow), else charge nothing; one round trip,
+        atomic.
 
         ``version`` (when given) must be the current config version, else nothing is decided
         (``STALE_CONFIG``, with the version). A counter Redis lost or never had is not
@@ -130,13 +157,7 @@ class RedisWindowStore(LedgerOutbox):
         """
         at = _clock(now_ms)
         spec = self.spec
-        keys = [
-            *self.keys(scope)[2:4],
-            self.attempts_key(scope),
-            self.due_key,
-            self.version_key,
-            *self.counter_keys(counters),
-        ]
+        keys = [*self._decision_keys(scope), *self.counter_keys(counters)]
         args = [
             "" if now_ms is None else str(int(now_ms)),
             "r" if record else "c",
@@ -154,7 +175,7 @@ class RedisWindowStore(LedgerOutbox):
             names,
             model,
             len(counters),
-            *counter_args(counters, at),
+            *counter_args(counters, at, amounts),
             *flat_seeds(seeds or {}),
         ]
         return Decision.from_script(self.scripts.run("reserve", keys, args))
@@ -174,7 +195,7 @@ class RedisWindowStore(LedgerOutbox):
             "" if now_ms is None else str(int(now_ms)),
             int(primary),
             len(counters),
-            *counter_args(counters, _clock(now_ms)),
+            *counter_args(counters, _clock(now_ms), [0] * len(counters)),
             *flat_seeds(seeds or {}),
         ]
         return Peek.from_script(self.scripts.run("peek", keys, args))
@@ -316,7 +337,7 @@ class RedisWindowStore(LedgerOutbox):
             get("team", ""),
             int(get("primary", 0)),
             len(counters),
-            *counter_args(counters, _clock(now_ms), settle=True),
+            *counter_args(counters, _clock(now_ms)),
         ]
         return keys, args
 

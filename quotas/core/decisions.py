@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import cached_property
 
 from quotas.core.limits import Limit, Metric, Scope
 
@@ -36,22 +37,20 @@ SEED_MIN_WINDOW_MS = 300_000
 class Counter:
     """One limit of a decision as Redis counts it: ``tag`` (the hash tag its key lives under:
     a quota key, ``t:<team id>``, ``g``), ``limit`` (budget and window; its ``key`` names the
-    counter within the tag), ``amount`` (units this request charges: its tokens, 1 request,
-    or its estimated cost), ``seeded`` (rebuilt from the ledger when Redis lost it, or
-    starting empty)."""
+    counter within the tag), ``seeded`` (rebuilt from the ledger when Redis lost it, or
+    starting empty). What one request charges to it is given beside it (``amounts``)."""
 
     tag: str
     limit: Limit
-    amount: int = 0
     seeded: bool = True
 
-    @property
+    @cached_property
     def name(self) -> str:
         """What a reservation record calls it: the limit's key, prefixed by the tag unless it
         is the reservation's own quota key (``w``, ``t:7/l.t.…``, ``g/l.r.…``)."""
         return self.limit.key if self.limit.scope is Scope.USER else f"{self.tag}/{self.limit.key}"
 
-    @property
+    @cached_property
     def metric_code(self) -> str:
         return METRIC_CODES[self.limit.metric]
 
@@ -59,21 +58,29 @@ class Counter:
         """The 7 script arguments of this counter (see ``_window.lua``); ``slot`` is the
         amount to charge (reserve) or the metric code (settle)."""
         window = self.limit.window
-        kind = "s" if window.is_sliding else "c"
-        if not self.seeded:
-            kind = kind.upper()
         if window.is_sliding:
-            geometry: Sequence[int] = (window.window_ms, window.bucket_ms, 0, 0)
-        else:
-            geometry = window.boundaries(now_ms)
-        return [kind, self.limit.budget, slot, *geometry]
+            return [self.kind, self.limit.budget, slot, window.window_ms, window.bucket_ms, 0, 0]
+        return [self.kind, self.limit.budget, slot, *window.boundaries(now_ms)]
+
+    @cached_property
+    def kind(self) -> str:
+        """``s`` sliding, ``c`` calendar; upper case: starts empty rather than seeded."""
+        kind = "s" if self.limit.window.is_sliding else "c"
+        return kind if self.seeded else kind.upper()
 
 
-def counter_args(counters: Sequence[Counter], now_ms: int, *, settle: bool = False) -> list:
-    """The flat script arguments of ``counters``: what each charges (or its metric)."""
+def counter_args(
+    counters: Sequence[Counter], now_ms: int, amounts: Sequence[int] | None = None
+) -> list:
+    """The flat script arguments of ``counters``: what each charges (``amounts``), or each
+    one's metric code (``amounts`` ``None``: a settle)."""
     args: list[int | str] = []
-    for counter in counters:
-        args += counter.args(now_ms, counter.metric_code if settle else counter.amount)
+    if amounts is None:
+        for counter in counters:
+            args += counter.args(now_ms, counter.metric_code)
+    else:
+        for counter, amount in zip(counters, amounts, strict=True):
+            args += counter.args(now_ms, amount)
     return args
 
 

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from functools import cache
+from functools import cache, cached_property
 from zoneinfo import ZoneInfo
 
 from quotas.core.globs import glob_matches
@@ -86,19 +86,19 @@ class Window:
             return f"A window may have at most 1000 buckets ({window_ms // bucket_ms} asked)."
         return None
 
-    @property
+    @cached_property
     def is_sliding(self) -> bool:
         return self.period is Period.SLIDING
 
-    @property
+    @cached_property
     def window_ms(self) -> int:
         return round(self.seconds * 1000)
 
-    @property
+    @cached_property
     def bucket_ms(self) -> int:
         return round(self.bucket_seconds * 1000)
 
-    @property
+    @cached_property
     def name(self) -> str:
         """A short name for policies and messages: ``minute``, ``hour``, ``24h``, ``day``
         (a calendar day), ``month``."""
@@ -113,7 +113,7 @@ class Window:
                 return f"{seconds // unit}{letter}"
         return f"{self.seconds:g}s"
 
-    @property
+    @cached_property
     def code(self) -> str:
         """What makes two windows count the same way (part of a limit's Redis key)."""
         if self.is_sliding:
@@ -124,7 +124,16 @@ class Window:
         """Four consecutive period boundaries (ms, UTC) around ``now_ms``: the period before
         the current one starts at the first, the current one spans the second and third,
         the next ends at the fourth. The Redis script picks the period that holds the
-        server's own clock, so app servers with skewed clocks still agree."""
+        server's own clock, so app servers with skewed clocks still agree. (Remembered for
+        as long as ``now_ms`` stays in the same period: this is on every request's path.)"""
+        known = _periods.get((self.period, self.time_zone))
+        if known is not None and known[1] <= now_ms < known[2]:
+            return known
+        found = self._boundaries(now_ms)
+        _periods[(self.period, self.time_zone)] = found
+        return found
+
+    def _boundaries(self, now_ms: int) -> tuple[int, int, int, int]:
         zone = _zone(self.time_zone)
         assert zone is not None and not self.is_sliding
         local = (EPOCH + timedelta(milliseconds=now_ms)).astimezone(zone)
@@ -162,7 +171,7 @@ class Limit:
     def applies_to(self, model: str) -> bool:
         return glob_matches(self.model, model)
 
-    @property
+    @cached_property
     def key(self) -> str:
         """The Redis key suffix of this limit's counter within its scope. Two limits that
         count the same way share it; a change of window makes a new counter, rebuilt from
@@ -171,7 +180,7 @@ class Limit:
             return self.counter
         return _limit_key(self.metric.value, self.window.code, self.model)
 
-    @property
+    @cached_property
     def name(self) -> str:
         """A policy name: ``tokens-hour``, ``team-requests-minute``,
         ``global-tokens-minute-gpt-4o*``."""
@@ -180,6 +189,10 @@ class Limit:
         if self.model:
             parts.append(self.model)
         return "-".join(parts)
+
+
+# The last boundaries computed per (period, time zone): a handful of entries per process.
+_periods: dict[tuple[Period, str], tuple[int, int, int, int]] = {}
 
 
 @cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "Limits",
@@ -66,9 +67,9 @@ class QuotaState:
     policies: tuple[PolicyState, ...] = ()
 
 
-@dataclass(frozen=True)
-class PolicyState:
-    """One limit's figures after a decision: ``name`` is its policy name (``tokens-hour``,
+class PolicyState(NamedTuple):
+    """One limit's figures after a decision (a named tuple: one is made per limit and
+    request): ``name`` is its policy name (``tokens-hour``,
     ``team-requests-minute``, ``global-cost-month``), ``remaining`` may be negative (debt:
     usage beyond the limit, served)."""
 

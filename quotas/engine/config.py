@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from django.conf import settings
 
@@ -74,6 +75,10 @@ class QuotaConfig:
     # The config version this was read at: the reserve script refuses it once stale.
     version: str = UNKNOWN_VERSION
     _applicable: dict[str, tuple[Limit, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    # The counters of each (quota key, limits): see ``quotas.engine.counters.charges_for``.
+    charges: dict[tuple[str, tuple[Limit, ...]], Any] = field(
         default_factory=dict, compare=False, repr=False
     )
 

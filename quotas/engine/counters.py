@@ -32,15 +32,14 @@ GLOBAL_TAG = "g"
 
 @dataclass(frozen=True)
 class Charges:
-    """The counters of one decision, what each charges, the primary's 1-based index (0: the
-    decision has none), and their names for the reservation record."""
+    """The counters of one decision, what the request charges to each (``amounts``), the
+    primary's 1-based index (0: the decision has none), and the counters' names for the
+    reservation record."""
 
     counters: tuple[Counter, ...]
+    amounts: tuple[int, ...]
     primary: int
-
-    @property
-    def names(self) -> str:
-        return ",".join(counter.name for counter in self.counters)
+    names: str
 
 
 def tag_of(limit: Limit, scope: str, config: QuotaConfig) -> str:
@@ -52,25 +51,32 @@ def tag_of(limit: Limit, scope: str, config: QuotaConfig) -> str:
     return scope
 
 
-def counter_for(limit: Limit, tag: str, amount: int = 0) -> Counter:
-    """``limit``'s counter under ``tag``, charging ``amount``. The primary counter and windows
-    longer than a few minutes are rebuilt from the ledger when Redis loses them; shorter
-    ones start empty (their rows are mostly still on their way)."""
+def counter_for(limit: Limit, tag: str) -> Counter:
+    """``limit``'s counter under ``tag``. The primary counter and windows longer than a few
+    minutes are rebuilt from the ledger when Redis loses them; shorter ones start empty
+    (their rows are mostly still on their way)."""
     window = limit.window
     seeded = limit.counter == "w" or not window.is_sliding
     seeded = seeded or window.window_ms > SEED_MIN_WINDOW_MS
-    return Counter(tag, limit, amount, seeded)
+    return Counter(tag, limit, seeded)
 
 
 def charges_for(
-    limits: Iterable[Limit], scope: str, config: QuotaConfig, tokens: int, cost: int
+    limits: tuple[Limit, ...], scope: str, config: QuotaConfig, tokens: int, cost: int
 ) -> Charges:
-    """The counters a request of ``tokens`` tokens costing ``cost`` micro-dollars charges."""
-    amounts = {Metric.TOKENS: tokens, Metric.REQUESTS: 1, Metric.COST: cost}
-    counters = tuple(
-        counter_for(limit, tag_of(limit, scope, config), amounts[limit.metric]) for limit in limits
-    )
-    return Charges(counters, primary_index(counters))
+    """The counters a request of ``tokens`` tokens costing ``cost`` micro-dollars charges.
+    The counters (the same for every request of a user and model) are made once per config."""
+    known = config.charges.get((scope, limits))
+    if known is None:
+        counters = tuple(counter_for(limit, tag_of(limit, scope, config)) for limit in limits)
+        names = ",".join(counter.name for counter in counters)
+        known = (counters, primary_index(counters), names)
+        if len(config.charges) < 256:
+            config.charges[(scope, limits)] = known
+    counters, primary, names = known
+    per_metric = {Metric.TOKENS: tokens, Metric.REQUESTS: 1, Metric.COST: cost}
+    amounts = tuple(per_metric[counter.limit.metric] for counter in counters)
+    return Charges(counters, amounts, primary, names)
 
 
 def all_counters(config: QuotaConfig, scope: str) -> tuple[Counter, ...]:

@@ -120,7 +120,14 @@ def _decide(request: Request) -> tuple[Ask, Decision]:
     """One decision in Redis: again with fresh limits while they turn out stale, and with
     the ledger's figures for counters Redis lost (or never had)."""
     for _ in range(STALE_RETRIES):
-        ask = ask_for(request, config_for(request.user, request.address))
+        config = config_for(request.user, request.address)
+        try:
+            ask = ask_for(request, config)
+        except RequestTooLarge:
+            # Decided here, not in Redis: only on limits that are still current.
+            if _still_current(config):
+                raise
+            continue
         decision = _send(request, ask, {})
         if decision.status is DecisionStatus.NEEDS_SEED:
             team = ask.config.team.id if ask.config.team else None
@@ -132,12 +139,23 @@ def _decide(request: Request) -> tuple[Ask, Decision]:
     raise StoreUnavailable("The limits kept changing during the decision.")
 
 
+def _still_current(config: QuotaConfig) -> bool:
+    """Whether ``config`` was read at the current config version (one Redis call; a stale
+    config is dropped from this process's memory)."""
+    version = get_store().current_version()
+    if version == config.version:
+        return True
+    configs().stale(version)
+    return False
+
+
 def _send(request: Request, ask: Ask, seeds: dict) -> Decision:
     config = ask.config
     return get_store().reserve(
         request.scope,
         request.rid,
         ask.charges.counters,
+        ask.charges.amounts,
         ttl_ms=reservation_ttl_ms(),
         version=config.version,
         concurrency=config.limits.max_concurrent_requests or 0,
@@ -211,7 +229,7 @@ def _rejection(ask: Ask, decision: Decision, state: QuotaState) -> QuotaExceeded
     return QuotaExceeded(
         limit=refused.budget,
         remaining=max(refused.budget - figure.total, 0),
-        requested=counter.amount,
+        requested=ask.charges.amounts[decision.refusing - 1],
         retry_after=retry,
         scope=refused.metric.value,
         reset_seconds=figure.reset_ms / 1000,

@@ -32,7 +32,8 @@ def reserve(store: Any, tokens: int, at: int, allowed: int = 3) -> Any:
     return store.reserve(
         "u1",
         f"u1/{at}-{tokens}",
-        [replace(c, tag="u1") for c in counters(store, tokens=tokens)],
+        [replace(c, tag="u1") for c in counters(store)],
+        [tokens],
         ttl_ms=60_000,
         primary=1,
         tokens=tokens,

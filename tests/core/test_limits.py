@@ -26,7 +26,7 @@ def test_a_sliding_window_defaults_to_sixty_buckets() -> None:
 
 @pytest.mark.parametrize(("seconds", "bucket"), [(100, 30), (60, 0), (10, 20), (100_000, 1)])
 def test_a_window_that_is_not_a_multiple_of_its_bucket_is_refused(seconds, bucket) -> None:
-    with pytest.raises(ValueError, match="bucket|buckets"):
+    with pytest.raises(ValueError, match=r"bucket|buckets"):
         Window(Period.SLIDING, seconds, bucket)
 
 

@@ -42,16 +42,21 @@ class Plan:
 PLAN = Plan()
 
 
-def counters(store: Any, plan: Plan = PLAN, tokens: int = 0) -> list[Counter]:
-    """The user's primary token counter (and requests counter) charging ``tokens``."""
+def counters(store: Any, plan: Plan = PLAN) -> list[Counter]:
+    """The user's primary token counter (and requests counter)."""
     spec = store.spec
     hour = Window.sliding(spec.window_ms / 1000, spec.bucket_ms / 1000)
-    found = [Counter("u", Limit(Scope.USER, Metric.TOKENS, plan.tokens, hour, counter="w"), tokens)]
+    found = [Counter("u", Limit(Scope.USER, Metric.TOKENS, plan.tokens, hour, counter="w"))]
     if plan.rpm:
         minute = Window.sliding(60, spec.rpm_bucket_ms / 1000)
         limit = Limit(Scope.USER, Metric.REQUESTS, plan.rpm, minute, counter="q")
-        found.append(Counter("u", limit, 1, seeded=False))
+        found.append(Counter("u", limit, seeded=False))
     return found
+
+
+def amounts(plan: Plan, tokens: int) -> list[int]:
+    """What one request of ``tokens`` charges to each of ``counters(store, plan)``."""
+    return [tokens, 1] if plan.rpm else [tokens]
 
 
 def reserve(
@@ -71,7 +76,8 @@ def reserve(
     return store.reserve(
         "u",
         rid or uuid.uuid4().hex,
-        counters(store, plan, tokens),
+        counters(store, plan),
+        amounts(plan, tokens),
         ttl_ms=ttl,
         concurrency=plan.concurrency,
         primary=1,
@@ -102,7 +108,7 @@ def used(store: Any, at: int | None) -> int:
 
 
 def test_an_unbuilt_window_asks_to_be_seeded_and_charges_nothing(store: Any) -> None:
-    decision = store.reserve("u", "a", counters(store, tokens=10), ttl_ms=TTL, now_ms=T0)
+    decision = store.reserve("u", "a", counters(store), [10], ttl_ms=TTL, now_ms=T0)
     assert decision.status is DecisionStatus.NEEDS_SEED and decision.unbuilt == (1,)
     assert peek(store, T0).unbuilt == (1,)
     assert store.client.hgetall(store.keys("u")[3]) == {}  # no reservation recorded
