@@ -166,6 +166,38 @@ def test_an_audit_read_before_a_rebuild_changes_nothing_after_it(
     assert used(user) == 350 == ledger_total(user)
 
 
+def test_raises_never_take_the_window_above_the_ledger_total_across_buckets(
+    user, on_commit, redis_client
+):
+    assert used(user) == 0  # the window exists (empty), so the audit looks at it
+    # 250 recorded five minutes ago while Redis was down (another process's ledger row) ...
+    earlier = datetime.fromtimestamp(redis_ms(redis_client) / 1000 - 300, tz=UTC)
+    UsageRecord.objects.create(
+        request_id=f"{user.pk}/served-degraded",
+        scope=str(user.pk),
+        user=user,
+        estimated_tokens=300,
+        actual_tokens=250,
+        status="degraded",
+        created_at=earlier,
+        settled_at=earlier,
+    )
+    # ... and 200 in the current bucket that no row or outbox record explains yet (a row in
+    # the task queue, its outbox copy gone): the audit cannot tell it from an over-charge.
+    with on_commit() as queued:
+        services.settle(services.reserve(user, 200))
+    redis_client.delete(services.get_store().keys(str(user.pk))[4])  # the outbox
+    [outcome] = ledger.audit_windows()
+    assert outcome.adjusted == 50  # the older bucket is raised only as far as the total allows
+    assert used(user) == 250 == ledger_total(user)
+
+    for callback in queued:
+        callback()
+    [outcome] = ledger.audit_windows()
+    assert outcome.adjusted == 200
+    assert used(user) == 450 == ledger_total(user)
+
+
 # -- degraded requests --------------------------------------------------------------------
 @pytest.mark.parametrize("usage", [{"total_tokens": 250}, {}])
 def test_a_degraded_request_settled_before_its_window_is_rebuilt_keeps_its_ledger_row(
