@@ -70,13 +70,16 @@ def running_gateway(prefix: str, *, workers: int = 2, **env: str) -> Iterator[in
     The window settings come from the test's ``settings.QUOTAS`` (use ``quota_config`` before
     starting); ``env`` adds variables such as ``GATEWAY_FAKE_ANSWER_TOKENS``.
     """
-    port = free_port()
+    # The listening socket is made here and handed to gunicorn: no other run on the machine
+    # can take the port between choosing it and binding it.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    port = int(listener.getsockname()[1])
     command = [
         sys.executable,
         "-m",
         "gunicorn",
         "project.wsgi:application",
-        f"--bind=127.0.0.1:{port}",
+        f"--bind=fd://{listener.fileno()}",
         f"--workers={workers}",
         "--timeout=30",
         "--graceful-timeout=3",
@@ -91,7 +94,9 @@ def running_gateway(prefix: str, *, workers: int = 2, **env: str) -> Iterator[in
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its workers share its process group: stopped together
+            pass_fds=(listener.fileno(),),
         )
+        listener.close()  # gunicorn holds it now
         try:
             _wait_until_ready(server, port, log)
             yield port
