@@ -135,7 +135,7 @@ def test_a_charge_made_while_the_audit_reads_the_ledger_is_not_overwritten(
 
     racing: list[Any] = []
     race = AuditRace(lambda: racing.append(services.reserve(user, 50)))
-    outcome = ledger.audit_window(str(user.pk), store=race)  # type: ignore[arg-type]
+    outcome = ledger.audit_window(str(user.pk), store=race)
     # The bucket changed after the read: compare-and-set leaves it for the next audit.
     assert racing and outcome.adjusted == 0
     assert used(user) == 150
@@ -159,7 +159,7 @@ def test_an_audit_read_before_a_rebuild_changes_nothing_after_it(
     # The rebuilt bucket holds what the audit read (100), so only the window's epoch tells
     # the audit that its read belongs to a window that is gone.
     race = AuditRace(redis_restarts_and_the_window_is_rebuilt)
-    outcome = ledger.audit_window(str(user.pk), store=race)  # type: ignore[arg-type]
+    outcome = ledger.audit_window(str(user.pk), store=race)
     assert outcome.adjusted == 0
     assert used(user) == 100
     assert ledger.audit_window(str(user.pk)).adjusted == 250  # a fresh audit repairs it

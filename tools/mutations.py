@@ -236,10 +236,13 @@ MUTATIONS: list[Mutation] = [
         "\n                if not reused:",
     ),
     Mutation(
-        "breaker: a failed half-open probe does not open the breaker again",
+        "breaker: a probe that fails late does not restart the wait (the next probe is early)",
         "quotas/core/breaker.py",
-        "if self.state is BreakerState.HALF_OPEN or self._count >= self.failures:",
-        "if self._count >= self.failures:",
+        "                self._opened_at = self.clock()\n"
+        "                if self.state is not BreakerState.OPEN:",
+        "                if self.state is BreakerState.CLOSED:\n"
+        "                    self._opened_at = self.clock()\n"
+        "                if self.state is not BreakerState.OPEN:",
     ),
     Mutation(
         "breaker: opens one failure late",

@@ -97,6 +97,18 @@ def test_a_failed_probe_opens_it_again_for_a_full_period(breaker, clock, changes
     assert changes == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN)]
 
 
+def test_a_probe_that_fails_late_restarts_the_wait_from_its_failure(breaker, clock):
+    fail(breaker, 3)
+    clock.advance(5)
+    assert breaker.allow()
+    clock.advance(1)  # the probe waited out a socket timeout before it failed
+    breaker.record_failure()
+    clock.advance(4.9)
+    assert not breaker.allow()  # 5 s from the failure, not from the probe's start
+    clock.advance(0.1)
+    assert breaker.allow()
+
+
 def test_one_probe_at_a_time_while_half_open(breaker, clock):
     fail(breaker, 3)
     clock.advance(5)
