@@ -185,17 +185,22 @@ def test_a_settle_reaches_the_oldest_bucket_still_in_the_window(store: Any) -> N
     assert store.peek("u", now_ms=T0 + 6_499).used == 100
 
 
-def test_the_keys_outlive_every_token_and_reservation_they_hold() -> None:
+@pytest.fixture
+def hour_store() -> Iterator[RedisWindowStore]:
+    yield from store_on(get_redis_connection("default"), window=3600, bucket=60)
+
+
+def test_the_keys_outlive_every_token_and_reservation_they_hold(hour_store: Any) -> None:
     """Real time (PEXPIRE counts in it): an hour of one-minute buckets, so a key expiring
     before its newest bucket leaves (up to a minute early) cannot go unseen."""
-    for store in store_on(get_redis_connection("default"), window=3600, bucket=60):
-        result = store.reserve("u", "a", 100, ttl_ms=TTL, limits=limits())
-        window, pending, held = (store.keys("u")[i] for i in (0, 2, 3))
-        before = redis_ms(store.client)  # no later than each PTTL read: a lower bound
-        leaves_ms = result.now_ms + int(result.reset_seconds * 1000)
-        assert before + store.client.pttl(window) >= leaves_ms
-        for key in (pending, held):
-            assert before + store.client.pttl(key) >= result.now_ms + TTL
+    store = hour_store
+    result = store.reserve("u", "a", 100, ttl_ms=TTL, limits=limits())
+    window, pending, held = (store.keys("u")[i] for i in (0, 2, 3))
+    before = redis_ms(store.client)  # no later than each PTTL read: a lower bound
+    leaves_ms = result.now_ms + int(result.reset_seconds * 1000)
+    assert before + store.client.pttl(window) >= leaves_ms
+    for key in (pending, held):
+        assert before + store.client.pttl(key) >= result.now_ms + TTL
 
 
 def test_settling_twice_changes_nothing(store: Any) -> None:
