@@ -175,14 +175,16 @@ def private_redis(tmp_path_factory: Any) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def proxied_redis(quota_config: Callable[..., Any]) -> Iterator[RedisProxy]:
-    """The quota store reaches the test Redis through a ``RedisProxy`` (same keys, the
-    project's 0.25 s socket timeouts), so a test can lose a reply or cut the connection."""
+    """The quota store reaches the test Redis through a ``RedisProxy`` (same keys), so a
+    test can lose a reply or cut the connection. Socket timeouts of 1 s: a lost reply costs
+    that long, and no call that does get its reply (through the proxy's threads, on a busy
+    machine) comes near it."""
     url = urlsplit(settings.REDIS_URL)
     proxy = RedisProxy(url.hostname or "127.0.0.1", url.port or 6379)
     proxied = {
         "BACKEND": "django_redis.cache.RedisCache",
         "LOCATION": f"{proxy.url}{url.path or '/0'}",
-        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.25, "SOCKET_TIMEOUT": 0.25},
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1.0, "SOCKET_TIMEOUT": 1.0},
     }
     with override_settings(CACHES={**settings.CACHES, "proxied": proxied}):
         quota_config(CACHE_ALIAS="proxied")

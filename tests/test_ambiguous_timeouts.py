@@ -25,7 +25,9 @@ pytestmark = pytest.mark.django_db
 def user(make_plan: Any, make_user: Any, proxied_redis: RedisProxy, on_commit: Any) -> Any:
     user = make_user(plan=make_plan(tokens_per_hour=1000))
     with on_commit(execute=True):  # the limits are cached in Redis: one script per reserve
-        services.settle(services.reserve(user, 100), total_tokens=100)
+        warm_up = services.reserve(user, 100)
+        services.settle(warm_up, total_tokens=100)
+    assert not warm_up.degraded, "Redis did not answer through the proxy within 1 s"
     return user
 
 
