@@ -61,6 +61,19 @@ def quotas_settings(**overrides: Any) -> dict[str, Any]:
     return {**settings.QUOTAS, "LEDGER_BATCH_SECONDS": 0, **overrides}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def patient_shared_redis() -> Iterator[None]:
+    """In this process, calls to the shared Redis wait up to 5 s for an answer, not the
+    demo's 0.25 s: one run's slow command (a large DEL, a SCRIPT FLUSH) holds every other
+    run's calls for as long as it takes, and a test must not fail because another run was
+    busy. Tests of timeouts use aliases of their own with the project's 0.25 s (django-redis
+    keeps one pool per URL, made by the first caller: this fixture runs before any)."""
+    default = settings.CACHES["default"]
+    options = {**default.get("OPTIONS", {}), "SOCKET_CONNECT_TIMEOUT": 5, "SOCKET_TIMEOUT": 5}
+    with override_settings(CACHES={**settings.CACHES, "default": {**default, "OPTIONS": options}}):
+        yield
+
+
 @pytest.fixture
 def redis_client() -> Any:
     return get_redis_connection("default")
