@@ -3,30 +3,44 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from django_redis import get_redis_connection
+from redis import Redis
 
 from quotas.backends.redis import LedgerEntry, RedisWindowStore
 from quotas.core.decisions import Counter, Decision, DecisionStatus
 from quotas.core.limits import Limit, Metric, Scope, Window
 from quotas.core.types import WindowSpec
 from quotas.exceptions import StoreUnavailable
+from tests.support import redis_ms
 
 T0 = 1_800_000_000_000  # a bucket boundary for every bucket size used here
 TTL = 600_000
 
 
-@pytest.fixture
-def store() -> Any:
-    client = get_redis_connection("default")
+def store_on(client: Any, window: float = 6, bucket: float = 0.5) -> Iterator[RedisWindowStore]:
+    """A store under a fresh key prefix on ``client``'s Redis; its keys are deleted after."""
     prefix = f"test-store-{uuid.uuid4().hex[:8]}"
-    yield RedisWindowStore(client, prefix=prefix, spec=WindowSpec.from_seconds(6, 0.5))
+    yield RedisWindowStore(client, prefix=prefix, spec=WindowSpec.from_seconds(window, bucket))
     keys = list(client.scan_iter(match=f"{prefix}:*"))
     if keys:
         client.delete(*keys)
+
+
+@pytest.fixture
+def store() -> Iterator[RedisWindowStore]:
+    yield from store_on(get_redis_connection("default"))
+
+
+@pytest.fixture
+def private_store(private_redis: Any) -> Iterator[RedisWindowStore]:
+    """A store on this run's private Redis: for tests that flush its script cache."""
+    private_redis.start()
+    yield from store_on(Redis.from_url(private_redis.url))
 
 
 @dataclass(frozen=True)
@@ -186,6 +200,70 @@ def test_settle_extra_charge_past_the_limit_blocks_the_next_request(store: Any) 
     assert refused.retry_ms == 6_480
 
 
+def test_a_reused_reservation_id_is_refused_and_charges_nothing(store: Any) -> None:
+    every = Plan(1000, rpm=10, concurrency=5)
+    reserve(store, 300, T0, rid="a", plan=every)
+    again = reserve(store, 500, T0 + 10, rid="a", plan=every)
+    assert again.status is DecisionStatus.DUPLICATE_ID
+    snapshot = store.peek("u", counters(store, every), primary=1, now_ms=T0 + 20)
+    totals = [figure.total for figure in snapshot.figures]
+    assert (totals, snapshot.reserved, snapshot.in_flight) == ([300, 1], 300, 1)
+    # The first reservation stands as it was: settling it refunds from its own estimate.
+    settled = settle(store, "a", 100, T0 + 30)
+    assert (settled.estimate, settled.applied) == (300, -200)
+    assert used(store, T0 + 40) == 100
+
+
+def test_an_extra_charge_settled_later_goes_to_the_original_bucket_and_ages_out_with_it(
+    store: Any,
+) -> None:
+    reserve(store, 100, T0 + 100, rid="a")  # bucket [T0, T0 + 500)
+    reserve(store, 300, T0 + 3_000)  # bucket [T0 + 3000, T0 + 3500)
+    settled = settle(store, "a", 700, T0 + 3_100)
+    assert settled.applied == 600
+    assert used(store, T0 + 3_200) == 1000
+    # The 700 leave when the first bucket does (T0 + 6500), not with the settle's bucket.
+    assert reserve(store, 1, T0 + 3_200).retry_ms == 3_300
+    assert used(store, T0 + 6_499) == 1000
+    assert used(store, T0 + 6_500) == 300
+
+
+def test_a_refund_settled_later_goes_to_the_original_bucket_and_ages_out_with_it(
+    store: Any,
+) -> None:
+    reserve(store, 800, T0 + 100, rid="a")
+    reserve(store, 100, T0 + 3_000)
+    settled = settle(store, "a", 200, T0 + 3_100)
+    assert settled.applied == -600
+    assert used(store, T0 + 3_200) == 300
+    assert used(store, T0 + 6_500) == 100  # only the later 100 are left
+
+
+def test_a_settle_reaches_the_oldest_bucket_still_in_the_window(store: Any) -> None:
+    reserve(store, 800, T0, rid="a")
+    late = settle(store, "a", 100, T0 + 6_499)  # its last live ms
+    assert late.applied == -700
+    assert used(store, T0 + 6_499) == 100
+
+
+@pytest.fixture
+def hour_store() -> Iterator[RedisWindowStore]:
+    yield from store_on(get_redis_connection("default"), window=3600, bucket=60)
+
+
+def test_the_keys_outlive_every_token_and_reservation_they_hold(hour_store: Any) -> None:
+    """Real time (PEXPIRE counts in it): an hour of one-minute buckets, so a key expiring
+    before its newest bucket leaves (up to a minute early) cannot go unseen."""
+    store = hour_store
+    result = reserve(store, 100, None, rid="a")
+    window, pending, held = (store.keys("u")[i] for i in (0, 2, 3))
+    before = redis_ms(store.client)  # no later than each PTTL read: a lower bound
+    leaves_ms = result.now_ms + result.figures[0].reset_ms
+    assert before + store.client.pttl(window) >= leaves_ms
+    for key in (pending, held):
+        assert before + store.client.pttl(key) >= result.now_ms + TTL
+
+
 def test_settling_twice_changes_nothing(store: Any) -> None:
     reserve(store, 500, T0, rid="a")
     first = settle(store, "a", 100, T0 + 10)
@@ -341,9 +419,10 @@ def test_scripts_run_on_one_connection_per_thread_not_the_pool(store: Any) -> No
     assert gone() is None
 
 
-def test_a_script_flushed_from_redis_is_sent_again(store: Any) -> None:
+def test_a_script_flushed_from_redis_is_sent_again(private_store: Any) -> None:
+    store = private_store
     reserve(store, 10, T0)
-    store.client.script_flush()
+    store.client.script_flush()  # this run's own server: the shared one is never flushed
     assert allowed(reserve(store, 10, T0))
     assert used(store, T0) == 20
 
@@ -403,8 +482,9 @@ def test_a_forked_child_makes_its_own_connection(store: Any) -> None:
 
 
 def test_settle_many_is_each_settle_in_one_round_trip_even_after_a_script_flush(
-    store: Any,
+    private_store: Any,
 ) -> None:
+    store = private_store
     reserve(store, 300, T0, rid="a"), reserve(store, 300, T0, rid="b")
     store.client.set(store.keys("z")[3], "not a hash")  # scope z's script will fail
     store.client.script_flush()  # every call in the pipeline meets NOSCRIPT: sent again

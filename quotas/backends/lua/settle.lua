@@ -4,7 +4,8 @@
 -- happen without its record. Idempotent: an unknown reservation id changes nothing.
 -- KEYS: [1] pending zset, [2] reservations hash, [3] ledger outbox hash, [4] this id's
 --       settled marker (a string key that makes a repeated settle of an id Redis does not
---       know change nothing), [5] the backlog registry, [6] the due registry (see
+--       know change nothing; written only when the caller's epoch is not the primary
+--       counter's, so a normal settle leaves no key behind), [5] the backlog registry, [6] the due registry (see
 --       _window.lua), [7 .. 6+N] the layers' counters.
 -- ARGV: [1] now ms override or "", [2] reservation id, [3] actual tokens (-1: the estimate
 --       stands), [4] actual cost in micro-dollars (-1: the estimate stands), [5] the
@@ -102,6 +103,12 @@ if primary then
 end
 redis.call('HDEL', KEYS[2], rid)
 redis.call('ZREM', KEYS[1], rid)
+if ARGV[5] ~= '' and primary and ARGV[5] ~= primary.epoch then
+  -- The caller did not know this reservation was made (its reserve timed out after the
+  -- script ran, and it served the request degraded). A repeat of its settle finds no
+  -- reservation and an epoch that is not its own: the marker makes it change nothing.
+  redis.call('SET', KEYS[4], 1, 'PX', primary.ttl)
+end
 note_due(KEYS[6], KEYS[1])
 to_outbox(estimate, created, model, cost_est, team)
 return result(1, applied, estimate, created, model, cost_est, team)
