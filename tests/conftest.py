@@ -194,6 +194,15 @@ def dead_redis_url() -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
+def default_namespace() -> dict[str, Any]:
+    """The default cache alias's key namespace (``KEY_PREFIX``, ``VERSION``,
+    ``KEY_FUNCTION``): another alias with it names the same quota keys."""
+    default = settings.CACHES["default"]
+    return {
+        name: default[name] for name in ("KEY_PREFIX", "VERSION", "KEY_FUNCTION") if name in default
+    }
+
+
 @pytest.fixture
 def dead_cache(dead_redis_url: str) -> Iterator[str]:
     """A django-redis cache alias ("dead") on ``dead_redis_url``, with the project's 0.25 s
@@ -202,6 +211,7 @@ def dead_cache(dead_redis_url: str) -> Iterator[str]:
         "BACKEND": "django_redis.cache.RedisCache",
         "LOCATION": dead_redis_url,
         "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.25, "SOCKET_TIMEOUT": 0.25},
+        **default_namespace(),
     }
     with override_settings(CACHES={**settings.CACHES, "dead": dead}):
         yield "dead"
@@ -229,6 +239,7 @@ def proxied_redis(quota_config: Callable[..., Any]) -> Iterator[RedisProxy]:
         "BACKEND": "django_redis.cache.RedisCache",
         "LOCATION": f"{proxy.url}{url.path or '/0'}",
         "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1.0, "SOCKET_TIMEOUT": 1.0},
+        **default_namespace(),
     }
     with override_settings(CACHES={**settings.CACHES, "proxied": proxied}):
         quota_config(CACHE_ALIAS="proxied")

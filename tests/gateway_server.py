@@ -26,9 +26,11 @@ from urllib.parse import quote
 from django.conf import settings
 from django.db import connection
 
-__all__ = ["database_url", "free_port", "running_gateway"]
+__all__ = ["MASTERS", "database_url", "free_port", "running_gateway"]
 
 START_TIMEOUT_SECONDS = 20.0
+# The gunicorn master of each running server, by port (its workers are its children).
+MASTERS: dict[int, int] = {}
 
 
 def free_port() -> int:
@@ -102,8 +104,10 @@ def running_gateway(
         listener.close()  # gunicorn holds it now
         try:
             _wait_until_ready(server, port, output)
+            MASTERS[port] = server.pid
             yield port
         finally:
+            MASTERS.pop(port, None)
             _stop(server)
 
 

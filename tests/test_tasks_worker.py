@@ -205,12 +205,12 @@ def private_broker(private_redis: Any) -> Iterator[dict[str, Any]]:
         app._pool = None
         app.amqp._producer_pool = None
 
-    saved = app.conf.broker_url
-    app.conf.broker_url = private_redis.url
-    app.conf.task_always_eager = False  # restored by the autouse eager_celery fixture
-    drop_pools()
-    yield {"url": private_redis.url, "queue": "celery", "options": {}}
-    app.conf.broker_url = saved
+    # The worker must read the queue this process writes: the same broker key prefix (the
+    # demo derives it from its quota key prefix, which the worker's environment changes).
+    prefix = app.conf.broker_transport_options.get("global_keyprefix", "")
+    with celery_conf(broker_url=private_redis.url, task_always_eager=False):
+        drop_pools()
+        yield {"url": private_redis.url, "queue": "celery", "options": {"global_keyprefix": prefix}}
     drop_pools()
     redis.Redis.from_url(private_redis.url).flushdb()  # this run's own server
 
