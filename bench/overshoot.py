@@ -7,6 +7,8 @@ callers through on the same stale count.
 
 Budgets: ``quotas`` and ``limits`` get ``BUDGET_REQUESTS * COST`` tokens and each attempt
 costs ``COST`` tokens; DRF counts requests, so its budget is ``BUDGET_REQUESTS`` requests.
+``quotas`` is measured at every layer: one user's own budget, a team's pooled budget four
+users share, and a global budget on a model the same four users call.
 
 Run alone: ``python bench/overshoot.py``.
 """
@@ -54,6 +56,41 @@ def quotas_factory(level: int) -> AttemptFactory:
     return factory
 
 
+def layered_factory(layer: str, level: int) -> AttemptFactory:
+    """Four users, each with a budget of its own far out of reach, against one shared
+    budget: a team's pooled hour (``layer`` "team") or a global limit on a model ("global")."""
+    from quotas import services
+    from quotas.exceptions import QuotaExceeded
+    from quotas.models import GlobalLimit, Team, UserQuota
+
+    label, budget = f"over-{layer}-{level}", BUDGET_REQUESTS * COST
+    users = [common.make_user(f"{label}-{i}", 10**12) for i in range(4)]
+    model = f"{common.PREFIX}-{label}"
+    if layer == "team":
+        pool = common.make_user(f"{label}-pool", budget).token_quota.plan
+        team = Team.objects.create(name=model, slug=model, plan=pool)
+        UserQuota.objects.filter(user__in=users).update(team=team)
+    else:
+        GlobalLimit.objects.create(
+            name=model, metric="tokens", window_seconds=3600, model=model, budget=budget
+        )
+    services.config_changed()
+
+    def factory() -> Attempt:
+        turn = iter(range(10**9))
+
+        def attempt() -> bool:
+            try:
+                services.reserve(users[next(turn) % len(users)], COST, model=model)
+            except QuotaExceeded:
+                return False
+            return True
+
+        return attempt
+
+    return factory
+
+
 def drf_factory(level: int) -> AttemptFactory:
     from django.core.cache import caches
     from django.test import RequestFactory
@@ -88,6 +125,8 @@ def limits_factory(strategy: str, level: int) -> AttemptFactory:
 
 LIMITERS: dict[str, Callable[[int], AttemptFactory]] = {
     "quotas services.reserve": quotas_factory,
+    "quotas, a team's pooled budget (4 users)": lambda level: layered_factory("team", level),
+    "quotas, a global per-model budget (4 users)": lambda level: layered_factory("global", level),
     "DRF UserRateThrottle (requests)": drf_factory,
     "limits MovingWindow (cost)": lambda level: limits_factory("MovingWindowRateLimiter", level),
     "limits SlidingWindowCounter (cost)": lambda level: limits_factory(

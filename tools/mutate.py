@@ -46,6 +46,7 @@ FAST_TESTS = (
     "tests/test_streams.py",
     "tests/test_ledger_batches.py",
     "tests/test_settle_batches.py",
+    "tests/test_layered_limits.py",
     "-m",
     "not integration and not slow",
 )

@@ -37,45 +37,52 @@ MUTATIONS: list[Mutation] = [
     # -- reserve.lua ------------------------------------------------------------------------
     Mutation(
         "reserve: a request that exactly fills the budget is refused",
-        f"{LUA}/reserve.lua",
-        "if w.total + tokens > cfg.tokens then",
-        "if w.total + tokens >= cfg.tokens then",
+        f"{LUA}/_window.lua",
+        "  if excess <= 0 then return 0 end",
+        "  if excess < 0 then return 0 end",
+    ),
+    Mutation(
+        "reserve: a request that exactly fills a calendar period is refused",
+        f"{LUA}/_window.lua",
+        "  if w.total + w.amount <= w.budget then return 0 end",
+        "  if w.total + w.amount < w.budget then return 0 end",
+        ("tests/core/test_layers_store.py",),
     ),
     Mutation(
         "reserve: a reused reservation id is charged again",
         f"{LUA}/reserve.lua",
-        "redis.call('HSETNX', KEYS[4], rid, record) == 0",
-        "redis.call('HSET', KEYS[4], rid, record) < 0",
+        "if redis.call('HSETNX', KEYS[2], rid, record) == 0 then status = 6 end",
+        "if redis.call('HSET', KEYS[2], rid, record) < 0 then status = 6 end",
     ),
     Mutation(
         "reserve: a refused request is charged",
         f"{LUA}/reserve.lua",
-        "if status == 1 then\n  reserved = reserved + tokens",
-        "if status ~= 6 then\n  reserved = reserved + tokens",
+        "if status == 1 then\n  local first_in_bucket = false",
+        "if status ~= 6 then\n  local first_in_bucket = false",
     ),
     Mutation(
         "reserve: one request more than the concurrency limit is let in",
         f"{LUA}/reserve.lua",
-        "'+inf') >= cfg.conc then",
-        "'+inf') > cfg.conc then",
+        "    if in_flight >= concurrency then",
+        "    if in_flight > concurrency then",
     ),
     Mutation(
         "reserve: one request more than the requests-per-minute limit is let in",
         f"{LUA}/reserve.lua",
-        "if q and q.total + 1 > cfg.rpm then",
-        "if q and q.total > cfg.rpm then",
+        "    if wait > 0 and (refusing == 0 or wait > retry) then",
+        "    if wait > 0 and refusing == 0 then",
     ),
     Mutation(
         "reserve: a request exactly at the per-request cap is a 413",
-        f"{LUA}/reserve.lua",
-        "if cfg.cap > 0 and tokens > cfg.cap then",
-        "if cfg.cap > 0 and tokens >= cfg.cap then",
+        "quotas/engine/reservations.py",
+        "        if tokens > cap:",
+        "        if tokens >= cap:",
     ),
     Mutation(
         "reserve: the plan's default output allowance is not added",
-        f"{LUA}/reserve.lua",
-        "if ARGV[12] == '1' then tokens = tokens + cfg.out end",
-        "if ARGV[12] == '1' then tokens = tokens end",
+        "quotas/engine/reservations.py",
+        "        tokens += config.limits.default_output_tokens",
+        "        tokens += 0",
     ),
     # -- _window.lua (shared by every script) -----------------------------------------------
     Mutation(
@@ -105,33 +112,33 @@ MUTATIONS: list[Mutation] = [
     # -- settle.lua -------------------------------------------------------------------------
     Mutation(
         "settle: the difference goes to the current bucket, not the reservation's",
-        f"{LUA}/settle.lua",
-        "local field = slot(w.nb, bucket)",
-        "local field = slot(w.nb, w.cur)",
+        f"{LUA}/_window.lua",
+        "  local bucket = math.floor(created / w.bms)",
+        "  local bucket = w.cur",
     ),
     Mutation(
         "settle: a refund to the oldest live bucket is dropped",
-        f"{LUA}/settle.lua",
-        "if bucket >= w.first then",
-        "if bucket > w.first then",
+        f"{LUA}/_window.lua",
+        "  if delta == 0 or bucket < w.first then return 0 end",
+        "  if delta == 0 or bucket <= w.first then return 0 end",
     ),
     Mutation(
         "settle: a bucket may go negative (a refund after an admin reset gives extra budget)",
-        f"{LUA}/settle.lua",
-        "local after = math.max(before + actual - estimate, 0)",
-        "local after = before + actual - estimate",
+        f"{LUA}/_window.lua",
+        "  local after = math.max(before + delta, 0)\n  if after == 0 then",
+        "  local after = before + delta\n  if after == 0 then",
     ),
     Mutation(
         "settle: the reserved figure is never released",
         f"{LUA}/settle.lua",
-        "'rv', math.max(w.reserved - estimate, 0))",
-        "'rv', w.reserved)",
+        "redis.call('HSET', primary.key, 'rv', math.max(primary.reserved - estimate, 0))",
+        "redis.call('HSET', primary.key, 'rv', primary.reserved)",
     ),
     Mutation(
         "settle: the concurrency slot is never released",
         f"{LUA}/settle.lua",
-        "redis.call('HDEL', KEYS[4], rid)\nredis.call('ZREM', KEYS[3], rid)\n",
-        "redis.call('HDEL', KEYS[4], rid)\n",
+        "redis.call('ZREM', KEYS[1], rid)",
+        "redis.call('ZSCORE', KEYS[1], rid)",
     ),
     Mutation(
         "settle: no figures refunds everything instead of keeping the estimate",
@@ -142,20 +149,20 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "settle: a reservation Redis lost is charged again on every repeat",
         f"{LUA}/settle.lua",
-        "if redis.call('SET', KEYS[6], 1, 'NX', 'PX', w.ttl) then",
-        "if true then",
+        "if redis.call('SET', KEYS[4], 1, 'NX', 'PX', primary.ttl) then",
+        "if redis.call('SET', KEYS[4], 1, 'PX', primary.ttl) then",
     ),
     Mutation(
         "settle: a degraded request settled before its window is rebuilt loses its ledger row",
         f"{LUA}/settle.lua",
-        "        status = 3\n",
-        "        status = 0\n",
+        "  if status ~= 0 then\n    if actual_cost < 0",
+        "  if status == 2 then\n    if actual_cost < 0",
     ),
     Mutation(
         "settle: a degraded request whose reserve did reach Redis is charged again on a repeat",
         f"{LUA}/settle.lua",
-        "  redis.call('SET', KEYS[6], 1, 'PX', w.ttl)\n",
-        "",
+        "if ARGV[5] ~= '' and primary and ARGV[5] ~= primary.epoch then",
+        "if false then",
     ),
     # -- expire.lua -------------------------------------------------------------------------
     Mutation(
@@ -186,51 +193,43 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "peek: reserved tokens are left out of the budget's remaining figure",
         f"{LUA}/peek.lua",
-        "return {1, cfg.tokens, w.total, w.reserved, cfg.tokens - w.total,",
-        "return {1, cfg.tokens, w.total, w.reserved, cfg.tokens - w.total + w.reserved,",
+        "local out = {1, primary and primary.reserved or 0,",
+        "local out = {1, 0,",
     ),
     # -- the services -----------------------------------------------------------------------
     Mutation(
         "services: a reused reservation id is a 429 instead of an error",
-        "quotas/services.py",
-        "    if result.status is ReserveStatus.DUPLICATE_ID:\n"
-        '        raise ValueError(f"Reservation {rid!r} already exists: request ids must be '
-        'unique.")\n',
-        "",
+        "quotas/engine/reservations.py",
+        "    if decision.status is DecisionStatus.DUPLICATE_ID:\n",
+        "    if False:\n",
     ),
     Mutation(
         "services: a repeated settle sends its ledger record and signal again",
-        "quotas/services.py",
+        "quotas/engine/settlement.py",
         "    if outcome.settled_now:\n        send_to_ledger(",
         "    if True:\n        send_to_ledger(",
     ),
     Mutation(
         "services: a degraded request settled without figures loses its ledger row",
-        "quotas/services.py",
+        "quotas/engine/settlement.py",
         "actual = reservation.estimated_tokens if actual is None else actual",
         "actual = actual",
     ),
     Mutation(
-        "services: the per-request cap is not enforced while Redis is down",
-        "quotas/services.py",
-        "    if cap and tokens > cap:\n        raise RequestTooLarge(",
-        "    if False:\n        raise RequestTooLarge(",
-    ),
-    Mutation(
         "rebuild: the oldest live bucket is left out of a rebuilt window",
-        "quotas/services.py",
-        "(now_ms - spec.window_ms - spec.bucket_ms) / 1000",
-        "(now_ms - spec.window_ms) / 1000",
+        "quotas/engine/seeding.py",
+        "        since = at_ms - window.window_ms - window.bucket_ms",
+        "        since = at_ms - window.window_ms",
     ),
     Mutation(
         "rebuild: no audit is scheduled for usage still in flight",
-        "quotas/services.py",
-        "        audit_window_task.apply_async(args=[scope], countdown=countdown, retry=False)",
+        "quotas/engine/seeding.py",
+        "        dispatch.send(dispatch.AUDIT_WINDOW, scope, countdown=countdown)",
         "        pass",
     ),
     Mutation(
         "store: a timed-out script call is sent again (it may already have run)",
-        "quotas/backends/redis.py",
+        "quotas/backends/scripts.py",
         "            except RedisConnectionError:\n                if not reused:",
         "            except (RedisConnectionError, TimeoutError, __import__('redis').TimeoutError):"
         "\n                if not reused:",
@@ -259,30 +258,34 @@ MUTATIONS: list[Mutation] = [
     # -- the ledger and the audit -----------------------------------------------------------
     Mutation(
         "ledger: a row's time is its settle, not its reservation (wrong bucket on rebuild)",
-        "quotas/ledger.py",
+        "quotas/engine/rows.py",
         "created_at=_moment(entry.reserved_at_ms),",
         "created_at=_moment(settled_at),",
     ),
     Mutation(
         "ledger: the sweep drops outbox records before their rows are written",
-        "quotas/ledger.py",
-        "        created += _write_rows(scope, entries)\n"
-        "        # Only after the rows are committed: a crash before this line leaves the "
-        "records in\n"
-        "        # the outbox, and the next sweep finds their rows already written.\n"
-        "        store.ack_outbox(scope, [entry.reservation_id for entry in entries])\n",
-        "        store.ack_outbox(scope, [entry.reservation_id for entry in entries])\n"
-        "        created += _write_rows(scope, entries)\n",
+        "quotas/engine/reconcile.py",
+        (
+            "        created += write_scope_rows(scope, entries, store)\n"
+            "        # Only after the rows are committed: a crash before this line leaves the records in\n"
+            "        # the outbox, and the next sweep finds their rows already written. Acknowledging\n"
+            "        # nothing still drops an empty outbox from the backlog registry.\n"
+            "        store.ack_outbox(scope, [entry.reservation_id for entry in entries])\n"
+        ),
+        (
+            "        store.ack_outbox(scope, [entry.reservation_id for entry in entries])\n"
+            "        created += write_scope_rows(scope, entries, store)\n"
+        ),
     ),
     Mutation(
         "audit: young buckets are lowered while their rows may still be in the task queue",
-        "quotas/ledger.py",
+        "quotas/engine/reconcile.py",
         "elif want < seen and bucket < settled_before:",
         "elif want < seen:",
     ),
     Mutation(
         "audit: raises may take the window above the ledger's total",
-        "quotas/ledger.py",
+        "quotas/engine/reconcile.py",
         "return lowers + _capped(raises, young_excess)",
         "return lowers + raises",
     ),
@@ -301,14 +304,39 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "stream meter: an event split across two chunks is lost",
-        "quotas/middleware.py",
+        "quotas/streaming.py",
         'lines = (self._partial + chunk).split(b"\\n")',
         'lines = chunk.split(b"\\n")',
     ),
     Mutation(
         "stream meter: negative usage figures are believed",
-        "quotas/middleware.py",
-        "        and usage[name] >= 0\n",
+        "quotas/streaming.py",
+        "        and 0 <= usage[name] <= MAX_TOKENS\n",
+        "        and usage[name] <= MAX_TOKENS\n",
+    ),
+    # -- layered limits -----------------------------------------------------------------------
+    Mutation(
+        "settle: a cost limit keeps the estimated cost (never corrected to the real one)",
+        f"{LUA}/settle.lua",
+        "    delta = actual_cost - cost_est",
+        "    delta = 0",
+    ),
+    Mutation(
+        "counters: a team's pooled budget is counted per member",
+        "quotas/engine/counters.py",
+        "        return config.team.tag",
+        "        return scope",
+    ),
+    Mutation(
+        "pricing: a model the price table does not list is free",
+        "quotas/core/pricing.py",
+        "found = (price, True) if price else (self.conservative(), False)",
+        "found = (price, True) if price else (Price('', 0, 0), False)",
+    ),
+    Mutation(
+        "calendar: a month resets a period late (the client's period is trusted)",
+        f"{LUA}/_window.lua",
+        "  if now < b2 then start, stop = b1, b2 elseif now >= b3 then start, stop = b3, b4 end",
         "",
     ),
 ]

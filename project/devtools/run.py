@@ -192,7 +192,8 @@ The demo is running (Redis: {os.environ.get("REDIS_URL", "default")}).
   Your budget       {base_url}/quotas/me/
   Health            {base_url}/quotas/health/
   Admin             {base_url}/admin/   (admin / admin)
-  Demo user         demo / demo, free plan, API token {token}
+  Demo user         demo / demo, free plan (10k tokens/hour, 50k/day), team acme,
+                    API token {token}
 
 Try:
   curl -s {base_url}/v1/chat/completions -H "Authorization: Bearer {token}" \\

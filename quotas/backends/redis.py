@@ -141,6 +141,7 @@ class RedisWindowStore(LedgerOutbox):
         seeds: Mapping[int, tuple[str, Sequence[tuple[int, int]]]] | None = None,
         record: bool = True,
         now_ms: int | None = None,
+        client_ms: int | None = None,
     ) -> Decision:
         """Charge every counter its amount (``amounts``, in order) if each has room (and the
         concurrency and rejected-attempts limits allow), else charge nothing; one round trip,
@@ -153,9 +154,11 @@ class RedisWindowStore(LedgerOutbox):
         Redis Cluster slot's share of a decision). ``primary`` is the 1-based index of the
         user's primary counter (it keeps the tokens reserved); ``tokens``, ``cost``,
         ``team``, ``names`` (the counters' names) and ``model`` go into the reservation
-        record that settle reads.
+        record that settle reads. ``client_ms`` is this app server's clock for the calendar
+        boundaries it sends (default: ``now_ms``, else the local clock); Redis's clock picks
+        among them (tests give a skewed one).
         """
-        at = _clock(now_ms)
+        at = _clock(now_ms if client_ms is None else client_ms)
         spec = self.spec
         keys = [*self._decision_keys(scope), *self.counter_keys(counters)]
         args = [
@@ -410,7 +413,7 @@ class RedisWindowStore(LedgerOutbox):
         """Bytes Redis uses for every key of one quota key, and these counters of its
         (``MEMORY USAGE``)."""
         total = 0
-        for key in [*self.keys(scope), *self.counter_keys(counters)]:
+        for key in dict.fromkeys([*self.keys(scope), *self.counter_keys(counters)]):
             total += self._call(self.client.memory_usage, key, samples=0) or 0
         return total
 

@@ -125,6 +125,36 @@ def test_a_calendar_month_resets_exactly_at_its_boundary_in_its_time_zone(store:
     assert totals(store, layers, new_month + 1)[1] == 800
 
 
+def test_redis_clock_picks_the_period_when_the_app_servers_clock_is_skewed(store: Any) -> None:
+    layers = [("u", primary(store)), ("u", month(1000))]
+    counters = charges(store, layers)
+    new_month = ms(datetime(2026, 2, 1, 0, 0, 1, tzinfo=PARIS))
+    seeds = {1: ("e", []), 2: ("e", [])}
+
+    def reserve_skewed(rid: str, tokens: int, skew_ms: int) -> Any:
+        return store.reserve(
+            "u", rid, counters, [tokens, tokens], ttl_ms=TTL, primary=1, tokens=tokens,
+            seeds=seeds, now_ms=new_month, client_ms=new_month + skew_ms,
+        )  # fmt: skip
+
+    store.reserve(
+        "u", "jan", counters, [900, 900], ttl_ms=TTL, primary=1, tokens=900, seeds=seeds,
+        now_ms=new_month - 5_000,
+    )  # fmt: skip
+    # Redis says February; an app server 3 s behind still thinks it is January: February.
+    assert reserve_skewed("a", 900, -3_000).status is DecisionStatus.ALLOWED
+    # One 3 s ahead is also in February (its boundaries name January as the period before).
+    assert reserve_skewed("b", 200, 3_000).status is DecisionStatus.OVER_LIMIT
+
+
+def test_a_request_that_exactly_fills_a_period_fits(store: Any) -> None:
+    layers = [("u", primary(store)), ("u", month(1000))]
+    at = ms(datetime(2026, 1, 10, tzinfo=PARIS))
+    assert reserve(store, layers, 600, at).status is DecisionStatus.ALLOWED
+    assert reserve(store, layers, 400, at + 1).status is DecisionStatus.ALLOWED
+    assert reserve(store, layers, 1, at + 2).status is DecisionStatus.OVER_LIMIT
+
+
 def test_a_settle_after_the_period_changed_corrects_nothing(store: Any) -> None:
     layers = [("u", primary(store)), ("u", month(1000))]
     last_second = ms(datetime(2026, 1, 31, 23, 59, 59, tzinfo=PARIS))
