@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.db import DatabaseError
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 
@@ -136,6 +137,13 @@ def check_prices(databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """Cost limits need prices; models without one are listed (database checks only)."""
     if not databases:
         return []
+    try:
+        return _price_warnings()
+    except DatabaseError:  # not migrated yet (``migrate`` runs the database checks first)
+        return []
+
+
+def _price_warnings() -> list[CheckMessage]:
     cost = {"metric": "cost"}
     if not (
         PlanLimit.objects.filter(**cost).exists() or GlobalLimit.objects.filter(**cost).exists()
