@@ -52,6 +52,20 @@ NUMERIC_RULES: dict[str, tuple[str, Any]] = {
     "REJECTED_PER_MINUTE": ("an integer, 0 or more", lambda v: isinstance(v, int) and v >= 0),
     "LEDGER_BACKLOG_WARN_SECONDS": ("a positive number of seconds", lambda v: v > 0),
     "LEDGER_BACKLOG_CHECK_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
+    "LLM_DEADLINE_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "LLM_ATTEMPT_TIMEOUT_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "LLM_RETRY_BASE_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "LLM_RETRY_MAX_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "LLM_MAX_ATTEMPTS": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "LLM_DEGRADE_AFTER_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
+    "LLM_CACHE_SECONDS": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "PROVIDER_BREAKER_FAILURES": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "PROVIDER_BREAKER_RESET_SECONDS": ("a positive number", lambda v: v > 0),
+    "PROVIDER_RATE_DECREASE": ("a number between 0 and 1 (excluded)", lambda v: 0 < v < 1),
+    "PROVIDER_RATE_RECOVERY": ("a number between 0 and 1", lambda v: 0 < v <= 1),
+    "PROVIDER_MIN_RATE": ("a positive number of calls per second", lambda v: v > 0),
+    "PROVIDER_BACKOFF_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
+    "DEFERRED_JOB_TTL_SECONDS": ("a positive number of seconds", lambda v: v > 0),
 }
 
 

@@ -5,13 +5,20 @@ The ledger (``UsageRecord``) is the source of truth: Redis windows can be rebuil
 
 from __future__ import annotations
 
+import uuid
+from decimal import Decimal
+from typing import Any
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q
 
-__all__ = ["Plan", "UsageRecord", "UserQuota"]
+__all__ = ["DeferredJob", "Plan", "UsageRecord", "UserQuota"]
+
+# The longest model name the ledger stores (UsageRecord.model).
+MODEL_NAME_MAX = 200
 
 
 class PlanQuerySet(models.QuerySet["Plan"]):
@@ -44,6 +51,29 @@ class Plan(models.Model):
     )
     is_default = models.BooleanField(default=False)
     is_active = models.BooleanField(default=True)
+    # The degradation ladder (quotas.llm, calls made with degrade=True): each rung is tried
+    # only when the one above refuses.
+    fallback_models = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Cheaper models tried in this order when the requested model refuses, "
+        'e.g. ["gpt-4o-mini"].',
+    )
+    serve_from_cache = models.BooleanField(
+        default=False,
+        help_text="Then answer from the exact-match response cache when it holds the request.",
+    )
+    cache_hit_cost = models.DecimalField(
+        max_digits=4,
+        decimal_places=3,
+        default=Decimal("0"),
+        validators=[MinValueValidator(Decimal("0")), MaxValueValidator(Decimal("1"))],
+        help_text="Share of the cached answer's tokens a cache hit costs (0: free, 1: full).",
+    )
+    defer_when_refused = models.BooleanField(
+        default=False,
+        help_text="Then queue the request as a job run when the budget or the provider frees.",
+    )
 
     objects = PlanQuerySet.as_manager()
 
@@ -94,8 +124,26 @@ class Plan(models.Model):
             )
         if self.is_default and not self.is_active:
             errors["is_default"] = "The default plan must be active."
+        problem = fallback_models_problem(self.fallback_models)
+        if problem:
+            errors["fallback_models"] = problem
         if errors:
             raise ValidationError(errors)
+
+
+def fallback_models_problem(value: Any) -> str | None:
+    """What is wrong with a ladder of fallback models, or ``None``: it must be a list of
+    distinct model names (1 to 200 characters, no control characters)."""
+    if not isinstance(value, list):
+        return 'Fallback models must be a JSON list of model names, e.g. ["gpt-4o-mini"].'
+    for name in value:
+        if not isinstance(name, str) or not name.strip():
+            return f"Fallback models must be non-empty strings, not {name!r}."
+        if len(name) > MODEL_NAME_MAX or any(ord(c) < 32 or ord(c) == 127 for c in name):
+            return f"{name[:40]!r} is not a model name (at most 200 printable characters)."
+    if len(set(value)) != len(value):
+        return "Fallback models must not repeat a model."
+    return None
 
 
 class UserQuota(models.Model):
@@ -165,3 +213,42 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id}: {self.actual_tokens} tokens ({self.status})"
+
+
+class DeferredJob(models.Model):
+    """A request queued by the last rung of a degradation ladder: run by a Celery worker when
+    the user's budget and the provider allow, exactly once; only its owner may read it."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        EXPIRED = "expired", "Expired (never ran in time)"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="deferred_llm_jobs"
+    )
+    provider = models.CharField(max_length=200)
+    request = models.JSONField(help_text="The chat completion request, as the caller made it.")
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True
+    )
+    model = models.CharField(max_length=MODEL_NAME_MAX, blank=True, default="")
+    result = models.JSONField(null=True, blank=True)
+    usage = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    run_after = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"job {self.id} ({self.status})"
