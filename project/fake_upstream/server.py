@@ -12,7 +12,8 @@ deterministic fake model, behind rate limits of its own, as a real provider beha
 - Modes, set at start or at run time with ``POST /_control`` (JSON): ``{"mode": "fail"}``
   answers 500 (``"fail_status"``), ``{"mode": "hang"}`` holds each request
   ``"hang_seconds"`` (default 3600) before closing it unanswered, ``{"mode": "normal"}``;
-  ``"fail_count": n`` fails only the next n requests; ``"pace"``, ``"answer_tokens"`` and
+  ``"fail_count": n`` fails only the next n requests, ``"retry_after_ms"`` adds that header to
+the failures; ``"pace"``, ``"answer_tokens"`` and
   ``"reset": true`` (new windows, zero counters) too. ``GET /_stats`` counts what happened.
 
 Standard library only (plus the demo's fake model), one thread per connection:
@@ -47,8 +48,15 @@ class FakeUpstream(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.limiter = limiter
         self.lock = threading.Lock()
-        self.mode: dict[str, Any] = {"mode": "normal", "fail_status": 500, "fail_count": None,
-                                     "hang_seconds": 3600.0, "pace": 0.0, "answer_tokens": 60}  # fmt: skip
+        self.mode: dict[str, Any] = {
+            "mode": "normal",
+            "fail_status": 500,
+            "fail_count": None,
+            "retry_after_ms": None,
+            "hang_seconds": 3600.0,
+            "pace": 0.0,
+            "answer_tokens": 60,
+        }
         self.mode.update(mode)
         self.stats: Counter[str] = Counter()
 
@@ -114,7 +122,10 @@ class Handler(BaseHTTPRequestHandler):
         if failure == "fail":
             self.server.count("failed")
             status = int(self.server.mode["fail_status"])
-            self._json(status, _error("The fake upstream failed on purpose.", "server_error", None))
+            advice = self.server.mode.get("retry_after_ms")
+            headers = {"retry-after-ms": str(advice)} if advice is not None else {}
+            message = "The fake upstream failed on purpose."
+            self._json(status, _error(message, "server_error", None), headers)
             return
         self._complete(body)
 
@@ -209,15 +220,25 @@ def _completion(answer: Any) -> dict[str, Any]:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": answer.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": answer.finish_reason}],  # fmt: skip
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": answer.finish_reason,
+            }
+        ],
         "usage": answer.usage,
     }
 
 
 def _chunks(answer: Any, *, include_usage: bool) -> list[dict[str, Any]]:
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": answer.model}  # fmt: skip
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": answer.model,
+    }
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}

@@ -34,8 +34,11 @@ PREFERRED, FALLBACK, CACHE, DEFERRED = "preferred", "fallback", "cache", "deferr
 
 
 def request_body(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON body of a ``create`` call (what is estimated, cached and deferred)."""
-    return {k: v for k, v in arguments.items() if k not in TRANSPORT_ARGUMENTS}
+    """The JSON body of a ``create`` call (what is estimated, cached and deferred): its
+    arguments and the fields of ``extra_body``."""
+    body = {k: v for k, v in arguments.items() if k not in TRANSPORT_ARGUMENTS}
+    extra = arguments.get("extra_body")
+    return {**body, **extra} if isinstance(extra, Mapping) else body
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,14 @@ from openai.types.chat import ChatCompletion
 
 import quotas
 from quotas import llm, services
-from quotas.models import UsageRecord
 from quotas.core.encodings import count_text_tokens, encoding_for_model
+from quotas.models import UsageRecord
 from tests.llm.conftest import chat, used
 
 
 def count(text: str) -> int:
     return count_text_tokens(encoding_for_model("gpt-4o"), text)
+
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -31,7 +32,11 @@ def test_a_call_returns_the_sdk_answer_and_charges_its_usage(client, user, on_co
     assert answer.choices[0].message.content
     assert used(user) == answer.usage.total_tokens  # the estimate (prompt + 50) was replaced
     row = UsageRecord.objects.get()
-    assert (row.model, row.actual_tokens, row.status) == ("gpt-4o", answer.usage.total_tokens, "settled")
+    assert (row.model, row.actual_tokens, row.status) == (
+        "gpt-4o",
+        answer.usage.total_tokens,
+        "settled",
+    )
 
 
 def test_a_stream_is_the_sdks_and_settles_with_the_usage_chunk(client, user):
@@ -43,12 +48,16 @@ def test_a_stream_is_the_sdks_and_settles_with_the_usage_chunk(client, user):
     prompt = services.estimate(chat()).prompt_tokens
     assert charged == prompt + count(text)  # the provider's usage, not the estimate (+50)
 
-    shown = list(client.chat.completions.create(**chat(stream=True, stream_options={"include_usage": True})))
+    shown = list(
+        client.chat.completions.create(**chat(stream=True, stream_options={"include_usage": True}))
+    )
     assert shown[-1].usage is not None and not shown[-1].choices
     assert used(user) == charged + shown[-1].usage.total_tokens
 
 
-def test_a_stream_closed_early_is_charged_the_prompt_and_the_text_so_far(client, user, fresh_upstream):
+def test_a_stream_closed_early_is_charged_the_prompt_and_the_text_so_far(
+    client, user, fresh_upstream
+):
     fresh_upstream.control(answer_tokens=200)
     stream = client.chat.completions.create(**chat(stream=True, max_tokens=300))
     first = [next(stream) for _ in range(3)]
