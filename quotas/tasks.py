@@ -124,6 +124,10 @@ def _send_audit(scope: str, *, countdown: float = 0) -> None:
 
 
 def _send_job(job_id: str, *, countdown: float = 0) -> None:
+    if countdown > 0 and run_deferred_job_task.app.conf.task_always_eager:
+        # An eager "queue" runs the task now, and a job that is not due would be queued
+        # again at once, for ever: it is left to sweep_jobs, which runs it when it is due.
+        return
     run_deferred_job_task.apply_async(args=[job_id], countdown=countdown, retry=False)
 
 

@@ -156,6 +156,7 @@ def sweep_jobs(stale_seconds: float = 60.0) -> int:
     )
     stale = DeferredJob.objects.filter(
         Q(status=Status.QUEUED, run_after__lte=now - timedelta(seconds=stale_seconds))
+        | Q(status=Status.QUEUED, run_after__isnull=True)
         | Q(status=Status.RUNNING, lease_until__lte=now)
     ).values_list("pk", flat=True)[:1000]
     ids = [str(pk) for pk in stale]

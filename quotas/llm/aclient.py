@@ -58,9 +58,16 @@ class AsyncQuotaClient:
             return label(ChatCompletion.model_validate(answer), rung)
         if rung.kind == "defer":
             raise await sync_to_async(call.defer)()
-        hold = await sync_to_async(call.reserve)(rung)
+        estimate = await sync_to_async(call.estimate)(rung)
+        tokens = await sync_to_async(call.provider_tokens)(rung, estimate)
+        probe = await self._admit(call, rung, tokens)
         try:
-            raw = await self._send(call, rung, hold)
+            hold = await sync_to_async(call.reserve)(rung, estimate, tokens)
+        except BaseException:
+            await sync_to_async(call.release)(rung, tokens, probe)
+            raise
+        try:
+            raw = await self._send(call, rung, hold, probe)
         except BaseException:
             await sync_to_async(hold.refund)()
             raise
@@ -76,19 +83,20 @@ class AsyncQuotaClient:
             rung=rung.label,
         )
 
-    async def _send(self, call: LogicalCall, rung: Rung, hold: Hold) -> Any:
+    async def _send(self, call: LogicalCall, rung: Rung, hold: Hold, probe: bool) -> Any:
+        admitted = [probe]  # the first attempt was admitted before the user's reservation
         async for attempt in async_retrying(call.deadline):
             with attempt:
-                probe = await self._admit(call, rung, hold)
-                return await self._attempt(call, rung, hold, probe)
+                go = admitted.pop() if admitted else await self._admit(call, rung, hold.tokens)
+                return await self._attempt(call, rung, hold, go)
         raise AssertionError("tenacity ends with an answer or an error")  # pragma: no cover
 
-    async def _admit(self, call: LogicalCall, rung: Rung, hold: Hold) -> bool:
+    async def _admit(self, call: LogicalCall, rung: Rung, tokens: int) -> bool:
         patience = call.patience()
         admit = sync_to_async(services.admit_call)
         while True:
-            admission = await admit(call.options.provider, rung.model, hold.tokens)
-            wait = call.admission_wait(admission, rung, hold.tokens, patience)
+            admission = await admit(call.options.provider, rung.model, tokens)
+            wait = call.admission_wait(admission, rung, tokens, patience)
             if wait is None:
                 return admission.probe
             await asyncio.sleep(wait)

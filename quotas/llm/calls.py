@@ -130,12 +130,29 @@ class LogicalCall:
         return max(min(cap, self.left()), 0.05)
 
     # -- the user's budget ----------------------------------------------------------------
-    def reserve(self, rung: Rung) -> Hold:
-        """Hold the user's budget for one model rung; ``RungRefused`` when it refuses."""
-        estimate = services.estimate({**self.body, "model": rung.model})
+    def estimate(self, rung: Rung) -> Any:
+        """The estimate of this call's body at ``rung``'s model (``InvalidRequest``: bad)."""
+        return services.estimate({**self.body, "model": rung.model})
+
+    def provider_tokens(self, rung: Rung, estimate: Any) -> int:
+        """The tokens the provider's limits are asked for: the user's reservation's figure
+        (the request's output limit, else the plan's default output allowance)."""
         adopted = self._request_reservation(rung)
         if adopted is not None:
-            return Hold(adopted, rung.model, adopted.estimated_tokens, estimate.prompt_tokens)
+            return int(adopted.estimated_tokens)
+        if estimate.output_tokens is not None:
+            return int(estimate.named_tokens)
+        return int(
+            estimate.named_tokens + services.limits_for(self.options.user).default_output_tokens
+        )
+
+    def reserve(self, rung: Rung, estimate: Any, tokens: int) -> Hold:
+        """Hold the user's budget for one model rung (after the provider admitted the call,
+        so a rung the provider refuses leaves no trace in the ledger); ``RungRefused`` when
+        the budget refuses."""
+        adopted = self._request_reservation(rung)
+        if adopted is not None:
+            return Hold(adopted, rung.model, tokens, estimate.prompt_tokens)
         try:
             reservation = services.reserve(
                 self.options.user,
@@ -149,8 +166,14 @@ class LogicalCall:
         except ValueError:
             if not self.options.request_id:
                 raise
-            return self._adopt_by_id(rung, estimate.named_tokens, estimate.prompt_tokens)
-        return Hold(reservation, rung.model, reservation.estimated_tokens, estimate.prompt_tokens)
+            return self._adopt_by_id(rung, tokens, estimate.prompt_tokens)
+        return Hold(reservation, rung.model, tokens, estimate.prompt_tokens)
+
+    def release(self, rung: Rung, tokens: int, probe: bool) -> None:
+        """The provider admitted a call that will not be sent: give its share back."""
+        services.observe_call(
+            self.options.provider, rung.model, services.Outcome.RELEASED, tokens, probe=probe
+        )
 
     def _request_reservation(self, rung: Rung) -> Any:
         """The throttle's reservation of the wrapped HTTP request, for its first model call."""

@@ -68,9 +68,16 @@ class QuotaClient:
             return label(ChatCompletion.model_validate(answer), rung)
         if rung.kind == "defer":
             raise call.defer()
-        hold = call.reserve(rung)
+        estimate = call.estimate(rung)
+        tokens = call.provider_tokens(rung, estimate)
+        probe = self._admit(call, rung, tokens)
         try:
-            raw = self._send(call, rung, hold)
+            hold = call.reserve(rung, estimate, tokens)
+        except BaseException:
+            call.release(rung, tokens, probe)
+            raise
+        try:
+            raw = self._send(call, rung, hold, probe)
         except BaseException:
             hold.refund()
             raise
@@ -85,19 +92,20 @@ class QuotaClient:
             rung=rung.label,
         )
 
-    def _send(self, call: LogicalCall, rung: Rung, hold: Hold) -> Any:
+    def _send(self, call: LogicalCall, rung: Rung, hold: Hold, probe: bool) -> Any:
+        admitted = [probe]  # the first attempt was admitted before the user's reservation
         for attempt in retrying(call.deadline):
             with attempt:
-                probe = self._admit(call, rung, hold)
-                return self._attempt(call, rung, hold, probe)
+                go = admitted.pop() if admitted else self._admit(call, rung, hold.tokens)
+                return self._attempt(call, rung, hold, go)
         raise AssertionError("tenacity ends with an answer or an error")  # pragma: no cover
 
-    def _admit(self, call: LogicalCall, rung: Rung, hold: Hold) -> bool:
+    def _admit(self, call: LogicalCall, rung: Rung, tokens: int) -> bool:
         """Wait until the provider's shared state admits the call; whether it is the probe."""
         patience = call.patience()
         while True:
-            admission = services.admit_call(call.options.provider, rung.model, hold.tokens)
-            wait = call.admission_wait(admission, rung, hold.tokens, patience)
+            admission = services.admit_call(call.options.provider, rung.model, tokens)
+            wait = call.admission_wait(admission, rung, tokens, patience)
             if wait is None:
                 return admission.probe
             time.sleep(wait)
