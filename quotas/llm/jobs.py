@@ -31,7 +31,8 @@ logger = logging.getLogger("quotas")
 
 def run_deferred_job(job_id: str) -> str:
     """Run one job if it is due and nobody else runs it; returns what happened."""
-    lease = float(quota_settings.LLM_DEADLINE_SECONDS) + 30
+    # Longer than any run can take (the deadline bounds the call, retries and waits).
+    lease = float(quota_settings.LLM_DEADLINE_SECONDS) + 5
     claim = services.claim_job(job_id, lease)
     if claim.job is None:
         if not claim.done:  # another worker holds it: look again when its lease ends
