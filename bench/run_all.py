@@ -20,6 +20,7 @@ import endtoend
 import estimation
 import memory
 import overshoot
+import provider
 from common import Row
 
 PARTS = {
@@ -29,6 +30,7 @@ PARTS = {
     "memory": memory,
     "estimation": estimation,
     "end to end": endtoend,
+    "provider": provider,
 }
 
 

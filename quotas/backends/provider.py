@@ -60,6 +60,7 @@ class Admission:
     status: AdmitStatus
     wait_seconds: float = 0.0
     probe: bool = False
+    admitted_at_ms: int = 0  # Redis's clock when asked: observe learns windows by it
 
     @property
     def admitted(self) -> bool:
@@ -122,10 +123,10 @@ class ProviderStore:
     ) -> Admission:
         """May a call of ``tokens`` (estimated) go now? Admitting draws on the learned budgets."""
         args = [_now(now_ms), int(tokens), tuning.probe_ms]
-        status, wait_ms, probe = self.scripts.run(
-            "provider_admit", [self.key(provider, model)], args
-        )
-        return Admission(AdmitStatus(int(status)), max(int(wait_ms), 0) / 1000, bool(int(probe)))
+        key = self.key(provider, model)
+        status, wait_ms, probe, now = self.scripts.run("provider_admit", [key], args)
+        wait = max(int(wait_ms), 0) / 1000
+        return Admission(AdmitStatus(int(status)), wait, bool(int(probe)), int(now))
 
     def observe(
         self,
@@ -137,9 +138,11 @@ class ProviderStore:
         probe: bool,
         headers: ProviderHeaders,
         tuning: ProviderTuning,
+        admitted_at_ms: int = 0,
         now_ms: Any = None,
     ) -> None:
-        """Learn from one call's end (``RELEASED``: it was admitted but never sent)."""
+        """Learn from one call's end (``RELEASED``: it was admitted but never sent);
+        ``admitted_at_ms`` is its admission's ``admitted_at_ms``."""
         args = [
             _now(now_ms),
             outcome.value,
@@ -153,6 +156,7 @@ class ProviderStore:
             repr(float(tuning.min_rate)),
             tuning.backoff_ms,
             tuning.ttl_ms,
+            int(admitted_at_ms),
         ]
         keys = [self.key(provider, model), self.registry]
         self.scripts.run("provider_observe", keys, args)

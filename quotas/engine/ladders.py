@@ -57,8 +57,18 @@ def ladder_of_plan(plan_slug: str) -> Ladder:
 
 
 def ladder_for(user: User | None) -> Ladder:
-    """The ladder of the plan that applies to ``user`` (``ConfigurationError`` when none)."""
-    return ladder_of_plan(limits_for(user).plan_slug)
+    """The ladder of the plan that applies to ``user`` (``ConfigurationError`` when none),
+    kept per process as a plan's is (a user moved to another plan gets its ladder within
+    ``LADDER_CACHE_SECONDS``)."""
+    key = f"user:{user.pk}" if user is not None and user.is_authenticated else ""
+    cached = _cache.get(key) if key else None
+    if cached is not None and time.monotonic() - cached[0] < LADDER_CACHE_SECONDS:
+        return cached[1]
+    ladder = ladder_of_plan(limits_for(user).plan_slug)
+    if key:
+        with _lock:
+            _cache[key] = (time.monotonic(), ladder)
+    return ladder
 
 
 def forget_ladders() -> None:

@@ -86,10 +86,11 @@ def observe_call(
     outcome: Outcome,
     tokens: int,
     *,
-    probe: bool = False,
+    admission: Admission | None = None,
     headers: ProviderHeaders | None = None,
 ) -> None:
-    """Teach every process what one admitted call's end said about the provider."""
+    """Teach every process what one admitted call's end said about the provider
+    (``admission``: what ``admit_call`` answered for it)."""
     _feed_fallback(provider, model, outcome)
     # Redis unavailable: the per-process breaker above has it; the learned limits wait.
     with contextlib.suppress(StoreUnavailable):
@@ -99,7 +100,8 @@ def observe_call(
             model,
             outcome,
             tokens,
-            probe=probe,
+            probe=admission.probe if admission else False,
+            admitted_at_ms=admission.admitted_at_ms if admission else 0,
             headers=headers or ProviderHeaders(),
             tuning=provider_tuning(),
         )

@@ -60,14 +60,14 @@ class AsyncQuotaClient:
             raise await sync_to_async(call.defer)()
         estimate = await sync_to_async(call.estimate)(rung)
         tokens = await sync_to_async(call.provider_tokens)(rung, estimate)
-        probe = await self._admit(call, rung, tokens)
+        admission = await self._admit(call, rung, tokens)
         try:
             hold = await sync_to_async(call.reserve)(rung, estimate, tokens)
         except BaseException:
-            await sync_to_async(call.release)(rung, tokens, probe)
+            await sync_to_async(call.release)(rung, tokens, admission)
             raise
         try:
-            raw = await self._send(call, rung, hold, probe)
+            raw = await self._send(call, rung, hold, admission)
         except BaseException:
             await sync_to_async(hold.refund)()
             raise
@@ -83,34 +83,34 @@ class AsyncQuotaClient:
             rung=rung.label,
         )
 
-    async def _send(self, call: LogicalCall, rung: Rung, hold: Hold, probe: bool) -> Any:
-        admitted = [probe]  # the first attempt was admitted before the user's reservation
+    async def _send(self, call: LogicalCall, rung: Rung, hold: Hold, admission: Any) -> Any:
+        admitted = [admission]  # the first attempt was admitted before the user's reservation
         async for attempt in async_retrying(call.deadline):
             with attempt:
                 go = admitted.pop() if admitted else await self._admit(call, rung, hold.tokens)
                 return await self._attempt(call, rung, hold, go)
         raise AssertionError("tenacity ends with an answer or an error")  # pragma: no cover
 
-    async def _admit(self, call: LogicalCall, rung: Rung, tokens: int) -> bool:
+    async def _admit(self, call: LogicalCall, rung: Rung, tokens: int) -> Any:
         patience = call.patience()
         admit = sync_to_async(services.admit_call)
         while True:
             admission = await admit(call.options.provider, rung.model, tokens)
             wait = call.admission_wait(admission, rung, tokens, patience)
             if wait is None:
-                return admission.probe
+                return admission
             await asyncio.sleep(wait)
             patience -= wait
 
-    async def _attempt(self, call: LogicalCall, rung: Rung, hold: Hold, probe: bool) -> Any:
+    async def _attempt(self, call: LogicalCall, rung: Rung, hold: Hold, admission: Any) -> Any:
         completions = self._client.chat.completions.with_raw_response
         observe = sync_to_async(call.observe)
         try:
             raw = await completions.create(**call.sdk_arguments(rung))
         except BaseException as exc:
-            await observe(rung, hold, probe, exc, None)
+            await observe(rung, hold, admission, exc, None)
             raise
-        await observe(rung, hold, probe, None, raw.headers)
+        await observe(rung, hold, admission, None, raw.headers)
         return raw
 
 

@@ -169,11 +169,12 @@ class LogicalCall:
             return self._adopt_by_id(rung, tokens, estimate.prompt_tokens)
         return Hold(reservation, rung.model, tokens, estimate.prompt_tokens)
 
-    def release(self, rung: Rung, tokens: int, probe: bool) -> None:
+    def release(self, rung: Rung, tokens: int, admission: services.Admission) -> None:
         """The provider admitted a call that will not be sent: give its share back."""
         services.observe_call(
-            self.options.provider, rung.model, services.Outcome.RELEASED, tokens, probe=probe
-        )
+            self.options.provider, rung.model, services.Outcome.RELEASED, tokens,
+            admission=admission,
+        )  # fmt: skip
 
     def _request_reservation(self, rung: Rung) -> Any:
         """The throttle's reservation of the wrapped HTTP request, for its first model call."""
@@ -213,8 +214,8 @@ class LogicalCall:
             raise RungRefused(error, wait)
         return wait
 
-    def observe(self, rung: Rung, hold: Hold, probe: bool, exc: BaseException | None,
-                headers: Mapping[str, str] | None) -> None:  # fmt: skip
+    def observe(self, rung: Rung, hold: Hold, admission: services.Admission,
+                exc: BaseException | None, headers: Mapping[str, str] | None) -> None:  # fmt: skip
         """Teach every process what this attempt said; a 429 on a call that may degrade
         refuses the rung (``RungRefused``) instead of being retried."""
         outcome = _outcome(exc)
@@ -225,8 +226,9 @@ class LogicalCall:
         if headers is not None:
             parsed = parse_provider_headers({k.lower(): v for k, v in headers.items()})
         services.observe_call(
-            self.options.provider, rung.model, outcome, hold.tokens, probe=probe, headers=parsed
-        )
+            self.options.provider, rung.model, outcome, hold.tokens, admission=admission,
+            headers=parsed,
+        )  # fmt: skip
         if outcome is services.Outcome.LIMITED and self.options.degrade:
             wait = provider_retry_after(exc) or float(quota_settings.PROVIDER_BACKOFF_SECONDS)
             error = ProviderRefused(

@@ -70,14 +70,14 @@ class QuotaClient:
             raise call.defer()
         estimate = call.estimate(rung)
         tokens = call.provider_tokens(rung, estimate)
-        probe = self._admit(call, rung, tokens)
+        admission = self._admit(call, rung, tokens)
         try:
             hold = call.reserve(rung, estimate, tokens)
         except BaseException:
-            call.release(rung, tokens, probe)
+            call.release(rung, tokens, admission)
             raise
         try:
-            raw = self._send(call, rung, hold, probe)
+            raw = self._send(call, rung, hold, admission)
         except BaseException:
             hold.refund()
             raise
@@ -92,33 +92,33 @@ class QuotaClient:
             rung=rung.label,
         )
 
-    def _send(self, call: LogicalCall, rung: Rung, hold: Hold, probe: bool) -> Any:
-        admitted = [probe]  # the first attempt was admitted before the user's reservation
+    def _send(self, call: LogicalCall, rung: Rung, hold: Hold, admission: Any) -> Any:
+        admitted = [admission]  # the first attempt was admitted before the user's reservation
         for attempt in retrying(call.deadline):
             with attempt:
                 go = admitted.pop() if admitted else self._admit(call, rung, hold.tokens)
                 return self._attempt(call, rung, hold, go)
         raise AssertionError("tenacity ends with an answer or an error")  # pragma: no cover
 
-    def _admit(self, call: LogicalCall, rung: Rung, tokens: int) -> bool:
-        """Wait until the provider's shared state admits the call; whether it is the probe."""
+    def _admit(self, call: LogicalCall, rung: Rung, tokens: int) -> Any:
+        """Wait until the provider's shared state admits the call; its admission."""
         patience = call.patience()
         while True:
             admission = services.admit_call(call.options.provider, rung.model, tokens)
             wait = call.admission_wait(admission, rung, tokens, patience)
             if wait is None:
-                return admission.probe
+                return admission
             time.sleep(wait)
             patience -= wait
 
-    def _attempt(self, call: LogicalCall, rung: Rung, hold: Hold, probe: bool) -> Any:
+    def _attempt(self, call: LogicalCall, rung: Rung, hold: Hold, admission: Any) -> Any:
         completions = self._client.chat.completions.with_raw_response
         try:
             raw = completions.create(**call.sdk_arguments(rung))
         except BaseException as exc:
-            call.observe(rung, hold, probe, exc, None)
+            call.observe(rung, hold, admission, exc, None)
             raise
-        call.observe(rung, hold, probe, None, raw.headers)
+        call.observe(rung, hold, admission, None, raw.headers)
         return raw
 
 

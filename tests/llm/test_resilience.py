@@ -74,5 +74,5 @@ def test_the_breaker_lets_one_probe_through_at_a_time(client, user, fresh_upstre
     second = services.admit_call(provider, "gpt-4o", 10)
     assert first.admitted and first.probe
     assert second.status is services.AdmitStatus.PROBING
-    services.observe_call(provider, "gpt-4o", services.Outcome.FAILED, 10, probe=True)
+    services.observe_call(provider, "gpt-4o", services.Outcome.FAILED, 10, admission=first)
     assert services.admit_call(provider, "gpt-4o", 10).status is services.AdmitStatus.BREAKER_OPEN

@@ -10,43 +10,48 @@
 -- ARGV[12] failures that open the breaker, ARGV[13] ms it stays open, ARGV[14] rate
 -- decrease factor, ARGV[15] recovery step (share of the rate that met the 429, per success),
 -- ARGV[16] least rate (calls/s), ARGV[17] backoff ms of a 429 without retry-after,
--- ARGV[18] TTL ms of the state.
+-- ARGV[18] TTL ms of the state, ARGV[19] when the call was admitted (ms, as admit said).
 -- Hash fields: seen (an answer came once), pu (probe deadline ms), fi / ft (calls / tokens
 -- admitted and not yet observed), rl rr rt / tl tr tt (the provider's requests / tokens limit,
--- remaining as every process has drawn on it, reset at ms), bu (held back until ms: a 429),
+-- remaining as every process has drawn on it, reset at ms), rs / ts (when the call that
+-- taught that window was admitted), bu (held back until ms: a 429),
 -- rate (allowed calls/s, 0: none), ceil (the rate that met the last 429), tat (next
 -- admission ms at that rate), b0 b1 bi (admissions per 5 s bucket), bs (breaker: 0 closed,
 -- 1 open, 2 half-open), bf (consecutive failures), bo (open until ms), n429 / nok (counts).
 -- Returns {breaker state, rate as text}.
 local now = clock(ARGV[1])
 local key, outcome, tokens = KEYS[1], ARGV[2], tonumber(ARGV[3])
-local SLACK_MS = 250  -- the same provider window seen through different network delays
 
 local in_flight = math.max(redis.call('HINCRBY', key, 'fi', -1), 0)
 local tokens_in_flight = math.max(redis.call('HINCRBY', key, 'ft', -tokens), 0)
 redis.call('HSET', key, 'fi', in_flight, 'ft', tokens_in_flight)
 if ARGV[4] == '1' then redis.call('HDEL', key, 'pu') end
 
--- One budget (requests or tokens) from the headers. The provider counted this call but
--- maybe not those still in flight: they are taken off (never too many admitted). Within the
--- window already known, the lower figure wins: every process has drawn on it since.
--- A budget whose window ended and that this answer does not describe is forgotten (else
--- every call would wait to probe it).
-local function learn(lf, rf, tf, limit, remaining, reset, others)
-  local old = redis.call('HMGET', key, rf, tf)
-  local old_left, old_reset = tonumber(old[1]), tonumber(old[2])
+-- One budget (requests or tokens) from the headers. A call admitted after the known window
+-- ended (the probe) starts the new one: the provider counted it, maybe not the calls still
+-- in flight, so they are taken off (never too many admitted). Within a known window every
+-- process has drawn on the same remaining for each call it admitted, so the provider's
+-- figure cannot be lower unless someone else uses the key: only then does it lower ours
+-- (with the calls in flight taken off too). A call admitted before the window was learned
+-- tells nothing of it. A budget whose window ended and that this answer does not describe
+-- is forgotten (else every call would wait to probe it).
+local admitted = tonumber(ARGV[19])
+local function learn(lf, rf, tf, sf, limit, remaining, reset, others)
+  local old = redis.call('HMGET', key, rf, tf, sf)
+  local old_left, old_reset, since = tonumber(old[1]), tonumber(old[2]), tonumber(old[3])
   if remaining < 0 or reset < 0 then
-    if old_reset and now >= old_reset then redis.call('HDEL', key, rf, tf) end
+    if old_reset and now >= old_reset then redis.call('HDEL', key, rf, tf, sf) end
     return
   end
-  local new_reset = now + reset
-  local left = remaining - others
-  if old_reset and now < old_reset and new_reset <= old_reset + SLACK_MS then
-    if old_left and old_left < left then left = old_left end
-    new_reset = math.max(old_reset, new_reset)
-  end
-  redis.call('HSET', key, rf, left, tf, new_reset)
   if limit >= 0 then redis.call('HSET', key, lf, limit) end
+  if old_reset and admitted < old_reset then
+    if since and admitted < since then return end
+    if old_left and remaining < old_left then
+      redis.call('HSET', key, rf, math.min(old_left, remaining - others))
+    end
+    return
+  end
+  redis.call('HSET', key, rf, remaining - others, tf, now + reset, sf, admitted)
 end
 
 local v = redis.call('HMGET', key, 'rate', 'ceil', 'b0', 'b1', 'bi', 'bs', 'bf')
@@ -63,8 +68,9 @@ if outcome == 'released' then
 end
 
 redis.call('HSET', key, 'seen', 1)
-learn('rl', 'rr', 'rt', tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), in_flight)
-learn('tl', 'tr', 'tt', tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]),
+learn('rl', 'rr', 'rt', 'rs', tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
+      in_flight)
+learn('tl', 'tr', 'tt', 'ts', tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]),
       tokens_in_flight)
 
 if outcome == 'limited' then
