@@ -47,8 +47,21 @@ def seconds() -> float:
 @contextmanager
 def fake_upstream() -> Iterator[str]:
     limits = json.dumps({"gpt-4o": {"rpm": RPM}, "gpt-4o-mini": {"rpm": RPM}})
-    command = [sys.executable, "-m", "project.fake_upstream", "--port", "0", "--window",
-               str(WINDOW), "--rpm", "0", "--tpm", "0", "--model-limits", limits]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "project.fake_upstream",
+        "--port",
+        "0",
+        "--window",
+        str(WINDOW),
+        "--rpm",
+        "0",
+        "--tpm",
+        "0",
+        "--model-limits",
+        limits,
+    ]
     process = subprocess.Popen(command, cwd=common.REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -69,8 +82,7 @@ def control(base: str, **changes: Any) -> dict[str, int]:
 
 def body(i: int) -> dict[str, Any]:
     content = f"Question number {i % PROMPTS}: what is a token window?"
-    return {"model": "gpt-4o", "messages": [{"role": "user", "content": content}],
-            "max_tokens": 40}  # fmt: skip
+    return {"model": "gpt-4o", "messages": [{"role": "user", "content": content}], "max_tokens": 40}
 
 
 def load(call: Callable[[dict[str, Any]], str]) -> tuple[Counter[str], float]:
@@ -133,9 +145,10 @@ def rows_of(mode: str, outcomes: Counter[str], elapsed: float, stats: dict[str, 
     per_minute = 60 / elapsed
     served = sum(v for k, v in outcomes.items() if k.startswith("served"))
     rungs = ", ".join(
-        f"{k.split(':')[1]} {v * per_minute:.0f}" for k, v in sorted(outcomes.items())
+        f"{k.split(':')[1]} {v * per_minute:.0f}"
+        for k, v in sorted(outcomes.items())
         if k.startswith("served")
-    )  # fmt: skip
+    )
     rows = [
         Row(SECTION, f"{mode}: completions/min", f"{served * per_minute:.0f}", rungs),
         Row(SECTION, f"{mode}: 429s seen by clients", str(outcomes["429"])),
@@ -156,8 +169,13 @@ def run() -> list[Row]:
     common.setup_django()
     # Deferred jobs are counted, not run (no worker here): nothing reaches the broker.
     dispatch.register(dispatch.RUN_JOB, lambda *args, **kwargs: None)
-    user = common.make_user("provider", 10**9, fallback_models=["gpt-4o-mini"],
-                            serve_from_cache=True, defer_when_refused=True)  # fmt: skip
+    user = common.make_user(
+        "provider",
+        10**9,
+        fallback_models=["gpt-4o-mini"],
+        serve_from_cache=True,
+        defer_when_refused=True,
+    )
     rows: list[Row] = []
     with fake_upstream() as base:
         sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=2)
@@ -193,7 +211,7 @@ def targets(outcomes: Counter[str], stats: dict[str, int], elapsed: float) -> li
             "",
             "0",
             common.verdict(outcomes["429"] == 0),
-        ),  # fmt: skip
+        ),
         Row(
             SECTION,
             "quotas.llm, degrade: requested model served / provider limit",
@@ -201,7 +219,7 @@ def targets(outcomes: Counter[str], stats: dict[str, int], elapsed: float) -> li
             f"{preferred / max(limit, 1):.2f}",
             ">= 1.0",
             common.verdict(preferred >= limit),
-        ),  # fmt: skip
+        ),
     ]
 
 

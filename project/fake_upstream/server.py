@@ -269,8 +269,13 @@ def build(argv: list[str] | None = None) -> FakeUpstream:
         for name, v in json.loads(args.model_limits).items()
     }
     limiter = RateLimiter(ModelLimits(args.rpm, args.tpm), per_model, window=args.window)
-    return FakeUpstream((args.host, args.port), limiter, mode=args.mode, pace=args.pace,
-                        answer_tokens=args.answer_tokens)  # fmt: skip
+    return FakeUpstream(
+        (args.host, args.port),
+        limiter,
+        mode=args.mode,
+        pace=args.pace,
+        answer_tokens=args.answer_tokens,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

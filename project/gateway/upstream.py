@@ -67,8 +67,10 @@ def forward(request: Any, body: dict[str, Any]) -> Any:
         degrade=may_degrade(request),
     )
     if body.get("stream"):  # the gateway's streams always end with the usage chunk
-        body = {**body, "stream_options": {**(body.get("stream_options") or {}),
-                                           "include_usage": True}}  # fmt: skip
+        body = {
+            **body,
+            "stream_options": {**(body.get("stream_options") or {}), "include_usage": True},
+        }
     arguments = {k: v for k, v in body.items() if k in SDK_PARAMETERS}
     extra = {k: v for k, v in body.items() if k not in SDK_PARAMETERS}
     try:

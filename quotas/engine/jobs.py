@@ -100,9 +100,14 @@ def claim_job(job_id: str, lease_seconds: float) -> Claim:
 def finish_job(job: DeferredJob, result: dict[str, Any], model: str, usage: Any) -> None:
     """Save the answer (before the user is charged: see the module docstring)."""
     DeferredJob.objects.filter(pk=job.pk).update(
-        result=result, model=model[:200], usage=usage, status=Status.SUCCEEDED,
-        finished_at=timezone.now(), lease_until=None, error="",
-    )  # fmt: skip
+        result=result,
+        model=model[:200],
+        usage=usage,
+        status=Status.SUCCEEDED,
+        finished_at=timezone.now(),
+        lease_until=None,
+        error="",
+    )
 
 
 def fail_job(job: DeferredJob, error: str) -> None:

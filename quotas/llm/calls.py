@@ -172,9 +172,12 @@ class LogicalCall:
     def release(self, rung: Rung, tokens: int, admission: services.Admission) -> None:
         """The provider admitted a call that will not be sent: give its share back."""
         services.observe_call(
-            self.options.provider, rung.model, services.Outcome.RELEASED, tokens,
+            self.options.provider,
+            rung.model,
+            services.Outcome.RELEASED,
+            tokens,
             admission=admission,
-        )  # fmt: skip
+        )
 
     def _request_reservation(self, rung: Rung) -> Any:
         """The throttle's reservation of the wrapped HTTP request, for its first model call."""
@@ -193,8 +196,9 @@ class LogicalCall:
         return Hold(f"{scope}/{self.options.request_id}", rung.model, tokens, prompt)
 
     # -- the provider ---------------------------------------------------------------------
-    def admission_wait(self, admission: services.Admission, rung: Rung, tokens: int,
-                       patience: float) -> float | None:  # fmt: skip
+    def admission_wait(
+        self, admission: services.Admission, rung: Rung, tokens: int, patience: float
+    ) -> float | None:
         """``None``: go. Else the seconds to wait before asking again; ``RungRefused`` when
         the wait is longer than ``patience`` or the breaker is open."""
         if admission.admitted:
@@ -208,14 +212,23 @@ class LogicalCall:
         if wait > patience:
             reason = admission.status.name.lower().replace("_", " ")
             error = ProviderRefused(
-                provider=provider, model=rung.model, reason=reason, retry_after=wait,
+                provider=provider,
+                model=rung.model,
+                reason=reason,
+                retry_after=wait,
                 requested=tokens,
-            )  # fmt: skip
+            )
             raise RungRefused(error, wait)
         return wait
 
-    def observe(self, rung: Rung, hold: Hold, admission: services.Admission,
-                exc: BaseException | None, headers: Mapping[str, str] | None) -> None:  # fmt: skip
+    def observe(
+        self,
+        rung: Rung,
+        hold: Hold,
+        admission: services.Admission,
+        exc: BaseException | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
         """Teach every process what this attempt said; a 429 on a call that may degrade
         refuses the rung (``RungRefused``) instead of being retried."""
         outcome = _outcome(exc)
@@ -226,15 +239,22 @@ class LogicalCall:
         if headers is not None:
             parsed = parse_provider_headers({k.lower(): v for k, v in headers.items()})
         services.observe_call(
-            self.options.provider, rung.model, outcome, hold.tokens, admission=admission,
+            self.options.provider,
+            rung.model,
+            outcome,
+            hold.tokens,
+            admission=admission,
             headers=parsed,
-        )  # fmt: skip
+        )
         if outcome is services.Outcome.LIMITED and self.options.degrade:
             wait = provider_retry_after(exc) or float(quota_settings.PROVIDER_BACKOFF_SECONDS)
             error = ProviderRefused(
-                provider=self.options.provider, model=rung.model, reason="the provider's 429",
-                retry_after=wait, requested=hold.tokens,
-            )  # fmt: skip
+                provider=self.options.provider,
+                model=rung.model,
+                reason="the provider's 429",
+                retry_after=wait,
+                requested=hold.tokens,
+            )
             raise RungRefused(error, wait) from exc
 
     # -- answers --------------------------------------------------------------------------
@@ -248,8 +268,9 @@ class LogicalCall:
         self.attach(hold)
         return label(answer, rung)
 
-    def stream_ended(self, hold: Hold, usage: dict[str, int], text: str,
-                     cached: dict[str, Any] | None) -> None:  # fmt: skip
+    def stream_ended(
+        self, hold: Hold, usage: dict[str, int], text: str, cached: dict[str, Any] | None
+    ) -> None:
         """A stream ended or was closed: settle with its usage, else prompt + counted text."""
         hold.settle(usage or hold.counted(text))
         if cached is not None:

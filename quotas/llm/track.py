@@ -41,8 +41,11 @@ class TrackedUsage:
         total_tokens: int | None = None,
     ) -> None:
         """The call's real usage: a ``usage`` object or dict, or the figures by name."""
-        given = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": total_tokens}  # fmt: skip
+        given = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": total_tokens,
+        }
         named = {k: v for k, v in given.items() if v is not None}
         self.figures = usage_figures(named) if named else usage_figures(usage)
 
@@ -52,9 +55,12 @@ def _hold(user: Any, estimate: int | Mapping[str, Any], model: str, request_id: 
         figures = services.estimate(dict(estimate))
         model = model or figures.model
         reservation = services.reserve(
-            user, figures.named_tokens, model=model, request_id=request_id,
+            user,
+            figures.named_tokens,
+            model=model,
+            request_id=request_id,
             add_default_output=figures.output_tokens is None,
-        )  # fmt: skip
+        )
         return Hold(reservation, model, reservation.estimated_tokens, figures.prompt_tokens)
     reservation = services.reserve(user, estimate, model=model, request_id=request_id)
     return Hold(reservation, model, reservation.estimated_tokens, 0)

@@ -61,9 +61,22 @@ def start_worker(
     workers: list[subprocess.Popen[bytes]] = []
 
     def start() -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-c", WORKER, "--pool", "solo", "-Q", "celery",
-                   "-n", f"{broker['queue']}-{len(workers)}@%h", "--loglevel", "WARNING",
-                   "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-c",
+            WORKER,
+            "--pool",
+            "solo",
+            "-Q",
+            "celery",
+            "-n",
+            f"{broker['queue']}-{len(workers)}@%h",
+            "--loglevel",
+            "WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
         workers.append(subprocess.Popen(command, env=env, cwd=ROOT))
         return workers[-1]
 

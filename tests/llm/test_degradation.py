@@ -53,8 +53,12 @@ def queued_jobs() -> Iterator[list[tuple[str, float]]]:
 
 
 def ladder_plan(make_plan: Any, **fields: Any) -> Any:
-    defaults = {"fallback_models": ["gpt-4o-mini"], "serve_from_cache": True,
-                "cache_hit_cost": "0.5", "defer_when_refused": True}  # fmt: skip
+    defaults = {
+        "fallback_models": ["gpt-4o-mini"],
+        "serve_from_cache": True,
+        "cache_hit_cost": "0.5",
+        "defer_when_refused": True,
+    }
     return make_plan(**{**defaults, **fields})
 
 
@@ -70,7 +74,10 @@ def test_each_rung_serves_exactly_when_the_one_above_refuses(
         before = used(user)
         third = client.chat.completions.create(**chat())  # both refuse: the cache
     assert [first.quota_rung, second.quota_rung, third.quota_rung] == [
-        "preferred", "fallback", "cache"]  # fmt: skip
+        "preferred",
+        "fallback",
+        "cache",
+    ]
     assert (first.model, second.model, third.model) == ("gpt-4o", "gpt-4o-mini", "gpt-4o-mini")
     # The cache answers the same request; a hit costs half the cached answer's tokens.
     assert used(user) - before == math.ceil(0.5 * second.usage.total_tokens)
@@ -90,8 +97,9 @@ def test_without_degrade_the_caller_gets_the_refusal(
     make_plan, make_user, upstream_1rpm, provider, fast
 ):
     user = make_user(plan=ladder_plan(make_plan))
-    client = llm.wrap(openai.OpenAI(base_url=upstream_1rpm.url, api_key="k"), user=user,
-                      provider=provider)  # fmt: skip
+    client = llm.wrap(
+        openai.OpenAI(base_url=upstream_1rpm.url, api_key="k"), user=user, provider=provider
+    )
     client.chat.completions.create(**chat())
     with pytest.raises(llm.ProviderRefused) as refused:
         client.chat.completions.create(**chat())  # the minute's one request is taken
@@ -109,8 +117,12 @@ def test_a_cache_hit_charges_what_the_plan_says(
         make_plan, fallback_models=[], cache_hit_cost=share, defer_when_refused=False
     )
     user = make_user(plan=plan)
-    client = llm.wrap(openai.OpenAI(base_url=upstream_1rpm.url, api_key="k"), user=user,
-                      provider=provider, degrade=True)  # fmt: skip
+    client = llm.wrap(
+        openai.OpenAI(base_url=upstream_1rpm.url, api_key="k"),
+        user=user,
+        provider=provider,
+        degrade=True,
+    )
     with on_commit(execute=True):
         answer = client.chat.completions.create(**chat())
         before = used(user)
@@ -125,10 +137,16 @@ def test_a_streamed_request_is_served_from_the_cache_as_a_stream(
     make_plan, make_user, upstream_1rpm, provider, fast
 ):
     user = make_user(plan=ladder_plan(make_plan, fallback_models=[], defer_when_refused=False))
-    client = llm.wrap(openai.OpenAI(base_url=upstream_1rpm.url, api_key="k"), user=user,
-                      provider=provider, degrade=True)  # fmt: skip
-    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        **chat(stream=True)))  # fmt: skip
+    client = llm.wrap(
+        openai.OpenAI(base_url=upstream_1rpm.url, api_key="k"),
+        user=user,
+        provider=provider,
+        degrade=True,
+    )
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**chat(stream=True))
+    )
     hit = client.chat.completions.create(**chat(stream=True))
     assert hit.quota_rung == "cache"
     assert "".join(c.choices[0].delta.content or "" for c in hit) == text
@@ -138,8 +156,12 @@ def test_the_users_budget_refusing_every_model_ends_in_a_deferred_job(
     make_plan, make_user, upstream_1rpm, provider, fast, queued_jobs
 ):
     user = make_user(plan=ladder_plan(make_plan, tokens_per_hour=100, serve_from_cache=False))
-    client = llm.wrap(openai.OpenAI(base_url=upstream_1rpm.url, api_key="k"), user=user,
-                      provider=provider, degrade=True)  # fmt: skip
+    client = llm.wrap(
+        openai.OpenAI(base_url=upstream_1rpm.url, api_key="k"),
+        user=user,
+        provider=provider,
+        degrade=True,
+    )
     client.chat.completions.create(**chat())  # 61 of 100 tokens
     with pytest.raises(llm.Deferred) as deferred:
         client.chat.completions.create(**chat())
@@ -150,8 +172,11 @@ def test_the_users_budget_refusing_every_model_ends_in_a_deferred_job(
 def test_the_gateway_degrades_only_when_asked_and_only_the_owner_reads_a_job(
     make_plan, make_user, upstream_1rpm, fast, queued_jobs, settings
 ):
-    settings.GATEWAY = {**settings.GATEWAY, "UPSTREAM_URL": upstream_1rpm.url,
-                        "UPSTREAM_PROVIDER": f"gw-{upstream_1rpm.port}"}  # fmt: skip
+    settings.GATEWAY = {
+        **settings.GATEWAY,
+        "UPSTREAM_URL": upstream_1rpm.url,
+        "UPSTREAM_PROVIDER": f"gw-{upstream_1rpm.port}",
+    }
     services.forget_provider(f"gw-{upstream_1rpm.port}", "gpt-4o")
     user = make_user(plan=ladder_plan(make_plan, tokens_per_hour=100, serve_from_cache=False))
     api = APIClient()
@@ -162,8 +187,9 @@ def test_the_gateway_degrades_only_when_asked_and_only_the_owner_reads_a_job(
     plain = api.post("/v1/chat/completions", body, content_type="application/json")
     assert plain.status_code == 429 and int(plain["Retry-After"]) >= 1  # unchanged contract
     assert plain.json()["error"]["type"] == "tokens"
-    asked = api.post("/v1/chat/completions", body, content_type="application/json",
-                     HTTP_X_QUOTA_DEGRADE="allow")  # fmt: skip
+    asked = api.post(
+        "/v1/chat/completions", body, content_type="application/json", HTTP_X_QUOTA_DEGRADE="allow"
+    )
     assert asked.status_code == 202 and asked["X-Quota-Rung"] == "deferred"
     job_url = asked.json()["url"]
     mine = api.get(job_url)

@@ -26,9 +26,11 @@ def test_retries_wait_at_least_the_providers_retry_after(client, user, fresh_ups
 
 def test_retries_stop_at_the_deadline(client, user, fresh_upstream, fast, quota_config):
     quota_config(
-        LLM_DEADLINE_SECONDS=1.5, LLM_RETRY_BASE_SECONDS=0.05, LLM_RETRY_MAX_SECONDS=0.2,
+        LLM_DEADLINE_SECONDS=1.5,
+        LLM_RETRY_BASE_SECONDS=0.05,
+        LLM_RETRY_MAX_SECONDS=0.2,
         PROVIDER_BREAKER_FAILURES=100,
-    )  # fmt: skip
+    )
     fresh_upstream.control(mode="fail", fail_status=503, retry_after_ms=400)
     started = time.monotonic()
     with pytest.raises(openai.InternalServerError):
