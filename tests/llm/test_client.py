@@ -8,6 +8,8 @@ from typing import Any
 
 import openai
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 from openai.types.chat import ChatCompletion
 
 import quotas
@@ -91,7 +93,11 @@ def test_the_async_client(sdk, user, provider, fresh_upstream):
     async def run() -> tuple[Any, list[Any]]:
         answer = await client.chat.completions.create(**chat())
         stream = await client.chat.completions.create(**chat(stream=True))
-        return answer, [chunk async for chunk in stream]
+        chunks = [chunk async for chunk in stream]
+        # The quota steps ran in the thread Django gives sync code called from async code:
+        # its database connection is closed as an ASGI server's request end would.
+        await sync_to_async(connections.close_all)()
+        return answer, chunks
 
     answer, chunks = asyncio.run(run())
     assert answer.quota_rung == "preferred" and chunks
