@@ -11,13 +11,13 @@ import asyncio
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from openai.types.chat import ChatCompletion
 
 from quotas import services
-from quotas.llm.calls import CallOptions, LogicalCall, Rung, label, with_options
+from quotas.llm.calls import CallOptions, LogicalCall, Rung, with_options
+from quotas.llm.client import cached_answer
 from quotas.llm.errors import RungRefused
 from quotas.llm.retries import async_retrying
-from quotas.llm.streams import AsyncMeteredStream, CachedStream, cached_chunks
+from quotas.llm.streams import AsyncMeteredStream
 from quotas.llm.usage import Hold
 
 __all__ = ["AsyncQuotaClient"]
@@ -51,21 +51,10 @@ class AsyncQuotaClient:
 
     async def _serve(self, call: LogicalCall, rung: Rung) -> Any:
         if rung.kind == "cache":
-            answer = await sync_to_async(call.from_cache)()
-            if call.stream:
-                chunks = cached_chunks(answer, show_usage=call.wants_usage_chunk())
-                return CachedStream(chunks, rung.label)
-            return label(ChatCompletion.model_validate(answer), rung)
+            return cached_answer(call, rung, await sync_to_async(call.from_cache)())
         if rung.kind == "defer":
             raise await sync_to_async(call.defer)()
-        estimate = await sync_to_async(call.estimate)(rung)
-        tokens = await sync_to_async(call.provider_tokens)(rung, estimate)
-        admission = await self._admit(call, rung, tokens)
-        try:
-            hold = await sync_to_async(call.reserve)(rung, estimate, tokens)
-        except BaseException:
-            await sync_to_async(call.release)(rung, tokens, admission)
-            raise
+        hold, admission = await self._hold(call, rung)
         try:
             raw = await self._send(call, rung, hold, admission)
         except BaseException:
@@ -82,6 +71,16 @@ class AsyncQuotaClient:
             show_usage=call.wants_usage_chunk(),
             rung=rung.label,
         )
+
+    async def _hold(self, call: LogicalCall, rung: Rung) -> tuple[Hold, Any]:
+        estimate = await sync_to_async(call.estimate)(rung)
+        tokens = await sync_to_async(call.provider_tokens)(rung, estimate)
+        admission = await self._admit(call, rung, tokens)
+        try:
+            return await sync_to_async(call.reserve)(rung, estimate, tokens), admission
+        except BaseException:
+            await sync_to_async(call.release)(rung, tokens, admission)
+            raise
 
     async def _send(self, call: LogicalCall, rung: Rung, hold: Hold, admission: Any) -> Any:
         admitted = [admission]  # the first attempt was admitted before the user's reservation

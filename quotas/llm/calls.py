@@ -232,20 +232,11 @@ class LogicalCall:
         """Teach every process what this attempt said; a 429 on a call that may degrade
         refuses the rung (``RungRefused``) instead of being retried."""
         outcome = _outcome(exc)
-        if exc is not None and headers is None:
-            response = getattr(exc, "response", None)
-            headers = getattr(response, "headers", None)
-        parsed = services.ProviderHeaders()
-        if headers is not None:
-            parsed = parse_provider_headers({k.lower(): v for k, v in headers.items()})
+        parsed = _headers_of(exc, headers)
         services.observe_call(
-            self.options.provider,
-            rung.model,
-            outcome,
-            hold.tokens,
-            admission=admission,
+            self.options.provider, rung.model, outcome, hold.tokens, admission=admission,
             headers=parsed,
-        )
+        )  # fmt: skip
         if outcome is services.Outcome.LIMITED and self.options.degrade:
             wait = provider_retry_after(exc) or float(quota_settings.PROVIDER_BACKOFF_SECONDS)
             error = ProviderRefused(
@@ -336,6 +327,15 @@ def label(answer: Any, rung: Rung) -> Any:
     with contextlib.suppress(AttributeError, TypeError, ValueError):  # an object without a dict
         answer.quota_rung = rung.label
     return answer
+
+
+def _headers_of(exc: BaseException | None, headers: Mapping[str, str] | None) -> Any:
+    """The provider's figures from an answer's headers, or from an error's response."""
+    if exc is not None and headers is None:
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        return services.ProviderHeaders()
+    return parse_provider_headers({k.lower(): v for k, v in headers.items()})
 
 
 def _outcome(exc: BaseException | None) -> services.Outcome:

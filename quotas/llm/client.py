@@ -61,21 +61,10 @@ class QuotaClient:
 
     def _serve(self, call: LogicalCall, rung: Rung) -> Any:
         if rung.kind == "cache":
-            answer = call.from_cache()
-            if call.stream:
-                chunks = cached_chunks(answer, show_usage=call.wants_usage_chunk())
-                return CachedStream(chunks, rung.label)
-            return label(ChatCompletion.model_validate(answer), rung)
+            return cached_answer(call, rung, call.from_cache())
         if rung.kind == "defer":
             raise call.defer()
-        estimate = call.estimate(rung)
-        tokens = call.provider_tokens(rung, estimate)
-        admission = self._admit(call, rung, tokens)
-        try:
-            hold = call.reserve(rung, estimate, tokens)
-        except BaseException:
-            call.release(rung, tokens, admission)
-            raise
+        hold, admission = self._hold(call, rung)
         try:
             raw = self._send(call, rung, hold, admission)
         except BaseException:
@@ -91,6 +80,18 @@ class QuotaClient:
             show_usage=call.wants_usage_chunk(),
             rung=rung.label,
         )
+
+    def _hold(self, call: LogicalCall, rung: Rung) -> tuple[Hold, Any]:
+        """The provider's admission, then the user's reservation (the admission given back
+        when the reservation is refused)."""
+        estimate = call.estimate(rung)
+        tokens = call.provider_tokens(rung, estimate)
+        admission = self._admit(call, rung, tokens)
+        try:
+            return call.reserve(rung, estimate, tokens), admission
+        except BaseException:
+            call.release(rung, tokens, admission)
+            raise
 
     def _send(self, call: LogicalCall, rung: Rung, hold: Hold, admission: Any) -> Any:
         admitted = [admission]  # the first attempt was admitted before the user's reservation
@@ -120,6 +121,13 @@ class QuotaClient:
             raise
         call.observe(rung, hold, admission, None, raw.headers)
         return raw
+
+
+def cached_answer(call: LogicalCall, rung: Rung, answer: dict[str, Any]) -> Any:
+    """A cached answer as the SDK would return it: a ``ChatCompletion``, or a stream."""
+    if call.stream:
+        return CachedStream(cached_chunks(answer, show_usage=call.wants_usage_chunk()), rung.label)
+    return label(ChatCompletion.model_validate(answer), rung)
 
 
 class _Completions:

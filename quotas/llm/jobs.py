@@ -50,8 +50,10 @@ def _run(job: Any) -> str:
         user=job.user, provider=job.provider, request_id=services.job_request_id(job)
     )
     client = QuotaClient(client_for(job.provider), options)
+    # A job is answered whole, streamed or not when it was asked (its owner reads it later).
+    request = {k: v for k, v in job.request.items() if k not in ("stream", "stream_options")}
     try:
-        answer, hold = client.complete_unsettled(dict(job.request))
+        answer, hold = client.complete_unsettled(request)
     except (QuotaExceeded, ProviderUnavailable) as exc:
         services.requeue_job(job, max(float(exc.retry_after), 1.0))
         return "requeued"
