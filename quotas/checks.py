@@ -6,6 +6,7 @@ quotas.E003  WINDOW_SECONDS / BUCKET_SECONDS / RPM_BUCKET_SECONDS are not a vali
 quotas.E004  FAILURE_POLICY is neither "open" nor "closed".
 quotas.E005  A numeric setting is out of range.
 quotas.E006  Unknown keys in QUOTAS (likely a typo).
+quotas.E007  QUOTAS["LLM_CLIENT_FACTORY"] cannot be imported (deferred jobs could not run).
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
 """
@@ -17,6 +18,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.urls import URLPattern, URLResolver, get_resolver
+from django.utils.module_loading import import_string
 
 from quotas.conf import DEFAULTS, quota_settings
 from quotas.core.types import WindowSpec
@@ -34,6 +36,8 @@ E004_MSG = "QUOTAS['FAILURE_POLICY'] must be 'open' or 'closed', not {value!r}."
 E005_MSG = "QUOTAS[{key!r}] must be {rule}, not {value!r}."
 E006_MSG = "Unknown QUOTAS settings: {keys}."
 E006_HINT = "The known settings are listed in the README's settings reference."
+E007_MSG = "QUOTAS['LLM_CLIENT_FACTORY'] = {path!r} cannot be imported: {error}."
+E007_HINT = "Give the dotted path of a callable (provider name) -> openai.OpenAI."
 W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
 W001_HINT = (
     "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
@@ -108,11 +112,23 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
             key="NUM_PROXIES", rule="None or an integer, 0 or more", value=proxies
         )
         errors.append(Error(msg, id="quotas.E005"))
+    errors += _client_factory_errors(values["LLM_CLIENT_FACTORY"])
     unknown = sorted(set(quota_settings.user_settings) - set(DEFAULTS))
     if unknown:
         msg = E006_MSG.format(keys=", ".join(unknown))
         errors.append(Error(msg, hint=E006_HINT, id="quotas.E006"))
     return errors
+
+
+def _client_factory_errors(path: Any) -> list[CheckMessage]:
+    try:
+        factory = import_string(str(path))
+    except ImportError as exc:
+        return [Error(E007_MSG.format(path=path, error=exc), hint=E007_HINT, id="quotas.E007")]
+    if not callable(factory):
+        msg = E007_MSG.format(path=path, error="it is not callable")
+        return [Error(msg, hint=E007_HINT, id="quotas.E007")]
+    return []
 
 
 @register("quotas", Tags.urls)

@@ -75,6 +75,11 @@ def wrap(
         user = request.user
     if user is None:
         raise TypeError("wrap() needs the user the calls are made for (user= or request=).")
+    if not hasattr(client, "chat") or not hasattr(client, "with_options"):
+        raise TypeError(
+            f"wrap() takes an openai.OpenAI or openai.AsyncOpenAI client, not {client!r}; "
+            "use quotas.llm.track() around other SDKs."
+        )
     options = CallOptions(
         user=user,
         provider=provider or provider_name(client),

@@ -91,8 +91,8 @@ class LogicalCall:
         rungs = [Rung("model", FALLBACK, m) for m in ladder.fallback_models if m != self.model]
         if ladder.serve_from_cache:
             rungs.append(Rung("cache", CACHE))
-        if ladder.defer_when_refused:
-            rungs.append(Rung("defer", DEFERRED))
+        if ladder.defer_when_refused and getattr(self.options.user, "is_authenticated", False):
+            rungs.append(Rung("defer", DEFERRED))  # a job has an owner to read it
         return rungs
 
     def rungs(self) -> Iterator[Rung]:

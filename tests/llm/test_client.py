@@ -114,3 +114,10 @@ def test_track_settles_what_the_block_records_and_refunds_on_error(user):
     with quotas.track(user, 100) as usage:
         usage.record({"input_tokens": 7, "output_tokens": 3})  # Anthropic's names
     assert used(user) == 60
+
+
+def test_wrap_refuses_what_it_cannot_meter(sdk, user):
+    with pytest.raises(TypeError, match="needs the user"):
+        llm.wrap(sdk)
+    with pytest.raises(TypeError, match=r"takes an openai\.OpenAI"):
+        llm.wrap(object(), user=user)
