@@ -7,8 +7,9 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WITH_REDIS := $(VPY) -m project.devtools.with_redis
 PYTEST_ARGS ?=
+MUTATE_ARGS ?=
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test matrix dist lint bench mutate clean
 
 venv: $(STAMP)
 
@@ -29,6 +30,16 @@ run: venv
 test: venv
 	$(WITH_REDIS) $(VPY) -m pytest $(PYTEST_ARGS)
 
+# Every other cell of the supported-versions matrix (noxfile.py), as CI runs them after `test`.
+matrix: venv
+	$(VENV)/bin/nox --tags ci
+
+# The sdist and the wheel, in dist/ (tests/test_wheel.py checks what they carry).
+dist: venv
+	rm -rf dist
+	$(VPY) -m build --outdir dist .
+	$(VPY) -m twine check --strict dist/*
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -38,7 +49,11 @@ lint: venv
 bench: venv
 	$(WITH_REDIS) $(VPY) bench/run_all.py
 
+# Plant each deliberate bug of tools/mutations.py and check the fast tests catch it.
+mutate: venv
+	$(WITH_REDIS) $(VPY) tools/mutate.py $(MUTATE_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
-	rm -rf var/redis-embedded var/celerybeat-schedule* var/test-db.sqlite3* var/static
+	rm -rf $(VENV) .nox build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf var/redis-embedded var/celerybeat-schedule* var/test-db.sqlite3* var/static var/mutate
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

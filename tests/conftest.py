@@ -1,7 +1,12 @@
 """Shared fixtures. Tests talk to the real Redis named by REDIS_URL (never fakeredis).
 
 Every test gets its own QUOTAS key prefix, so tests never see each other's windows, and the
-prefix's keys are deleted afterwards.
+prefix's keys are deleted afterwards. That Redis is shared by every run on the machine: tests
+never flush it (no FLUSHDB, FLUSHALL or SCRIPT FLUSH there); what must empty a whole server
+uses ``private_redis``, a server of this run's own.
+
+``--repeat N`` runs each selected test N times (how flaky tests are shown to be fixed, e.g.
+``pytest --repeat 500 tests/test_gateway.py -k reset``).
 """
 
 from __future__ import annotations
@@ -9,14 +14,37 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
 from django.test import override_settings
 from django_redis import get_redis_connection
 
+from project.devtools.redis_server import RedisServer, start_private_redis
 from quotas import services
+from tests.support import RedisProxy, refusing_port
+
+
+def pytest_addoption(parser: Any) -> None:
+    parser.addoption(
+        "--repeat", type=int, default=1, metavar="N", help="run each selected test N times"
+    )
+
+
+def pytest_generate_tests(metafunc: Any) -> None:
+    count = metafunc.config.getoption("repeat")
+    if count > 1:
+        metafunc.fixturenames.append("repeat_step")
+        metafunc.parametrize("repeat_step", range(count), indirect=True)
+
+
+@pytest.fixture
+def repeat_step(request: Any) -> int:
+    """Which of the ``--repeat`` runs this is."""
+    return int(getattr(request, "param", 0))
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +66,19 @@ def quotas_settings(**overrides: Any) -> dict[str, Any]:
         "LEDGER_BACKLOG_CHECK_SECONDS": 0,
         **overrides,
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def patient_shared_redis() -> Iterator[None]:
+    """In this process, calls to the shared Redis wait up to 5 s for an answer, not the
+    demo's 0.25 s: one run's slow command (a large DEL, a SCRIPT FLUSH) holds every other
+    run's calls for as long as it takes, and a test must not fail because another run was
+    busy. Tests of timeouts use aliases of their own with the project's 0.25 s (django-redis
+    keeps one pool per URL, made by the first caller: this fixture runs before any)."""
+    default = settings.CACHES["default"]
+    options = {**default.get("OPTIONS", {}), "SOCKET_CONNECT_TIMEOUT": 5, "SOCKET_TIMEOUT": 5}
+    with override_settings(CACHES={**settings.CACHES, "default": {**default, "OPTIONS": options}}):
+        yield
 
 
 @pytest.fixture
@@ -64,16 +105,34 @@ def keys_of(redis_client: Any, prefix: str) -> list[Any]:
     return list(redis_client.scan_iter(match=f"*{prefix}:*", count=1000))
 
 
+@contextmanager
+def celery_conf(**options: Any) -> Iterator[None]:
+    """Set options of the demo's Celery app (``task_always_eager=False``) for a block."""
+    from project.celery import app
+
+    saved = {name: getattr(app.conf, name) for name in options}
+    _set_celery_options(app, options)
+    try:
+        yield
+    finally:
+        _set_celery_options(app, saved)
+
+
+def _set_celery_options(app: Any, options: dict[str, Any]) -> None:
+    for name, value in options.items():
+        app.conf[name] = value
+        # Celery before 5.7 reads an app configured from Django settings with a namespace
+        # (CELERY_...) by the namespaced name first: an option set by its own name alone
+        # would be ignored (and tasks published to the shared broker instead of run).
+        app.conf[f"CELERY_{name.upper()}"] = value
+
+
 @pytest.fixture(autouse=True)
 def eager_celery() -> Iterator[None]:
     """Run queued tasks in-process, so nothing piles up in the shared broker. Tests that
-    start a real worker turn this off (``celery_app.conf.task_always_eager = False``)."""
-    from project.celery import app
-
-    saved = app.conf.task_always_eager, app.conf.task_eager_propagates
-    app.conf.task_always_eager, app.conf.task_eager_propagates = True, True
-    yield
-    app.conf.task_always_eager, app.conf.task_eager_propagates = saved
+    start a real worker turn this off (``with celery_conf(task_always_eager=False)``)."""
+    with celery_conf(task_always_eager=True, task_eager_propagates=True):
+        yield
 
 
 @pytest.fixture
@@ -126,3 +185,63 @@ def make_user(db: Any) -> Callable[..., Any]:
         return user
 
     return make
+
+
+@pytest.fixture
+def dead_redis_url() -> Iterator[str]:
+    """A Redis URL nobody answers at: its port refuses connections for the whole test."""
+    with refusing_port() as port:
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+def default_namespace() -> dict[str, Any]:
+    """The default cache alias's key namespace (``KEY_PREFIX``, ``VERSION``,
+    ``KEY_FUNCTION``): another alias with it names the same quota keys."""
+    default = settings.CACHES["default"]
+    return {
+        name: default[name] for name in ("KEY_PREFIX", "VERSION", "KEY_FUNCTION") if name in default
+    }
+
+
+@pytest.fixture
+def dead_cache(dead_redis_url: str) -> Iterator[str]:
+    """A django-redis cache alias ("dead") on ``dead_redis_url``, with the project's 0.25 s
+    socket timeouts: ``quota_config(CACHE_ALIAS=dead_cache)`` makes Redis unreachable."""
+    dead = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": dead_redis_url,
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.25, "SOCKET_TIMEOUT": 0.25},
+        **default_namespace(),
+    }
+    with override_settings(CACHES={**settings.CACHES, "dead": dead}):
+        yield "dead"
+
+
+@pytest.fixture(scope="session")
+def private_redis(tmp_path_factory: Any) -> Iterator[RedisServer]:
+    """A ``redis-server`` of this run's own (the binary on PATH, as the shared one, on a free
+    loopback port), for what the shared Redis must never see: SCRIPT FLUSH, stops, restarts.
+    Tests that stop it start it again (``private_redis.start()`` is a no-op when running)."""
+    server = start_private_redis(data_dir=tmp_path_factory.mktemp("private-redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxied_redis(quota_config: Callable[..., Any]) -> Iterator[RedisProxy]:
+    """The quota store reaches the test Redis through a ``RedisProxy`` (same keys), so a
+    test can lose a reply or cut the connection. Socket timeouts of 1 s: a lost reply costs
+    that long, and no call that does get its reply (through the proxy's threads, on a busy
+    machine) comes near it."""
+    url = urlsplit(settings.REDIS_URL)
+    proxy = RedisProxy(url.hostname or "127.0.0.1", url.port or 6379)
+    proxied = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": f"{proxy.url}{url.path or '/0'}",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1.0, "SOCKET_TIMEOUT": 1.0},
+        **default_namespace(),
+    }
+    with override_settings(CACHES={**settings.CACHES, "proxied": proxied}):
+        quota_config(CACHE_ALIAS="proxied")
+        yield proxy
+    proxy.cut()

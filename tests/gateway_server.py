@@ -26,9 +26,11 @@ from urllib.parse import quote
 from django.conf import settings
 from django.db import connection
 
-__all__ = ["database_url", "free_port", "running_gateway"]
+__all__ = ["MASTERS", "database_url", "free_port", "running_gateway"]
 
 START_TIMEOUT_SECONDS = 20.0
+# The gunicorn master of each running server, by port (its workers are its children).
+MASTERS: dict[int, int] = {}
 
 
 def free_port() -> int:
@@ -74,13 +76,16 @@ def running_gateway(
     starting); ``env`` adds variables such as ``GATEWAY_FAKE_ANSWER_TOKENS``. ``log`` (a
     binary file) receives the server's output when given.
     """
-    port = free_port()
+    # The listening socket is made here and handed to gunicorn: no other run on the machine
+    # can take the port between choosing it and binding it.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    port = int(listener.getsockname()[1])
     command = [
         sys.executable,
         "-m",
         "gunicorn",
         "--config=project/gunicorn.conf.py",  # what make run serves with (threaded workers)
-        f"--bind=127.0.0.1:{port}",
+        f"--bind=fd://{listener.fileno()}",
         f"--workers={workers}",
         "--graceful-timeout=3",
         "--log-level=warning",
@@ -94,11 +99,15 @@ def running_gateway(
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its workers share its process group: stopped together
+            pass_fds=(listener.fileno(),),
         )
+        listener.close()  # gunicorn holds it now
         try:
             _wait_until_ready(server, port, output)
+            MASTERS[port] = server.pid
             yield port
         finally:
+            MASTERS.pop(port, None)
             _stop(server)
 
 

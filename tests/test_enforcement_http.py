@@ -10,7 +10,9 @@ from django.test import override_settings
 from rest_framework.test import APIClient
 
 from quotas import services
+from quotas.core.types import ceil_seconds
 from quotas.models import UsageRecord
+from tests.support import redis_ms
 
 pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.enforced_urls")]
 
@@ -34,7 +36,19 @@ def post(client, url, body=BODY, **kwargs):
     return client.post(url, body, format="json", **kwargs)
 
 
-def test_a_served_request_is_settled_from_its_usage_block(client, user, on_commit):
+def assert_reset_matches(header: str, reset_seconds: float, elapsed_ms: int) -> None:
+    """``X-RateLimit-Reset`` (whole seconds, rounded up, when the response was made) against
+    a budget's ``reset_seconds`` read up to ``elapsed_ms`` (Redis's clock) from that moment:
+    the header is what the budget said then, so it lies in this range, whatever the delay."""
+    low, high = (
+        ceil_seconds(reset_seconds - elapsed_ms / 1000),
+        ceil_seconds(reset_seconds + elapsed_ms / 1000),
+    )
+    assert low <= int(header) <= high, (header, reset_seconds, elapsed_ms)
+
+
+def test_a_served_request_is_settled_from_its_usage_block(client, user, on_commit, redis_client):
+    started = redis_ms(redis_client)
     with on_commit(execute=True):
         response = post(client, "/completion/")
     assert response.status_code == 200
@@ -45,7 +59,9 @@ def test_a_served_request_is_settled_from_its_usage_block(client, user, on_commi
     assert response["RateLimit"].startswith('"tokens";r=960;t=')
     me = client.get("/quotas/me/").json()
     assert (me["used"], me["remaining"]) == (40, 960)
-    assert int(response["X-RateLimit-Reset"]) == pytest.approx(me["reset_seconds"], abs=1)
+    assert_reset_matches(
+        response["X-RateLimit-Reset"], me["reset_seconds"], redis_ms(redis_client) - started
+    )
     record = UsageRecord.objects.get()
     assert (record.estimated_tokens, record.actual_tokens, record.status) == (
         ESTIMATE,
@@ -85,6 +101,16 @@ def test_a_failed_view_refunds_everything(client, on_commit):
     assert response["X-RateLimit-Remaining"] == "1000"  # the headers count the refund
     assert client.get("/quotas/me/").json()["used"] == 0
     assert UsageRecord.objects.get().status == "refunded"
+
+
+def test_a_4xx_from_the_view_after_the_throttle_reserved_is_refunded(client, on_commit):
+    with on_commit(execute=True):
+        response = post(client, "/rejecting/")
+    assert response.status_code == 404
+    assert response["X-RateLimit-Remaining"] == "1000"
+    assert client.get("/quotas/me/").json()["used"] == 0
+    row = UsageRecord.objects.get()
+    assert (row.status, row.estimated_tokens, row.actual_tokens) == ("refunded", ESTIMATE, 0)
 
 
 def test_a_2xx_without_usage_keeps_the_estimate(client):
@@ -193,10 +219,78 @@ def test_plain_views_opt_in_with_the_decorator(user, make_user):
     assert Client().post("/plain/", BODY, content_type="application/json").status_code == 401
 
 
-def test_requests_per_minute_headers_and_refusal(make_plan, make_user):
+@pytest.fixture
+def web(user):
+    """A plain Django test client logged in as ``user`` (for decorator-enforced views)."""
+    from django.test import Client
+
+    web = Client()
+    web.force_login(user)
+    return web
+
+
+def test_a_4xx_from_a_decorated_view_is_refunded(web, user, on_commit):
+    with on_commit(execute=True):
+        response = web.post("/plain-rejecting/", BODY, content_type="application/json")
+    assert response.status_code == 422
+    assert response["X-RateLimit-Remaining"] == "1000"
+    assert services.budget_for(user)["used"] == 0
+    assert UsageRecord.objects.get().status == "refunded"
+
+
+def test_a_decorated_view_over_budget_is_the_middlewares_429(web):
+    assert web.post("/plain-heavy/").status_code == 200
+    assert web.post("/plain-heavy/").status_code == 200  # 800 of 1000
+    response = web.post("/plain-heavy/")
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert (error["code"], error["type"]) == ("rate_limit_exceeded", "tokens")
+    assert (error["limit"], error["remaining"], error["requested"]) == (1000, 200, 400)
+    assert response.json()["detail"] == error["message"]
+    retry = int(response["Retry-After"])
+    assert retry == error["retry_after_seconds"] >= 1
+    assert (retry - 1) * 1000 < int(response["retry-after-ms"]) <= retry * 1000
+    assert response["X-RateLimit-Remaining"] == "200"
+    assert response["x-ratelimit-remaining-tokens"] == "200"
+    assert response["RateLimit-Policy"] == '"tokens";q=1000;w=3600'
+
+
+def test_a_decorated_view_over_the_per_request_cap_is_the_middlewares_413(web, user):
+    response = web.post("/plain/", {**BODY, "max_tokens": 700}, content_type="application/json")
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert (error["code"], error["limit"], error["requested"]) == ("request_too_large", 600, 708)
+    assert "Retry-After" not in response and "retry-after-ms" not in response
+    assert services.budget_for(user)["used"] == 0
+
+
+def test_a_decorated_view_for_a_user_without_a_plan_is_the_middlewares_403(make_user):
+    from django.test import Client
+
+    web = Client()
+    web.force_login(make_user())
+    response = web.post("/plain-fixed/")
+    assert response.status_code == 403
+    error = response.json()["error"]
+    assert error["code"] == "quota_not_configured"
+    assert "no default plan" in error["message"]
+
+
+def test_a_decorated_view_with_redis_down_and_fail_closed_is_the_middlewares_503(
+    web, quota_config, dead_cache
+):
+    quota_config(CACHE_ALIAS=dead_cache, FAILURE_POLICY="closed")
+    response = web.post("/plain-fixed/")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "quota_unavailable"
+    assert int(response["Retry-After"]) >= 1
+
+
+def test_requests_per_minute_headers_and_refusal(make_plan, make_user, redis_client):
     user = make_user(plan=make_plan(tokens_per_hour=100_000, requests_per_minute=2))
     api = APIClient()
     api.force_authenticate(user)
+    started = redis_ms(redis_client)
     first = post(api, "/no-usage/")
     assert first["x-ratelimit-limit-requests"] == "2"
     assert first["x-ratelimit-remaining-requests"] == "1"
@@ -205,7 +299,12 @@ def test_requests_per_minute_headers_and_refusal(make_plan, make_user):
     refused = post(api, "/no-usage/")
     assert refused.status_code == 429
     assert refused.json()["error"]["type"] == "requests"
-    assert 55 <= int(refused["Retry-After"]) <= 61  # the first request leaves within 61 s
+    finished = redis_ms(redis_client)
+    # The first request's 1 s bucket leaves 61 s after it starts; the first request and the
+    # refusal were both decided between `started` and `finished` (Redis's clock).
+    earliest = ceil_seconds(((started // 1000 + 61) * 1000 - finished) / 1000)
+    latest = ceil_seconds(((finished // 1000 + 61) * 1000 - started) / 1000)
+    assert earliest <= int(refused["Retry-After"]) <= latest
 
 
 def test_a_user_without_a_plan_gets_a_clear_403(make_user):
@@ -216,34 +315,20 @@ def test_a_user_without_a_plan_gets_a_clear_403(make_user):
     assert "no default plan" in response.json()["detail"]
 
 
-def test_fail_closed_answers_503_with_retry_after(client, quota_config):
-    broken = {
-        "BACKEND": "django_redis.cache.RedisCache",
-        "LOCATION": "redis://127.0.0.1:1/0",
-        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.2},
-    }
-    from django.conf import settings
-
-    with override_settings(CACHES={**settings.CACHES, "broken": broken}):
-        quota_config(CACHE_ALIAS="broken", FAILURE_POLICY="closed")
-        response = post(client, "/completion/")
+def test_fail_closed_answers_503_with_retry_after(client, quota_config, dead_cache):
+    quota_config(CACHE_ALIAS=dead_cache, FAILURE_POLICY="closed")
+    response = post(client, "/completion/")
     assert response.status_code == 503
     assert int(response["Retry-After"]) >= 1
 
 
-def test_fail_open_serves_marks_the_response_and_keeps_the_ledger(client, quota_config, on_commit):
-    broken = {
-        "BACKEND": "django_redis.cache.RedisCache",
-        "LOCATION": "redis://127.0.0.1:1/0",
-        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.2},
-    }
-    from django.conf import settings
-
-    with override_settings(CACHES={**settings.CACHES, "broken": broken}):
-        quota_config(CACHE_ALIAS="broken")
-        with on_commit(execute=True):
-            response = post(client, "/completion/")
-        too_large = post(client, "/completion/", {**BODY, "max_tokens": 700})
+def test_fail_open_serves_marks_the_response_and_keeps_the_ledger(
+    client, quota_config, on_commit, dead_cache
+):
+    quota_config(CACHE_ALIAS=dead_cache)
+    with on_commit(execute=True):
+        response = post(client, "/completion/")
+    too_large = post(client, "/completion/", {**BODY, "max_tokens": 700})
     assert response.status_code == 200
     assert response["X-Quota-Degraded"] == "redis-unavailable"
     assert "X-RateLimit-Remaining" not in response

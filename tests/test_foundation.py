@@ -17,11 +17,11 @@ from rest_framework.authtoken.models import Token
 
 from project.devtools.redis_server import (
     ensure_redis,
-    free_port,
     redis_answers,
     start_private_redis,
 )
 from quotas.models import Plan, UserQuota
+from tests.support import refusing_port
 
 OFFLINE_COUNT_SCRIPT = textwrap.dedent(
     """
@@ -104,10 +104,6 @@ def test_seed_demo_keeps_plans_edited_in_the_admin() -> None:
     assert Plan.objects.get(slug="pro").tokens_per_hour == 123_456
 
 
-def closed_port_url() -> str:
-    return f"redis://127.0.0.1:{free_port()}/0"
-
-
 @pytest.mark.integration
 def test_ensure_redis_uses_a_redis_url_that_answers(tmp_path: Path) -> None:
     with start_private_redis(tmp_path) as server:
@@ -118,7 +114,12 @@ def test_ensure_redis_uses_a_redis_url_that_answers(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_ensure_redis_starts_embedded_server_when_nothing_answers(tmp_path: Path) -> None:
-    url, handle = ensure_redis(closed_port_url(), default_url=closed_port_url(), data_dir=tmp_path)
+    with refusing_port() as first, refusing_port() as second:
+        url, handle = ensure_redis(
+            f"redis://127.0.0.1:{first}/0",
+            default_url=f"redis://127.0.0.1:{second}/0",
+            data_dir=tmp_path,
+        )
     try:
         assert handle is not None
         redis.Redis.from_url(url).set("k", "v")

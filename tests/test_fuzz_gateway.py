@@ -27,7 +27,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.fuzz_bodies import raw_bodies
-from tests.gateway_server import running_gateway
+from tests.gateway_server import MASTERS, running_gateway
 
 URL = "/v1/chat/completions"
 ANSWERS = {200, 400, 413, 429}
@@ -154,18 +154,17 @@ def test_the_worst_bodies_cost_under_a_second(api, name):
 # -- a real server ------------------------------------------------------------------------------
 def _worker_pid(port: int) -> int:
     """The pid of the (only) gunicorn worker serving ``port``: the child of its master."""
-    bind = f"--bind=127.0.0.1:{port}".encode()
-    pids = {}
+    master = MASTERS[port]
+    children = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if bind in (proc / "cmdline").read_bytes():
-                    pids[int(proc.name)] = int(
-                        (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-                    )
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-    [worker] = [pid for pid, parent in pids.items() if parent in pids]
+            if parent == master:
+                children.append(int(proc.name))
+    [worker] = children
     return worker
 
 

@@ -42,7 +42,11 @@ def on_private_redis(private_redis: RedisServer, isolated_quotas: str) -> Iterat
     def use(**quotas: Any) -> Iterator[RedisServer]:
         caches = {
             **settings.CACHES,
-            "private": {**settings.CACHES["default"], "LOCATION": private_redis.url},
+            "private": {
+                "BACKEND": "django_redis.cache.RedisCache",
+                "LOCATION": private_redis.url,
+                "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.25, "SOCKET_TIMEOUT": 0.25},
+            },
         }
         config = quotas_settings(
             KEY_PREFIX=isolated_quotas,

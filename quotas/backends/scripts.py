@@ -89,7 +89,7 @@ class ScriptRunner:
 
     def _on_connection(self, send: Callable[[Any], T]) -> T:
         connection = self._connection()
-        reused = connection.is_connected
+        reused = _is_connected(connection)
         try:
             try:
                 return send(connection)
@@ -192,3 +192,10 @@ def _send_all(connection: Any, commands: Sequence[Sequence[Any]]) -> list:
         except ResponseError as exc:
             replies.append(exc)
     return replies
+
+
+def _is_connected(connection: Any) -> bool:
+    """True while the connection holds an open socket. redis-py 8 says so itself
+    (``is_connected``); the versions before it keep the socket in ``_sock``."""
+    connected = getattr(connection, "is_connected", None)
+    return bool(connected) if connected is not None else connection._sock is not None

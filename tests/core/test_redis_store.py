@@ -3,27 +3,41 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django_redis import get_redis_connection
+from redis import Redis
 
 from quotas.backends.redis import LedgerEntry, RedisWindowStore
 from quotas.core.types import Limits, ReserveStatus, WindowSpec
 from quotas.exceptions import StoreUnavailable
+from tests.support import redis_ms
 
 T0 = 1_800_000_000_000  # a bucket boundary for every bucket size used here
 TTL = 600_000
 
 
-@pytest.fixture
-def store() -> Any:
-    client = get_redis_connection("default")
+def store_on(client: Any, window: float = 6, bucket: float = 0.5) -> Iterator[RedisWindowStore]:
+    """A store under a fresh key prefix on ``client``'s Redis; its keys are deleted after."""
     prefix = f"test-store-{uuid.uuid4().hex[:8]}"
-    yield RedisWindowStore(client, prefix=prefix, spec=WindowSpec.from_seconds(6, 0.5))
+    yield RedisWindowStore(client, prefix=prefix, spec=WindowSpec.from_seconds(window, bucket))
     keys = list(client.scan_iter(match=f"{prefix}:*"))
     if keys:
         client.delete(*keys)
+
+
+@pytest.fixture
+def store() -> Iterator[RedisWindowStore]:
+    yield from store_on(get_redis_connection("default"))
+
+
+@pytest.fixture
+def private_store(private_redis: Any) -> Iterator[RedisWindowStore]:
+    """A store on this run's private Redis: for tests that flush its script cache."""
+    private_redis.start()
+    yield from store_on(Redis.from_url(private_redis.url))
 
 
 def limits(tokens: int = 1000, **kwargs: Any) -> Limits:
@@ -119,6 +133,74 @@ def test_settle_extra_charge_past_the_limit_blocks_the_next_request(store: Any) 
     assert refused.status is ReserveStatus.OVER_TOKENS
     # The debt sits in the original bucket and ages out with it.
     assert refused.retry_after == pytest.approx(6.48)
+
+
+def test_a_reused_reservation_id_is_refused_and_charges_nothing(store: Any) -> None:
+    every = limits(1000, requests_per_minute=10, max_concurrent_requests=5)
+    first = reserve(store, 300, T0, rid="a", limits=every)
+    again = reserve(store, 500, T0 + 10, rid="a", limits=every)
+    assert again.status is ReserveStatus.DUPLICATE_ID
+    snapshot = store.peek("u", now_ms=T0 + 20)
+    assert (snapshot.used, snapshot.reserved, snapshot.requests_used, snapshot.in_flight) == (
+        300,
+        300,
+        1,
+        1,
+    )
+    # The first reservation stands as it was: settling it refunds from its own estimate.
+    settled = store.settle("u", "a", 100, epoch=first.epoch, now_ms=T0 + 30)
+    assert (settled.estimate, settled.applied) == (300, -200)
+    assert store.peek("u", now_ms=T0 + 40).used == 100
+
+
+def test_an_extra_charge_settled_later_goes_to_the_original_bucket_and_ages_out_with_it(
+    store: Any,
+) -> None:
+    a = reserve(store, 100, T0 + 100, rid="a")  # bucket [T0, T0 + 500)
+    reserve(store, 300, T0 + 3_000)  # bucket [T0 + 3000, T0 + 3500)
+    settled = store.settle("u", "a", 700, epoch=a.epoch, now_ms=T0 + 3_100)
+    assert settled.applied == 600
+    assert store.peek("u", now_ms=T0 + 3_200).used == 1000
+    # The 700 leave when the first bucket does (T0 + 6500), not with the settle's bucket.
+    assert reserve(store, 1, T0 + 3_200).retry_after == pytest.approx(3.3)
+    assert store.peek("u", now_ms=T0 + 6_499).used == 1000
+    assert store.peek("u", now_ms=T0 + 6_500).used == 300
+
+
+def test_a_refund_settled_later_goes_to_the_original_bucket_and_ages_out_with_it(
+    store: Any,
+) -> None:
+    a = reserve(store, 800, T0 + 100, rid="a")
+    reserve(store, 100, T0 + 3_000)
+    settled = store.settle("u", "a", 200, epoch=a.epoch, now_ms=T0 + 3_100)
+    assert settled.applied == -600
+    assert store.peek("u", now_ms=T0 + 3_200).used == 300
+    assert store.peek("u", now_ms=T0 + 6_500).used == 100  # only the later 100 are left
+
+
+def test_a_settle_reaches_the_oldest_bucket_still_in_the_window(store: Any) -> None:
+    a = reserve(store, 800, T0, rid="a")
+    late = store.settle("u", "a", 100, epoch=a.epoch, now_ms=T0 + 6_499)  # its last live ms
+    assert late.applied == -700
+    assert store.peek("u", now_ms=T0 + 6_499).used == 100
+
+
+@pytest.fixture
+def hour_store() -> Iterator[RedisWindowStore]:
+    yield from store_on(get_redis_connection("default"), window=3600, bucket=60)
+
+
+def test_the_keys_outlive_every_token_and_reservation_they_hold(hour_store: Any) -> None:
+    """Real time (PEXPIRE counts in it): an hour of one-minute buckets, so a key expiring
+    before its newest bucket leaves (up to a minute early) cannot go unseen."""
+    store = hour_store
+    result = store.reserve("u", "a", 100, ttl_ms=TTL, limits=limits())
+    window, pending, held = (store.keys("u")[i] for i in (0, 2, 3))
+    before = redis_ms(store.client)  # no later than each PTTL read: a lower bound
+    leaves_ms = result.now_ms + int(result.reset_seconds * 1000)
+    assert before + store.client.pttl(window) >= leaves_ms
+    for key in (pending, held):
+        assert before + store.client.pttl(key) >= result.now_ms + TTL
 
 
 def test_settling_twice_changes_nothing(store: Any) -> None:
@@ -239,6 +321,11 @@ def test_a_reservation_redis_lost_is_charged_once_however_often_it_is_settled(st
 
 
 # -- how the scripts reach Redis ---------------------------------------------------------------
+def open_socket(connection: Any) -> bool:
+    # Not ``connection.is_connected``: redis-py has it only from version 8.
+    return connection._sock is not None
+
+
 def test_scripts_run_on_one_connection_per_thread_not_the_pool(store: Any) -> None:
     import gc
     import threading
@@ -247,7 +334,7 @@ def test_scripts_run_on_one_connection_per_thread_not_the_pool(store: Any) -> No
     reserve(store, 1, T0)
     reserve(store, 1, T0)
     mine = store.scripts._local.connection
-    assert mine.is_connected
+    assert open_socket(mine)
     lent = store.client.connection_pool._in_use_connections
     assert mine not in lent and mine not in store.client.connection_pool._available_connections
 
@@ -269,9 +356,10 @@ def test_scripts_run_on_one_connection_per_thread_not_the_pool(store: Any) -> No
     assert gone() is None
 
 
-def test_a_script_flushed_from_redis_is_sent_again(store: Any) -> None:
+def test_a_script_flushed_from_redis_is_sent_again(private_store: Any) -> None:
+    store = private_store
     reserve(store, 10, T0)
-    store.client.script_flush()
+    store.client.script_flush()  # this run's own server: the shared one is never flushed
     assert reserve(store, 10, T0).allowed
     assert store.peek("u", now_ms=T0).remaining == 980
 
@@ -291,7 +379,7 @@ def test_a_script_error_leaves_the_connection_usable(store: Any) -> None:
     mine = store.scripts._local.connection
     with pytest.raises(StoreUnavailable, match="Redis error"):  # no window length: Lua fails
         store.scripts.run("reserve", store.keys("u"), [str(T0), "not a number"])
-    assert store.scripts._local.connection is mine and mine.is_connected
+    assert store.scripts._local.connection is mine and open_socket(mine)
     assert reserve(store, 10, T0).allowed
 
 
@@ -331,8 +419,9 @@ def test_a_forked_child_makes_its_own_connection(store: Any) -> None:
 
 
 def test_settle_many_is_each_settle_in_one_round_trip_even_after_a_script_flush(
-    store: Any,
+    private_store: Any,
 ) -> None:
+    store = private_store
     a, b = reserve(store, 300, T0, rid="a"), reserve(store, 300, T0, rid="b")
     store.client.set(store.keys("z")[0], "not a hash")  # scope z's script will fail
     store.client.script_flush()  # every call in the pipeline meets NOSCRIPT: sent again

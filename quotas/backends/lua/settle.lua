@@ -5,6 +5,8 @@
 -- KEYS and ARGV[1..5]: see _window.lua. KEYS[6]: this id's settled marker (a string key
 -- that makes a repeated settle of an id Redis does not know change nothing). KEYS[7] the
 -- backlog registry, KEYS[8] the due registry (see _window.lua).
+-- The marker is written only when the caller's epoch is not the window's, so a normal
+-- settle leaves no key behind.
 -- ARGV[6] reservation id, ARGV[7] actual tokens (integer >= 0; -1: the estimate stands),
 -- ARGV[8] the epoch the reservation was made in ("" when unknown: never charge anew),
 -- ARGV[9] ledger status, ARGV[10] prompt tokens or "", ARGV[11] completion tokens or "",
@@ -77,6 +79,12 @@ end
 redis.call('HSET', KEYS[1], 't', w.total, 'rv', math.max(w.reserved - estimate, 0))
 redis.call('HDEL', KEYS[4], rid)
 redis.call('ZREM', KEYS[3], rid)
+if ARGV[8] ~= '' and ARGV[8] ~= w.epoch then
+  -- The caller did not know this reservation was made (its reserve timed out after the
+  -- script ran, and it served the request degraded). A repeat of its settle finds no
+  -- reservation and an epoch that is not its own: the marker makes it change nothing.
+  redis.call('SET', KEYS[6], 1, 'PX', w.ttl)
+end
 note_due(KEYS[8], KEYS[3])
 to_outbox(estimate, created, model)
 return {1, applied, estimate, created, limit, limit - w.total, reset_ms(w, now), actual, model}
