@@ -5,7 +5,7 @@
 
 Each part is also runnable alone (``python bench/<part>.py``). A part that crashes is
 reported in the table and the others still run; targets that are missed print FAIL and do
-not stop the run. The whole run takes about two minutes on two cores.
+not stop the run. The whole run takes about three minutes on two cores.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import endtoend
 import estimation
 import memory
 import overshoot
+import provider
 from common import Row
 
 PARTS = {
@@ -29,6 +30,7 @@ PARTS = {
     "memory": memory,
     "estimation": estimation,
     "end to end": endtoend,
+    "provider": provider,
 }
 
 

@@ -98,6 +98,16 @@ QUOTAS = {
     "FAILURE_POLICY": os.environ.get("QUOTAS_FAILURE_POLICY", "open"),
     "LEDGER_BATCH_SECONDS": float(os.environ.get("QUOTAS_LEDGER_BATCH_SECONDS", "0.05")),
     "SETTLE_BATCH_SECONDS": float(os.environ.get("QUOTAS_SETTLE_BATCH_SECONDS", "0")),
+    # The provider side (quotas.llm, used when the gateway forwards to an upstream).
+    "LLM_CLIENT_FACTORY": "project.gateway.upstream.client_for_provider",
+    "LLM_DEADLINE_SECONDS": float(os.environ.get("QUOTAS_LLM_DEADLINE_SECONDS", "60")),
+    "LLM_ATTEMPT_TIMEOUT_SECONDS": float(
+        os.environ.get("QUOTAS_LLM_ATTEMPT_TIMEOUT_SECONDS", "30")
+    ),
+    "LLM_DEGRADE_AFTER_SECONDS": float(os.environ.get("QUOTAS_LLM_DEGRADE_AFTER_SECONDS", "1")),
+    "PROVIDER_BREAKER_RESET_SECONDS": float(
+        os.environ.get("QUOTAS_PROVIDER_BREAKER_RESET_SECONDS", "10")
+    ),
 }
 
 REST_FRAMEWORK = {
@@ -138,12 +148,19 @@ CELERY_BEAT_SCHEDULE = {
         "task": "quotas.tasks.audit_windows",
         "schedule": 300.0,
     },
+    # Deferred LLM jobs whose message was lost are queued again; late ones expire.
+    "quotas-sweep-jobs": {
+        "task": "quotas.tasks.sweep_jobs",
+        "schedule": 60.0,
+    },
 }
 
 # Demo gateway: the fake model, or an upstream OpenAI-compatible API.
 GATEWAY = {
     "UPSTREAM_URL": os.environ.get("GATEWAY_UPSTREAM_URL", ""),
     "UPSTREAM_API_KEY": os.environ.get("GATEWAY_UPSTREAM_API_KEY", ""),
+    # The name the upstream's learned limits and circuit breaker are shared under.
+    "UPSTREAM_PROVIDER": os.environ.get("GATEWAY_UPSTREAM_PROVIDER", "upstream"),
     "FAKE_ANSWER_TOKENS": int(os.environ.get("GATEWAY_FAKE_ANSWER_TOKENS", "300")),
     "ENFORCE_QUOTAS": os.environ.get("GATEWAY_ENFORCE_QUOTAS", "1") != "0",
     # A request body must arrive within this many seconds (project.request_body).

@@ -1,8 +1,12 @@
 """Per-user LLM token quotas for Django.
 
 The package root exports only framework-free names; import Django integrations from their
-modules (``quotas.services``, ``quotas.throttling``, ``quotas.middleware``).
+modules (``quotas.services``, ``quotas.throttling``, ``quotas.middleware``, ``quotas.llm``).
+``quotas.track`` (``quotas.llm.track``) is the one exception, loaded on first use (it needs
+Django configured), so that importing ``quotas`` never imports Django.
 """
+
+from typing import Any
 
 from quotas.exceptions import (
     ConfigurationError,
@@ -22,3 +26,12 @@ __all__ = [
     "StoreUnavailable",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: ``quotas.track`` without importing Django (and the SDK) with the package.
+    if name in ("track", "atrack"):
+        from quotas import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'quotas' has no attribute {name!r}")

@@ -5,6 +5,7 @@ Actions delegate to ``quotas.services``; every edit takes effect on the user's n
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from django import forms
@@ -18,6 +19,7 @@ from django.utils.text import capfirst
 from quotas import services
 from quotas.exceptions import QuotaError
 from quotas.models import (
+    DeferredJob,
     GlobalLimit,
     ModelPrice,
     Plan,
@@ -28,6 +30,7 @@ from quotas.models import (
 )
 
 __all__ = [
+    "DeferredJobAdmin",
     "GlobalLimitAdmin",
     "ModelErrorsForm",
     "ModelPriceAdmin",
@@ -83,7 +86,25 @@ class PlanAdminForm(ModelErrorsForm):
             "default_output_tokens",
             "is_default",
             "is_active",
+            "fallback_models",
+            "serve_from_cache",
+            "cache_hit_cost",
+            "defer_when_refused",
         ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Left empty (or not sent by an older form): no ladder, free cache hits.
+        if "cache_hit_cost" in self.fields:
+            self.fields["cache_hit_cost"].required = False
+
+    def clean_fallback_models(self) -> Any:
+        value = self.cleaned_data.get("fallback_models")
+        return [] if value in (None, "") else value
+
+    def clean_cache_hit_cost(self) -> Any:
+        value = self.cleaned_data.get("cache_hit_cost")
+        return Decimal("0") if value is None else value
 
 
 LIMIT_FIELDS = ["metric", "period", "window_seconds", "bucket_seconds", "model", "budget"]
@@ -275,4 +296,22 @@ class UsageRecordAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(DeferredJob)
+class DeferredJobAdmin(admin.ModelAdmin):
+    """Deferred LLM jobs (the last rung of a degradation ladder): read-only, like the ledger;
+    the worker and the sweep move them along."""
+
+    list_display = ["id", "user", "status", "model", "attempts", "created_at", "finished_at"]
+    list_filter = ["status", "created_at"]
+    search_fields = ["id", "user__username", "model"]
+    date_hierarchy = "created_at"
+    list_select_related = ["user"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

@@ -7,6 +7,7 @@ quotas.E004  FAILURE_POLICY is neither "open" nor "closed".
 quotas.E005  A numeric setting is out of range.
 quotas.E006  Unknown keys in QUOTAS (likely a typo).
 quotas.E007  QUOTAS["TIME_ZONE"] is not a time zone this machine knows (calendar limits).
+quotas.E008  QUOTAS["LLM_CLIENT_FACTORY"] cannot be imported (deferred jobs could not run).
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
 quotas.W002  Cost limits exist but no model price is listed: every cost would be 0.
@@ -26,6 +27,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import DatabaseError
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
 from quotas.conf import DEFAULTS, quota_settings
 from quotas.core.globs import glob_matches
@@ -45,6 +47,8 @@ E004_MSG = "QUOTAS['FAILURE_POLICY'] must be 'open' or 'closed', not {value!r}."
 E005_MSG = "QUOTAS[{key!r}] must be {rule}, not {value!r}."
 E006_MSG = "Unknown QUOTAS settings: {keys}."
 E006_HINT = "The known settings are listed in the README's settings reference."
+E008_MSG = "QUOTAS['LLM_CLIENT_FACTORY'] = {path!r} cannot be imported: {error}."
+E008_HINT = "Give the dotted path of a callable (provider name) -> openai.OpenAI."
 W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
 W001_HINT = (
     "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
@@ -71,6 +75,20 @@ NUMERIC_RULES: dict[str, tuple[str, Any]] = {
     "REJECTED_PER_MINUTE": ("an integer, 0 or more", lambda v: isinstance(v, int) and v >= 0),
     "LEDGER_BACKLOG_WARN_SECONDS": ("a positive number of seconds", lambda v: v > 0),
     "LEDGER_BACKLOG_CHECK_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
+    "LLM_DEADLINE_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "LLM_ATTEMPT_TIMEOUT_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "LLM_RETRY_BASE_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "LLM_RETRY_MAX_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "LLM_MAX_ATTEMPTS": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "LLM_DEGRADE_AFTER_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
+    "LLM_CACHE_SECONDS": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "PROVIDER_BREAKER_FAILURES": ("a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "PROVIDER_BREAKER_RESET_SECONDS": ("a positive number", lambda v: v > 0),
+    "PROVIDER_RATE_DECREASE": ("a number between 0 and 1 (excluded)", lambda v: 0 < v < 1),
+    "PROVIDER_RATE_RECOVERY": ("a number between 0 and 1", lambda v: 0 < v <= 1),
+    "PROVIDER_MIN_RATE": ("a positive number of calls per second", lambda v: v > 0),
+    "PROVIDER_BACKOFF_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
+    "DEFERRED_JOB_TTL_SECONDS": ("a positive number of seconds", lambda v: v > 0),
 }
 
 
@@ -113,11 +131,23 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
             key="NUM_PROXIES", rule="None or an integer, 0 or more", value=proxies
         )
         errors.append(Error(msg, id="quotas.E005"))
+    errors += _client_factory_errors(values["LLM_CLIENT_FACTORY"])
     unknown = sorted(set(quota_settings.user_settings) - set(DEFAULTS))
     if unknown:
         msg = E006_MSG.format(keys=", ".join(unknown))
         errors.append(Error(msg, hint=E006_HINT, id="quotas.E006"))
     return errors
+
+
+def _client_factory_errors(path: Any) -> list[CheckMessage]:
+    try:
+        factory = import_string(str(path))
+    except ImportError as exc:
+        return [Error(E008_MSG.format(path=path, error=exc), hint=E008_HINT, id="quotas.E008")]
+    if not callable(factory):
+        msg = E008_MSG.format(path=path, error="it is not callable")
+        return [Error(msg, hint=E008_HINT, id="quotas.E008")]
+    return []
 
 
 @register("quotas")

@@ -72,6 +72,39 @@ DEFAULTS: dict[str, Any] = {
     "LEDGER_BACKLOG_CHECK_SECONDS": 60,
     # Time zone of calendar limits (a day, a month): None uses settings.TIME_ZONE.
     "TIME_ZONE": None,
+    # -- The provider side (quotas.llm) -------------------------------------------------------
+    # One logical LLM call (its retries and waits for the provider included) never takes
+    # longer than this ...
+    "LLM_DEADLINE_SECONDS": 60.0,
+    # ... and one attempt's HTTP timeout is at most this (and never past the deadline).
+    "LLM_ATTEMPT_TIMEOUT_SECONDS": 30.0,
+    # Retries: exponential backoff with full jitter, the first wait up to this many seconds,
+    # doubling, each wait at most LLM_RETRY_MAX_SECONDS (a provider's retry-after can be
+    # longer: it is honoured), at most LLM_MAX_ATTEMPTS attempts.
+    "LLM_RETRY_BASE_SECONDS": 0.5,
+    "LLM_RETRY_MAX_SECONDS": 20.0,
+    "LLM_MAX_ATTEMPTS": 6,
+    # A call that may degrade waits at most this long for the provider (its learned limits,
+    # the adaptive rate) before the next rung of the plan's ladder serves it.
+    "LLM_DEGRADE_AFTER_SECONDS": 1.0,
+    # Exact-match response cache (a degradation rung): how long an answer is kept.
+    "LLM_CACHE_SECONDS": 3600,
+    # Dotted path of a callable ``(provider: str) -> openai.OpenAI`` that deferred jobs run
+    # with in the Celery worker (the caller's client cannot travel with the job).
+    "LLM_CLIENT_FACTORY": "quotas.llm.clients.default_client",
+    # Circuit breaker per provider and model, shared by every process through Redis.
+    "PROVIDER_BREAKER_FAILURES": 3,
+    "PROVIDER_BREAKER_RESET_SECONDS": 10.0,
+    # Adaptive rate: a provider 429 cuts the allowed call rate to this share of the rate
+    # that met it; each success adds PROVIDER_RATE_RECOVERY of that rate back, until the
+    # limit is lifted. Never below PROVIDER_MIN_RATE calls per second.
+    "PROVIDER_RATE_DECREASE": 0.5,
+    "PROVIDER_RATE_RECOVERY": 0.05,
+    "PROVIDER_MIN_RATE": 0.2,
+    # A provider 429 without retry-after holds every process back this long.
+    "PROVIDER_BACKOFF_SECONDS": 1.0,
+    # A deferred job not run within this many seconds expires.
+    "DEFERRED_JOB_TTL_SECONDS": 86400,
 }
 
 

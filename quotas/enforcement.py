@@ -26,7 +26,9 @@ __all__ = [
     "prompt_tokens_of",
     "record_if_rejected",
     "refuse_if_blocked",
+    "reservation_of",
     "too_deep",
+    "use_reservation",
 ]
 
 RESERVATION_ATTR = "quota_reservation"
@@ -145,6 +147,21 @@ def prompt_tokens_of(request: Any) -> int | None:
     request was not quota-enforced). A view that needs the figure need not count again."""
     django_request = getattr(request, "_request", request)
     return getattr(django_request, PROMPT_ATTR, None)
+
+
+def reservation_of(request: Any) -> Any:
+    """The reservation the quota throttle (or ``@enforce_quota``) made for this request (a
+    Django or DRF request), ``None`` when there is none."""
+    return getattr(getattr(request, "_request", request), RESERVATION_ATTR, None)
+
+
+def use_reservation(request: Any, reservation: Any) -> None:
+    """Make ``reservation`` the one that served this request: ``QuotaMiddleware`` settles it
+    (unless it is settled already) and writes the headers from its figures. For code that
+    reserved again for the request (``quotas.llm`` serving it with a cheaper model)."""
+    django_request = getattr(request, "_request", request)
+    setattr(django_request, RESERVATION_ATTR, reservation)
+    setattr(django_request, STATE_ATTR, reservation.state)
 
 
 def state_of(request: HttpRequest) -> QuotaState | None:

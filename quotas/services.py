@@ -20,9 +20,34 @@ from quotas.engine.budgets import budget_for, reset_window
 from quotas.engine.config import config_changed
 from quotas.engine.estimation import estimate
 from quotas.engine.health import backlog_watch, health, ledger_backlog
+from quotas.engine.jobs import (
+    Claim,
+    claim_job,
+    defer_job,
+    fail_job,
+    finish_job,
+    job_for_owner,
+    job_request_id,
+    requeue_job,
+    requeue_later,
+    sweep_jobs,
+)
+from quotas.engine.ladders import Ladder, ladder_for, ladder_of_plan
 from quotas.engine.ledger import flush_ledger_batch, send_to_ledger, usage_payload
 from quotas.engine.plans import User, forget_limits_of, limits_for, move_to_plan, scope_for
+from quotas.engine.providers import (
+    Admission,
+    AdmitStatus,
+    Outcome,
+    ProviderHeaders,
+    ProviderState,
+    admit_call,
+    forget_provider,
+    observe_call,
+    provider_states,
+)
 from quotas.engine.reservations import reserve
+from quotas.engine.responses import cache_key, cached_response, keep_response
 from quotas.engine.runtime import (
     broker_state,
     get_breaker,
@@ -37,30 +62,54 @@ from quotas.engine.types import DEGRADED_EPOCH, Reservation, Settlement
 
 __all__ = [
     "DEGRADED_EPOCH",
+    "Admission",
+    "AdmitStatus",
+    "Claim",
+    "Ladder",
+    "Outcome",
+    "ProviderHeaders",
+    "ProviderState",
     "Reservation",
     "Settlement",
     "User",
+    "admit_call",
     "backlog_watch",
     "block",
     "blocked_for",
     "broker_state",
     "budget_for",
+    "cache_key",
+    "cached_response",
+    "claim_job",
     "config_changed",
+    "defer_job",
     "estimate",
+    "fail_job",
+    "finish_job",
     "flush_ledger_batch",
     "flush_settle_batch",
     "forget_limits_of",
+    "forget_provider",
     "get_breaker",
     "get_store",
     "health",
+    "job_for_owner",
+    "job_request_id",
+    "keep_response",
+    "ladder_for",
+    "ladder_of_plan",
     "ledger_backlog",
     "ledger_seed",
     "limits_for",
     "move_to_plan",
+    "observe_call",
+    "provider_states",
     "record_rejected",
     "redis_key_prefix",
     "refund",
     "refusal",
+    "requeue_job",
+    "requeue_later",
     "reserve",
     "reset_runtime",
     "reset_window",
@@ -68,6 +117,7 @@ __all__ = [
     "send_to_ledger",
     "settle",
     "settle_later",
+    "sweep_jobs",
     "usage_payload",
     "window_spec",
 ]

@@ -20,9 +20,10 @@ from typing import Any
 from celery import shared_task
 from django.db import DatabaseError
 
-from quotas import ledger
+from quotas import ledger, services
 from quotas.engine import dispatch
 from quotas.exceptions import StoreUnavailable
+from quotas.llm.jobs import run_deferred_job
 
 __all__ = [
     "audit_window_task",
@@ -30,6 +31,8 @@ __all__ = [
     "flush_ledger_task",
     "rebuild_windows_task",
     "record_usage_task",
+    "run_deferred_job_task",
+    "sweep_jobs_task",
 ]
 
 # Periodic tasks retry a few times only: the next beat tick runs them again anyway.
@@ -89,6 +92,25 @@ def rebuild_windows_task(user_ids: list[int] | None = None) -> int:
     return len(ledger.rebuild_windows(user_ids))
 
 
+@shared_task(
+    name="quotas.tasks.run_deferred_job",
+    acks_late=True,
+    # A worker killed mid-job: the message comes back (acks_late) and the job's lease and
+    # its own reservation id keep the re-run from calling or charging twice.
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def run_deferred_job_task(job_id: str) -> str:
+    """Run one deferred LLM job if it is due (else it is queued again for when it may)."""
+    return run_deferred_job(job_id)
+
+
+@shared_task(name="quotas.tasks.sweep_jobs", **PERIODIC)
+def sweep_jobs_task() -> int:
+    """Queue again deferred jobs whose message was lost; expire the ones past their time."""
+    return services.sweep_jobs()
+
+
 def _send_usage(payloads: list[dict[str, Any]], *, argsrepr: str = "") -> None:
     # Celery would otherwise build the log's repr of the records (``saferepr``): about half
     # the cost of a publish, and the users' usage figures in the worker's log.
@@ -101,6 +123,15 @@ def _send_audit(scope: str, *, countdown: float = 0) -> None:
     audit_window_task.apply_async(args=[scope], countdown=countdown, retry=False)
 
 
+def _send_job(job_id: str, *, countdown: float = 0) -> None:
+    if countdown > 0 and run_deferred_job_task.app.conf.task_always_eager:
+        # An eager "queue" runs the task now, and a job that is not due would be queued
+        # again at once, for ever: it is left to sweep_jobs, which runs it when it is due.
+        return
+    run_deferred_job_task.apply_async(args=[job_id], countdown=countdown, retry=False)
+
+
 # The engine queues its work by name through this seam (imported by AppConfig.ready()).
 dispatch.register(dispatch.RECORD_USAGE, _send_usage)
 dispatch.register(dispatch.AUDIT_WINDOW, _send_audit)
+dispatch.register(dispatch.RUN_JOB, _send_job)

@@ -2,6 +2,7 @@
 
 from django.urls import path
 
+from quotas.api.providers import DeferredJobView, ProviderLimitsView
 from quotas.api.views import HealthView, MyBudgetView, PlanListView, UserBudgetView
 
 app_name = "quotas"
@@ -11,4 +12,6 @@ urlpatterns = [
     path("plans/", PlanListView.as_view(), name="plans"),
     path("users/<int:user_id>/", UserBudgetView.as_view(), name="user-budget"),
     path("health/", HealthView.as_view(), name="health"),
+    path("jobs/<uuid:job_id>/", DeferredJobView.as_view(), name="job"),
+    path("limits/", ProviderLimitsView.as_view(), name="limits"),
 ]

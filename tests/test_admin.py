@@ -167,6 +167,8 @@ def change_form(plan, **fields):
         "default_output_tokens": plan.default_output_tokens,
         "is_active": "on",
         **NO_LIMITS,
+        "fallback_models": "[]",
+        "cache_hit_cost": "0",
         **fields,
     }
     return {name: value for name, value in form.items() if value is not None}
@@ -181,6 +183,12 @@ def change_form(plan, **fields):
         ({"tokens_per_hour": 2**64}, "less than or equal to"),
         ({"slug": "taken"}, "already exists"),
         ({"is_default": "on"}, "Only one plan can be the default plan."),
+        ({"fallback_models": '"gpt-4o-mini"'}, "must be a JSON list of model names"),
+        ({"fallback_models": '["gpt-4o-mini", "gpt-4o-mini"]'}, "must not repeat a model"),
+        ({"fallback_models": "[1]"}, "must be non-empty strings"),
+        ({"fallback_models": "[not json"}, "Enter a valid JSON."),
+        ({"cache_hit_cost": "1.5"}, "less than or equal to 1"),
+        ({"cache_hit_cost": "-0.1"}, "greater than or equal to 0"),
     ],
 )
 def test_the_change_form_answers_every_invalid_edit_with_a_form_error(
@@ -192,3 +200,32 @@ def test_the_change_form_answers_every_invalid_edit_with_a_form_error(
     assert response.status_code == 200
     assert words in response.content.decode()
     assert Plan.objects.get(pk=plan.pk).tokens_per_hour == 10_000
+
+
+def test_the_change_form_saves_a_degradation_ladder(staff, make_plan):
+    plan = make_plan()
+    ladder = {"fallback_models": '["gpt-4o-mini", "gpt-3.5-turbo"]', "serve_from_cache": "on",
+              "cache_hit_cost": "0.25", "defer_when_refused": "on"}  # fmt: skip
+    response = staff.post(f"/admin/quotas/plan/{plan.pk}/change/", change_form(plan, **ladder))
+    assert response.status_code == 302
+    plan.refresh_from_db()
+    assert plan.fallback_models == ["gpt-4o-mini", "gpt-3.5-turbo"]
+    assert (plan.serve_from_cache, str(plan.cache_hit_cost), plan.defer_when_refused) == (
+        True, "0.250", True)  # fmt: skip
+
+
+def test_deferred_jobs_are_read_only_in_the_admin(staff, make_user):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from quotas.models import DeferredJob
+
+    job = DeferredJob.objects.create(
+        user=make_user(), provider="p", request={"model": "m"},
+        expires_at=timezone.now() + timedelta(hours=1),
+    )  # fmt: skip
+    assert staff.get("/admin/quotas/deferredjob/").status_code == 200
+    assert staff.get("/admin/quotas/deferredjob/add/").status_code == 403
+    page = staff.get(f"/admin/quotas/deferredjob/{job.pk}/change/")
+    assert page.status_code == 200 and "Save" not in page.content.decode()

@@ -27,6 +27,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "BENCH_PREFIX": prefix,
         "BENCH_COST_ROUNDS": "3",
         "BENCH_E2E_ROUNDS": "1",
+        "BENCH_PROVIDER_SECONDS": "5",
     }
     run = subprocess.run(
         [sys.executable, "run_all.py"],
@@ -38,7 +39,8 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
     )
     out = run.stdout
     assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]  # no part crashed
-    for section in ("Check cost", "Overshoot", "Accuracy", "Memory", "Estimation", "End to end"):
+    sections = ("Check cost", "Overshoot", "Accuracy", "Memory", "Estimation", "End to end")
+    for section in (*sections, "Provider protection"):
         assert f"== {section}" in out, out
     # Overshoot at 2, 4 and 8 processes, window accuracy, and memory (tokens only, all limits).
     exact = [
@@ -49,4 +51,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
     assert len(exact) == 6 and all(line.endswith("PASS") for line in exact), exact
     # Every end-to-end mode served every request (no server failed to start: no SKIP).
     assert re.findall(r"(\d+) errors", out) == ["0"] * 5, out
+    # No provider 429 reached a client that allowed degradation (the limit being served is
+    # a figure of the full run: 5 s rounds are too short to judge it).
+    assert re.search(r"degrade: 429s reaching clients +0 +0 +PASS", out), out
     assert not list(redis_client.scan_iter(match=f"*{prefix}*"))  # it cleaned up after itself

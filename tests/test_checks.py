@@ -92,3 +92,16 @@ def test_throttle_without_the_middleware_warns():
     }
     with override_settings(MIDDLEWARE=middleware, REST_FRAMEWORK=rest):
         assert quota_errors() == [Warning(checks.W001_MSG, hint=checks.W001_HINT, id="quotas.W001")]
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("no.such.module.factory", "No module named 'no'"),
+        ("quotas.conf.DEFAULTS", "it is not callable"),
+    ],
+)
+def test_a_client_factory_that_cannot_make_clients_is_refused(path, error):
+    [message] = quota_errors(LLM_CLIENT_FACTORY=path)
+    assert message.id == "quotas.E008" and error in message.msg
+    assert message.hint == checks.E008_HINT

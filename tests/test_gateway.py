@@ -311,15 +311,22 @@ def test_an_upstream_answer_is_returned_and_settled_from_its_usage(client, upstr
     with override_settings(GATEWAY=gateway):
         response = chat(client, max_tokens=500, temperature=0.2, extra_field="kept")
     assert response.status_code == 200
-    assert response.json() == UPSTREAM_ANSWER
+    # The upstream's answer as it sent it, and which rung of the quota ladder served it.
+    assert response.json() == {**UPSTREAM_ANSWER, "quota_rung": "preferred"}
+    assert response["X-Quota-Rung"] == "preferred"
     [(path, headers, forwarded)] = FakeUpstream.seen
     assert path == "/v1/chat/completions"
-    assert headers["Authorization"] == "Bearer sk-up"
+    assert {k.lower(): v for k, v in headers.items()}["authorization"] == "Bearer sk-up"
     assert forwarded == {**BODY, "max_tokens": 500, "temperature": 0.2, "extra_field": "kept"}
     assert budget(client)["used"] == 23
 
 
-def test_an_upstream_error_is_a_502_and_refunded(client, upstream):
+def test_an_upstream_error_is_a_502_and_refunded(client, upstream, quota_config):
+    # 5xx answers are retried (backoff with jitter) until the deadline, then a 502 (unless
+    # the circuit breaker opens first: tests/llm/test_resilience.py).
+    quota_config(
+        LLM_DEADLINE_SECONDS=1.0, LLM_RETRY_BASE_SECONDS=0.05, PROVIDER_BREAKER_FAILURES=50
+    )
     FakeUpstream.status = 503
     with override_settings(GATEWAY=_gateway_settings(UPSTREAM_URL=upstream)):
         response = chat(client)
@@ -327,24 +334,31 @@ def test_an_upstream_error_is_a_502_and_refunded(client, upstream):
     error = response.json()["error"]
     assert error["code"] == "upstream_error"
     assert error["message"] == "The upstream API answered HTTP 503: Overloaded"
+    assert len(FakeUpstream.seen) > 1  # retried
     assert budget(client)["used"] == 0
 
 
-def test_an_unreachable_upstream_is_a_502(client):
+def test_an_upstream_4xx_is_passed_on_and_refunded(client, upstream):
+    FakeUpstream.status = 400
+    with override_settings(GATEWAY=_gateway_settings(UPSTREAM_URL=upstream)):
+        response = chat(client)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "The upstream API answered HTTP 400: Overloaded"
+    assert len(FakeUpstream.seen) == 1  # a 400 is the request's fault: never retried
+    assert budget(client)["used"] == 0
+
+
+def test_an_unreachable_upstream_is_a_502(client, quota_config):
+    quota_config(
+        LLM_DEADLINE_SECONDS=0.5, LLM_RETRY_BASE_SECONDS=0.05, PROVIDER_BREAKER_FAILURES=50
+    )
     with refusing_port() as port:
         unreachable = _gateway_settings(UPSTREAM_URL=f"http://127.0.0.1:{port}/v1")
         with override_settings(GATEWAY=unreachable):
             response = chat(client)
     assert response.status_code == 502
     assert "could not be reached" in response.json()["error"]["message"]
-
-
-def test_streaming_through_an_upstream_is_refused_with_a_400(client, upstream):
-    with override_settings(GATEWAY=_gateway_settings(UPSTREAM_URL=upstream)):
-        response = chat(client, stream=True)
-    assert response.status_code == 400
-    assert response.json()["error"]["param"] == "stream"
-    assert FakeUpstream.seen == []
+    assert budget(client)["used"] == 0
 
 
 # -- the seeded demo ----------------------------------------------------------------------------

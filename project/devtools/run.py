@@ -75,6 +75,17 @@ def check_port_free(port: int, host: str = HOST) -> None:
             raise StartError(f"cannot listen on {host}:{port} ({exc}); set PORT.") from exc
 
 
+def fake_upstream_port(port: int) -> int | None:
+    """With ``GATEWAY_FAKE_UPSTREAM=1``, the port of the fake upstream the gateway forwards
+    to (``GATEWAY_FAKE_UPSTREAM_PORT``, default ``PORT`` + 100); else ``None``."""
+    if os.environ.get("GATEWAY_FAKE_UPSTREAM", "0") in ("", "0"):
+        return None
+    raw = os.environ.get("GATEWAY_FAKE_UPSTREAM_PORT") or str(port + 100)
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise StartError(f"GATEWAY_FAKE_UPSTREAM_PORT must be a TCP port, not {raw!r}.")
+    return int(raw)
+
+
 def child_commands(port: int) -> dict[str, list[str]]:
     """The processes of the demo, by name; ``sys.executable -m`` so no PATH is needed.
 
@@ -84,7 +95,10 @@ def child_commands(port: int) -> dict[str, list[str]]:
     """
     python = sys.executable
     level = os.environ.get("CELERY_LOG_LEVEL", "warning")
+    upstream = fake_upstream_port(port)
+    extra = {"upstream": [python, "-m", "project.fake_upstream", "--port", str(upstream)]}
     return {
+        **(extra if upstream else {}),
         "web": [
             python, "-m", "gunicorn", "--config", "project/gunicorn.conf.py",
             "--bind", f"{HOST}:{port}", "--access-logfile", "-",
@@ -187,7 +201,7 @@ def banner(base_url: str, token: str) -> str:
     """What to print once everything is up."""
     body = '{"model":"gpt-4","messages":[{"role":"user","content":"Hello"}],"max_tokens":50}'
     return f"""
-The demo is running (Redis: {os.environ.get("REDIS_URL", "default")}).
+The demo is running (Redis: {os.environ.get("REDIS_URL", "default")}).{_upstream_line()}
   Chat completions  {base_url}/v1/chat/completions
   Your budget       {base_url}/quotas/me/
   Health            {base_url}/quotas/health/
@@ -202,6 +216,16 @@ Try:
 
 Press Ctrl-C to stop.
 """
+
+
+def _upstream_line() -> str:
+    url = os.environ.get("GATEWAY_UPSTREAM_URL")
+    if not url:
+        return ""
+    return (
+        f"\n  Upstream          {url} (X-Quota-Degrade: allow lets a plan's ladder serve;"
+        "\n                    staff see what the gateway learnt of it at /quotas/limits/)"
+    )
 
 
 def supervise(supervisor: Supervisor, port: int, token: str, run_id: str) -> int:
@@ -227,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         port = port_from_env()
         check_port_free(port)
+        upstream = fake_upstream_port(port)
+        if upstream:
+            check_port_free(upstream)
         if "--check-port" in args:
             return 0
         token = prepare()
@@ -237,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     run_id = secrets.token_hex(8)
     ready_file = var_dir() / f"worker-ready-{run_id}"
-    supervisor = Supervisor(
-        env={**os.environ, RUN_ID_ENV: run_id, WORKER_READY_ENV: str(ready_file)}
-    )
+    if upstream:  # the gateway forwards to the fake upstream through quotas.llm
+        os.environ["GATEWAY_UPSTREAM_URL"] = f"http://{HOST}:{upstream}/v1"
+    env = {**os.environ, RUN_ID_ENV: run_id, WORKER_READY_ENV: str(ready_file)}
+    supervisor = Supervisor(env=env)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:

@@ -1,70 +1,155 @@
-"""Forwarding to an upstream OpenAI-compatible API (``settings.GATEWAY["UPSTREAM_URL"]``).
+"""Forwarding to an upstream OpenAI-compatible API (``settings.GATEWAY["UPSTREAM_URL"]``)
+through the quota-aware client (``quotas.llm``): the provider's limits learned from its
+headers and 429s, retries within a deadline, a circuit breaker, and (when the request says
+``X-Quota-Degrade: allow``) the user's plan's degradation ladder.
 
-Non-streaming only. Every failure (unreachable, timeout, an HTTP error, a body that is not a
-JSON object) becomes one ``UpstreamError`` whose message says what went wrong, so the view can
-answer 502 and the quota middleware refunds the reservation.
+Every outcome becomes one HTTP answer here, in the app's vocabulary: the answer (streamed
+or not, with ``X-Quota-Rung``), a 202 for a deferred job, a 429 with an exact
+``Retry-After`` (the user's budget, or the provider's), a 503 (the provider's circuit is
+open), or a 502 / 504 / the upstream's own 4xx for what the upstream did.
 """
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-from collections.abc import Mapping
+import inspect
+import math
+from functools import lru_cache
 from typing import Any
 
-__all__ = ["UpstreamError", "complete_upstream"]
+import openai
+from django.conf import settings
+from django.http import HttpResponseBase, JsonResponse
+
+from quotas import llm
+from quotas.core.types import ceil_seconds
+from quotas.exceptions import QuotaExceeded, RequestTooLarge
+from quotas.http import error_body, error_payload, error_status
+from quotas.llm.retries import provider_retry_after
+
+__all__ = ["DEGRADE_HEADER", "RUNG_HEADER", "client_for_provider", "forward", "may_degrade"]
+
+DEGRADE_HEADER = "X-Quota-Degrade"
+RUNG_HEADER = "X-Quota-Rung"
+UPSTREAM_TIMEOUT_SECONDS = 60.0
+# What the SDK's create takes by name; other body fields travel in extra_body, as sent.
+SDK_PARAMETERS = frozenset(
+    inspect.signature(openai.resources.chat.Completions.create).parameters
+) - {"self", "extra_headers", "extra_query", "extra_body", "timeout"}
 
 
-class UpstreamError(Exception):
-    """The upstream API did not give a usable answer."""
+def may_degrade(request: Any) -> bool:
+    """Whether the client asked for the plan's ladder (``X-Quota-Degrade: allow``)."""
+    return str(request.headers.get(DEGRADE_HEADER, "")).strip().lower() == "allow"
 
 
-def complete_upstream(
-    body: Mapping[str, Any], *, base_url: str, api_key: str, timeout: float
-) -> dict[str, Any]:
-    """POST ``body`` to ``<base_url>/chat/completions``; its JSON answer, or ``UpstreamError``."""
-    request = urllib.request.Request(
-        base_url.rstrip("/") + "/chat/completions",
-        data=json.dumps(body).encode(),
-        headers=_headers(api_key),
-        method="POST",
+@lru_cache(maxsize=8)
+def _sdk(base_url: str, api_key: str, timeout: float) -> openai.OpenAI:
+    # One SDK client (one connection pool) per process and upstream.
+    return openai.OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout)
+
+
+def client_for_provider(provider: str) -> openai.OpenAI:
+    """The SDK client of the configured upstream (``QUOTAS["LLM_CLIENT_FACTORY"]``, for the
+    deferred jobs the Celery worker runs)."""
+    gateway = settings.GATEWAY
+    timeout = float(gateway.get("UPSTREAM_TIMEOUT_SECONDS", UPSTREAM_TIMEOUT_SECONDS))
+    return _sdk(gateway["UPSTREAM_URL"], gateway.get("UPSTREAM_API_KEY", ""), timeout)
+
+
+def forward(request: Any, body: dict[str, Any]) -> Any:
+    """Call the upstream for ``request`` (a DRF request); the answer object or stream, or
+    an ``UpstreamAnswer`` (an HTTP response for every other outcome)."""
+    provider = settings.GATEWAY.get("UPSTREAM_PROVIDER") or "upstream"
+    client = llm.wrap(
+        client_for_provider(provider),
+        request=request,
+        provider=provider,
+        degrade=may_degrade(request),
     )
+    if body.get("stream"):  # the gateway's streams always end with the usage chunk
+        body = {
+            **body,
+            "stream_options": {**(body.get("stream_options") or {}), "include_usage": True},
+        }
+    arguments = {k: v for k, v in body.items() if k in SDK_PARAMETERS}
+    extra = {k: v for k, v in body.items() if k not in SDK_PARAMETERS}
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-    except urllib.error.HTTPError as exc:
-        raise UpstreamError(f"The upstream API answered HTTP {exc.code}: {_excerpt(exc)}") from exc
-    except (urllib.error.URLError, OSError) as exc:  # refused, DNS, timeout
-        reason = getattr(exc, "reason", exc)
-        raise UpstreamError(f"The upstream API could not be reached: {reason}.") from exc
-    return _json_object(raw)
+        return client.chat.completions.create(**arguments, extra_body=extra or None)
+    except Exception as exc:
+        answer = refusal_response(exc)
+        if answer is None:
+            raise
+        return answer
 
 
-def _headers(api_key: str) -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return headers
+def refusal_response(exc: Exception) -> HttpResponseBase | None:
+    """The HTTP answer of whatever the client raised (``None``: not one of ours)."""
+    if isinstance(exc, llm.Deferred):
+        return _deferred(exc)
+    if isinstance(exc, QuotaExceeded | RequestTooLarge):
+        response = JsonResponse(error_body(exc), status=error_status(exc))
+        if isinstance(exc, QuotaExceeded):
+            _retry_headers(response, exc.retry_after)
+        return response
+    if isinstance(exc, llm.ProviderUnavailable):
+        response = _error(503, "provider_unavailable", str(exc), "api_error")
+        _retry_headers(response, exc.retry_after)
+        return response
+    if isinstance(exc, openai.APIError):
+        return _upstream_error(exc)
+    return None
 
 
-def _excerpt(exc: urllib.error.HTTPError) -> str:
-    """The upstream's own error message when it sent one, else the start of its body."""
-    try:
-        raw = exc.read(2000)
-        error = json.loads(raw).get("error")
+def _upstream_error(exc: openai.APIError) -> HttpResponseBase:
+    if isinstance(exc, openai.APITimeoutError):
+        return _error(504, "upstream_timeout", "The upstream API did not answer in time.")
+    if isinstance(exc, openai.APIConnectionError):
+        return _error(502, "upstream_error", f"The upstream API could not be reached: {exc}.")
+    status = getattr(exc, "status_code", 502)
+    message = f"The upstream API answered HTTP {status}: {_message(exc)}"
+    if status == 429:  # retries spent on the provider's own limit, within the deadline
+        response = _error(429, "rate_limit_exceeded", message, "provider")
+        _retry_headers(response, _retry_after_of(exc))
+        return response
+    # The upstream's own verdict on the request (400, 404, 422...) is passed on; the rest
+    # is a bad gateway.
+    return _error(status if 400 <= status < 500 else 502, "upstream_error", message)
+
+
+def _deferred(exc: llm.Deferred) -> HttpResponseBase:
+    body = {
+        "id": exc.job_id,
+        "object": "quota.deferred_job",
+        "status": "queued",
+        "retry_after_seconds": max(ceil_seconds(exc.retry_after), 1),
+        "url": f"/quotas/jobs/{exc.job_id}/",
+        "quota_rung": "deferred",
+    }
+    response = JsonResponse(body, status=202)
+    response[RUNG_HEADER] = "deferred"
+    _retry_headers(response, exc.retry_after)
+    return response
+
+
+def _error(status: int, code: str, message: str, kind: str = "api_error") -> JsonResponse:
+    payload = error_payload(code, message)
+    payload["error"]["type"] = kind
+    return JsonResponse(payload, status=status)
+
+
+def _retry_headers(response: HttpResponseBase, seconds: float) -> None:
+    response["Retry-After"] = str(max(ceil_seconds(seconds), 1))
+    response["retry-after-ms"] = str(max(math.ceil(seconds * 1000), 1))
+
+
+def _message(exc: openai.APIError) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        error = body.get("error", body)
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
-        return raw.decode(errors="replace").strip() or exc.reason
-    except (ValueError, AttributeError, OSError):
-        return str(exc.reason)
+            return str(error["message"])
+    return str(getattr(exc, "message", exc))
 
 
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(raw)
-    except ValueError as exc:
-        raise UpstreamError("The upstream API answered with a body that is not JSON.") from exc
-    if not isinstance(payload, dict):
-        raise UpstreamError("The upstream API answered with JSON that is not an object.")
-    return payload
+def _retry_after_of(exc: openai.APIError) -> float:
+    return provider_retry_after(exc) or 1.0

@@ -2,9 +2,15 @@
 
 The request is validated first (a malformed request is answered 400 and never touches the
 budget), then ``TokenQuotaThrottle`` reserves its estimate, then the fake model (or the
-upstream API) answers with a true ``usage`` block, from which ``QuotaMiddleware`` settles the
-reservation. Streams end with a chunk carrying ``usage`` (always, not only when
-``stream_options.include_usage`` asks for it) so they settle exactly too.
+upstream API, through the quota-aware client ``quotas.llm``: see ``upstream.py``) answers
+with a true ``usage`` block, from which the reservation is settled. Streams end with a chunk
+carrying ``usage`` (always, not only when ``stream_options.include_usage`` asks for it) so
+they settle exactly too.
+
+With an upstream, a request that says ``X-Quota-Degrade: allow`` may be served by the
+user's plan's degradation ladder when the requested model refuses (the throttle's 429 among
+them); ``X-Quota-Rung`` and the answer's ``quota_rung`` say which rung served. Without that
+header the OpenAI contract is unchanged: a 429 with an exact ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -12,11 +18,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.conf import settings
-from django.http import StreamingHttpResponse
+from django.http import HttpResponseBase, StreamingHttpResponse
 from rest_framework import exceptions
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import JSONParser
@@ -27,15 +33,13 @@ from rest_framework.views import APIView
 
 from project.gateway import fake_model
 from project.gateway.serializers import ChatCompletionRequestSerializer, first_error
-from project.gateway.upstream import UpstreamError, complete_upstream
+from project.gateway.upstream import RUNG_HEADER, forward, may_degrade
 from quotas.conf import quota_settings
 from quotas.core.bounds import MAX_JSON_DEPTH
 from quotas.enforcement import prompt_tokens_of
-from quotas.throttling import TokenQuotaThrottle
+from quotas.throttling import QuotaRejected, TokenQuotaThrottle
 
 __all__ = ["ChatCompletionsView"]
-
-UPSTREAM_TIMEOUT_SECONDS = 60.0
 
 
 class GatewayError(exceptions.APIException):
@@ -86,12 +90,13 @@ class ChatCompletionsView(APIView):
         if request.method != "POST":
             return  # nothing is served (405, or OPTIONS), so nothing is reserved
         self.chat = validated_chat_request(request)
-        if self.chat.get("stream") and settings.GATEWAY.get("UPSTREAM_URL"):
-            raise invalid_request(
-                "Streaming is not supported when the gateway forwards to an upstream API.",
-                "stream",
-            )
-        super().check_throttles(request)
+        try:
+            super().check_throttles(request)
+        except QuotaRejected as exc:
+            if not _ladder_may_serve(request, exc):
+                raise
+            # The requested model refused; the ladder below it may serve (the client
+            # tries the requested model once more, then the plan's rungs).
 
     def post(self, request: Request) -> Response | StreamingHttpResponse:
         if settings.GATEWAY.get("UPSTREAM_URL"):
@@ -107,17 +112,39 @@ class ChatCompletionsView(APIView):
             return sse_response(completion_chunks(answer))
         return Response(completion_object(answer))
 
-    def forward_upstream(self, request: Request) -> Response:
-        try:
-            body = complete_upstream(
-                request.data,
-                base_url=settings.GATEWAY["UPSTREAM_URL"],
-                api_key=settings.GATEWAY.get("UPSTREAM_API_KEY", ""),
-                timeout=settings.GATEWAY.get("UPSTREAM_TIMEOUT_SECONDS", UPSTREAM_TIMEOUT_SECONDS),
-            )
-        except UpstreamError as exc:
-            raise GatewayError(502, str(exc), code="upstream_error", kind="api_error") from exc
-        return Response(body)
+    def forward_upstream(self, request: Request) -> Any:
+        answer = forward(request, dict(request.data))
+        if isinstance(answer, HttpResponseBase):  # refused, deferred, or an upstream error
+            return answer
+        rung = getattr(answer, "quota_rung", "preferred")
+        if self.chat.get("stream"):
+            response: Any = sse_response(_chunk_dicts(answer))
+        else:
+            response = Response(answer.model_dump(exclude_unset=True))
+        response[RUNG_HEADER] = rung
+        return response
+
+
+def _chunk_dicts(stream: Any) -> Iterator[dict[str, Any]]:
+    """The chunks of the client's stream as JSON objects; closing this closes (and so
+    settles) the stream, when the client goes away too."""
+    try:
+        for chunk in stream:
+            yield chunk.model_dump(exclude_unset=True)
+    finally:
+        stream.close()
+
+
+def _ladder_may_serve(request: Request, refusal: QuotaRejected) -> bool:
+    """Whether a throttle refusal may go on to the degradation ladder: a 429 of the user's
+    budget (not of too many rejected attempts), an upstream, and the client's consent."""
+    error = refusal.detail.get("error", {}) if isinstance(refusal.detail, dict) else {}
+    return (
+        refusal.status_code == 429
+        and error.get("type") != "attempts"
+        and bool(settings.GATEWAY.get("UPSTREAM_URL"))
+        and may_degrade(request)
+    )
 
 
 def body_limit() -> int:
@@ -194,7 +221,7 @@ def completion_chunks(answer: fake_model.FakeAnswer) -> Iterator[dict[str, Any]]
     yield {**head, "choices": [], "usage": answer.usage}
 
 
-def sse_response(chunks: Iterator[dict[str, Any]]) -> StreamingHttpResponse:
+def sse_response(chunks: Iterable[dict[str, Any]]) -> StreamingHttpResponse:
     """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``."""
 
     def events() -> Iterator[bytes]:

@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["AUDIT_WINDOW", "RECORD_USAGE", "NoSender", "register", "send"]
+__all__ = ["AUDIT_WINDOW", "RECORD_USAGE", "RUN_JOB", "NoSender", "register", "send"]
 
 # Write the ledger rows of a batch of usage records: ``send(RECORD_USAGE, payloads)``.
 RECORD_USAGE = "record_usage"
 # Audit one rebuilt window against the ledger later: ``send(AUDIT_WINDOW, scope, countdown=s)``.
 AUDIT_WINDOW = "audit_window"
+# Run one deferred LLM job when it may: ``send(RUN_JOB, job_id, countdown=s)``.
+RUN_JOB = "run_job"
 
 Sender = Callable[..., Any]
 _senders: dict[str, Sender] = {}

@@ -3,12 +3,23 @@
 The ledger (``UsageRecord``) is the source of truth: Redis windows can be rebuilt from it.
 """
 
+from quotas.models.jobs import DeferredJob
 from quotas.models.ledger import UsageRecord
 from quotas.models.limits import GlobalLimit, LimitFields, ModelPrice, PlanLimit
-from quotas.models.plans import MAX_BUDGET, Plan, PlanQuerySet, Team, UserQuota
+from quotas.models.plans import (
+    MAX_BUDGET,
+    MODEL_NAME_MAX,
+    Plan,
+    PlanQuerySet,
+    Team,
+    UserQuota,
+    fallback_models_problem,
+)
 
 __all__ = [
     "MAX_BUDGET",
+    "MODEL_NAME_MAX",
+    "DeferredJob",
     "GlobalLimit",
     "LimitFields",
     "ModelPrice",
@@ -18,4 +29,5 @@ __all__ = [
     "Team",
     "UsageRecord",
     "UserQuota",
+    "fallback_models_problem",
 ]

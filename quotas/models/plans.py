@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+from typing import Any
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q
 
-__all__ = ["MAX_BUDGET", "Plan", "PlanQuerySet", "Team", "UserQuota"]
+__all__ = ["MAX_BUDGET", "MODEL_NAME_MAX", "Plan", "PlanQuerySet", "Team", "UserQuota"]
 
 # The largest budget a limit may have: Redis counts in Lua numbers, exact to 2^53; this
 # leaves room for many windows' worth of usage above any budget.
 MAX_BUDGET = 10**12
+# The longest model name the ledger stores (UsageRecord.model).
+MODEL_NAME_MAX = 200
 
 
 class PlanQuerySet(models.QuerySet["Plan"]):
@@ -48,6 +53,29 @@ class Plan(models.Model):
     )
     is_default = models.BooleanField(default=False)
     is_active = models.BooleanField(default=True)
+    # The degradation ladder (quotas.llm, calls made with degrade=True): each rung is tried
+    # only when the one above refuses.
+    fallback_models = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Cheaper models tried in this order when the requested model refuses, "
+        'e.g. ["gpt-4o-mini"].',
+    )
+    serve_from_cache = models.BooleanField(
+        default=False,
+        help_text="Then answer from the exact-match response cache when it holds the request.",
+    )
+    cache_hit_cost = models.DecimalField(
+        max_digits=4,
+        decimal_places=3,
+        default=Decimal("0"),
+        validators=[MinValueValidator(Decimal("0")), MaxValueValidator(Decimal("1"))],
+        help_text="Share of the cached answer's tokens a cache hit costs (0: free, 1: full).",
+    )
+    defer_when_refused = models.BooleanField(
+        default=False,
+        help_text="Then queue the request as a job run when the budget or the provider frees.",
+    )
 
     objects = PlanQuerySet.as_manager()
 
@@ -104,6 +132,9 @@ class Plan(models.Model):
                 f"The per-request cap ({cap}) is above this plan's token limit of {below}: "
                 "a request the cap allows could never fit it."
             )
+        problem = fallback_models_problem(self.fallback_models)
+        if problem:
+            errors["fallback_models"] = problem
         if errors:
             raise ValidationError(errors)
 
@@ -115,6 +146,21 @@ class Plan(models.Model):
             "budget", flat=True
         )
         return min(budgets, default=None)
+
+
+def fallback_models_problem(value: Any) -> str | None:
+    """What is wrong with a ladder of fallback models, or ``None``: it must be a list of
+    distinct model names (1 to 200 characters, no control characters)."""
+    if not isinstance(value, list):
+        return 'Fallback models must be a JSON list of model names, e.g. ["gpt-4o-mini"].'
+    for name in value:
+        if not isinstance(name, str) or not name.strip():
+            return f"Fallback models must be non-empty strings, not {name!r}."
+        if len(name) > MODEL_NAME_MAX or any(ord(c) < 32 or ord(c) == 127 for c in name):
+            return f"{name[:40]!r} is not a model name (at most 200 printable characters)."
+    if len(set(value)) != len(value):
+        return "Fallback models must not repeat a model."
+    return None
 
 
 class UserQuota(models.Model):

@@ -37,6 +37,11 @@ DEMO_PLANS: list[dict[str, Any]] = [
         # max_tokens is refunded the difference instead of ending in debt.
         "default_output_tokens": 512,
         "is_default": True,
+        # With an upstream and X-Quota-Degrade: allow: a cheaper model, then the cache
+        # (free hits), then a deferred job.
+        "fallback_models": ["gpt-4o-mini"],
+        "serve_from_cache": True,
+        "defer_when_refused": True,
     },
     {
         "slug": "pro",
