@@ -119,20 +119,20 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "settle: a refund to the oldest live bucket is dropped",
         f"{LUA}/_window.lua",
-        "  if delta == 0 or bucket < w.first then return 0 end",
-        "  if delta == 0 or bucket <= w.first then return 0 end",
+        "  if delta ~= 0 and bucket >= w.first then",
+        "  if delta ~= 0 and bucket > w.first then",
     ),
     Mutation(
         "settle: a bucket may go negative (a refund after an admin reset gives extra budget)",
         f"{LUA}/_window.lua",
-        "  local after = math.max(before + delta, 0)\n  if after == 0 then",
-        "  local after = before + delta\n  if after == 0 then",
+        "    if after <= 0 then  -- emptied",
+        "    if after == 0 then  -- emptied",
     ),
     Mutation(
         "settle: the reserved figure is never released",
         f"{LUA}/settle.lua",
-        "redis.call('HSET', primary.key, 'rv', math.max(primary.reserved - estimate, 0))",
-        "redis.call('HSET', primary.key, 'rv', primary.reserved)",
+        "{'rv', math.max(w.reserved - estimate, 0)}",
+        "{'rv', w.reserved}",
     ),
     Mutation(
         "settle: the concurrency slot is never released",

@@ -321,7 +321,6 @@ class RedisWindowStore(LedgerOutbox):
             *self.keys(scope)[2:5],
             f"{self.prefix}:{{{scope}}}:s:{reservation_id}",
             self.backlog_key,
-            self.due_key,
             *self.counter_keys(counters),
         ]
         args = [

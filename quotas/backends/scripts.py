@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -25,9 +26,32 @@ T = TypeVar("T")
 
 @cache
 def script_source(name: str) -> str:
-    """The script's text with the shared helpers prepended (read once per process)."""
+    """The script's text with the shared helpers it uses prepended (read once per process).
+
+    Redis runs a script's top level on every call, so each helper defined there costs a
+    closure per call: only the helpers the script names (and the helpers they name) are
+    kept; the shared constants always are.
+    """
     lua = resources.files("quotas.backends") / "lua"
-    return (lua / "_window.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    body = (lua / f"{name}.lua").read_text()
+    return _helpers_for(body, (lua / "_window.lua").read_text()) + "\n" + body
+
+
+_FUNCTION = re.compile(r"^local function (\w+)\(.*?^end$\n?", re.MULTILINE | re.DOTALL)
+
+
+def _helpers_for(body: str, helpers: str) -> str:
+    """``helpers`` without the top-level functions ``body`` never reaches."""
+    functions = {match.group(1): match for match in _FUNCTION.finditer(helpers)}
+    needed: set[str] = set()
+    pending = [body]
+    while pending:
+        text = pending.pop()
+        for name, match in functions.items():
+            if name not in needed and re.search(rf"\b{name}\b", text):
+                needed.add(name)
+                pending.append(match.group(0))
+    return _FUNCTION.sub(lambda m: m.group(0) if m.group(1) in needed else "", helpers)
 
 
 @cache

@@ -9,6 +9,7 @@ is logged per encoding. A failed download therefore never hangs or slows a reque
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,11 @@ __all__ = ["count_text_tokens", "encoding_for_model", "get_encoding"]
 
 # Texts longer than this are counted in pieces (see ``count_text_tokens``).
 PIECE_CHARS = 4096
+# Short texts recur from request to request (roles, names, system prompts, tool schemas):
+# their counts are kept per process, at most this many of at most SHORT_TEXT_CHARS each
+# (a few megabytes at worst).
+SHORT_TEXT_CHARS = 1024
+SHORT_TEXTS_KEPT = 4096
 
 logger = logging.getLogger("quotas.tokens")
 
@@ -114,9 +120,16 @@ def count_text_tokens(encoding: tiktoken.Encoding, text: str) -> int:
     letters without a space costs it most of a second): such a run is cut every
     ``PIECE_CHARS`` characters, which may count a token more per cut, never fewer.
     """
+    if len(text) <= SHORT_TEXT_CHARS:
+        return _short_text_tokens(encoding, text)
     if len(text) <= PIECE_CHARS:
         return len(encoding.encode_ordinary(text))
     return sum(len(encoding.encode_ordinary(piece)) for piece in _pieces(text))
+
+
+@functools.lru_cache(maxsize=SHORT_TEXTS_KEPT)
+def _short_text_tokens(encoding: tiktoken.Encoding, text: str) -> int:
+    return len(encoding.encode_ordinary(text))
 
 
 def _pieces(text: str) -> Iterator[str]:

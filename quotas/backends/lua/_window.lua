@@ -38,17 +38,18 @@
 -- work is, without SCAN, and the health check how old the ledger's backlog is:
 --   backlog zset: outbox key -> ms since its oldest record not yet acknowledged waits
 --                 (added by settle.lua and expire.lua, kept true by ack.lua);
---   due zset:     pending key -> the earliest deadline of its reservations (reserve.lua,
---                 settle.lua and expire.lua keep it; a key leaves when it has none).
+--   due zset:     pending key -> no later than the earliest deadline of its reservations
+--                 (reserve.lua lowers it, expire.lua sets it true or removes the key when
+--                 it has none; a settle leaves it, so an entry may be early: the sweep
+--                 then finds nothing due there and corrects it).
+-- The registries have no TTL: their entries leave when the sweep finds their keys empty,
+-- and an entry whose key expired costs the sweep one look.
 
 -- An outbox record waits at most this long for its ledger row (a week without a sweep).
 local OUTBOX_TTL_MS = 7 * 24 * 3600 * 1000
 -- A calendar counter outlives its period by this much (late settles still find it).
 local PERIOD_GRACE_MS = 3600 * 1000
 local LAYER_ARGS = 7
-
--- A registry entry's TTL (refreshed whenever it is written): no registry outlives its keys.
-local REGISTRY_TTL_MS = OUTBOX_TTL_MS
 
 local function clock(override)
   if override ~= '' then return tonumber(override) end
@@ -142,21 +143,25 @@ end
 
 -- Applies `delta` to the bucket a reservation made at `created` was charged to, if that
 -- bucket is still in the window (a bucket already gone takes nothing). Never below zero.
--- Returns the units really applied.
-local function correct(w, created, delta)
+-- Writes the total with the `extra` field/value pairs (one HSET). Returns the units really
+-- applied.
+local function correct(w, created, delta, extra)
   local bucket = math.floor(created / w.bms)
-  if delta == 0 or bucket < w.first then return 0 end
-  local field = slot(w.nb, bucket)
-  local before = tonumber(redis.call('HGET', w.key, field)) or 0
-  local after = math.max(before + delta, 0)
-  if after == 0 then
-    redis.call('HDEL', w.key, field)
-  else
-    redis.call('HSET', w.key, field, after)
+  local fields = extra or {}
+  local applied = 0
+  if delta ~= 0 and bucket >= w.first then
+    local field = slot(w.nb, bucket)
+    local after = redis.call('HINCRBY', w.key, field, delta)
+    applied = delta
+    if after <= 0 then  -- emptied (or below zero: an admin reset came between)
+      redis.call('HDEL', w.key, field)
+      applied = delta - after
+    end
+    w.total = math.max(w.total + applied, 0)
+    fields = {'t', w.total, unpack(fields)}
   end
-  w.total = math.max(w.total + after - before, 0)
-  redis.call('HSET', w.key, 't', w.total)
-  return after - before
+  if #fields > 0 then redis.call('HSET', w.key, unpack(fields)) end
+  return applied
 end
 
 -- Seeds a sliding window Redis lost (or never had) with the ledger's units per bucket
@@ -208,12 +213,16 @@ local function charge_period(w, units)
   redis.call('PEXPIRE', w.key, w.ttl)
 end
 
-local function correct_period(w, created, delta)
-  if delta == 0 or created < w.start then return 0 end
-  local after = math.max(w.total + delta, 0)
-  local applied = after - w.total
-  w.total = after
-  redis.call('HSET', w.key, 't', after)
+local function correct_period(w, created, delta, extra)
+  local fields = extra or {}
+  local applied = 0
+  if delta ~= 0 and created >= w.start then
+    local after = math.max(w.total + delta, 0)
+    applied = after - w.total
+    w.total = after
+    fields = {'t', after, unpack(fields)}
+  end
+  if #fields > 0 then redis.call('HSET', w.key, unpack(fields)) end
   return applied
 end
 
@@ -275,9 +284,9 @@ local function layer_reset(w, now)
   return reset_ms(w, now)
 end
 
-local function layer_correct(w, created, delta)
-  if w.calendar then return correct_period(w, created, delta) end
-  return correct(w, created, delta)
+local function layer_correct(w, created, delta, extra)
+  if w.calendar then return correct_period(w, created, delta, extra) end
+  return correct(w, created, delta, extra)
 end
 
 local function layer_seed(w, now, epoch, from, count)
@@ -314,7 +323,6 @@ end
 -- The outbox `outbox` has a record waiting since `now` (unless an older one already waits).
 local function note_backlog(registry, outbox, now)
   redis.call('ZADD', registry, 'NX', now, outbox)
-  redis.call('PEXPIRE', registry, REGISTRY_TTL_MS)
 end
 
 -- Records the earliest deadline left in the pending zset `pending` (or that it has none).
@@ -324,6 +332,5 @@ local function note_due(registry, pending)
     redis.call('ZREM', registry, pending)
   else
     redis.call('ZADD', registry, first[2], pending)
-    redis.call('PEXPIRE', registry, REGISTRY_TTL_MS)
   end
 end

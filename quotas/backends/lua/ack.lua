@@ -27,5 +27,4 @@ for _, rec in ipairs(redis.call('HVALS', KEYS[1])) do
   if since and (not oldest or since < oldest) then oldest = since end
 end
 redis.call('ZADD', KEYS[2], oldest or now, KEYS[1])
-redis.call('PEXPIRE', KEYS[2], REGISTRY_TTL_MS)
 return left

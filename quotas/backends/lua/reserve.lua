@@ -110,7 +110,6 @@ if status == 1 then
       local keep = ttl + (primary and primary.ttl or 0)
       redis.call('PEXPIRE', KEYS[1], keep)
       redis.call('PEXPIRE', KEYS[2], keep)
-      redis.call('PEXPIRE', KEYS[4], REGISTRY_TTL_MS)
     end
   end
 end

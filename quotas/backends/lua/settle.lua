@@ -5,8 +5,8 @@
 -- KEYS: [1] pending zset, [2] reservations hash, [3] ledger outbox hash, [4] this id's
 --       settled marker (a string key that makes a repeated settle of an id Redis does not
 --       know change nothing; written only when the caller's epoch is not the primary
---       counter's, so a normal settle leaves no key behind), [5] the backlog registry, [6] the due registry (see
---       _window.lua), [7 .. 6+N] the layers' counters.
+--       counter's, so a normal settle leaves no key behind), [5] the backlog registry (see
+--       _window.lua), [6 .. 5+N] the layers' counters.
 -- ARGV: [1] now ms override or "", [2] reservation id, [3] actual tokens (-1: the estimate
 --       stands), [4] actual cost in micro-dollars (-1: the estimate stands), [5] the
 --       primary epoch the reservation was made in ("" when unknown: never charge anew),
@@ -31,10 +31,10 @@ local layers = {}
 for i = 1, n do
   local a = 16 + (i - 1) * 7
   if ARGV[a] == 'c' or ARGV[a] == 'C' then
-    layers[i] = open_period(KEYS[6 + i], now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+    layers[i] = open_period(KEYS[5 + i], now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
                             tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
   else
-    layers[i] = open_window(KEYS[6 + i], now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
+    layers[i] = open_window(KEYS[5 + i], now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
   end
   layers[i].metric = ARGV[a + 2]
   if ARGV[a] == 'S' or ARGV[a] == 'C' then layers[i].epoch = layers[i].epoch or '-' end
@@ -95,11 +95,11 @@ for _, w in ipairs(layers) do
   if w.metric == 't' then delta = actual - estimate elseif w.metric == 'c' then
     delta = actual_cost - cost_est
   end
-  local done = layer_correct(w, created, delta)
-  if w == primary then applied = done end
-end
-if primary then
-  redis.call('HSET', primary.key, 'rv', math.max(primary.reserved - estimate, 0))
+  if w == primary then
+    applied = layer_correct(w, created, delta, {'rv', math.max(w.reserved - estimate, 0)})
+  else
+    layer_correct(w, created, delta)
+  end
 end
 redis.call('HDEL', KEYS[2], rid)
 redis.call('ZREM', KEYS[1], rid)
@@ -109,6 +109,7 @@ if ARGV[5] ~= '' and primary and ARGV[5] ~= primary.epoch then
   -- reservation and an epoch that is not its own: the marker makes it change nothing.
   redis.call('SET', KEYS[4], 1, 'PX', primary.ttl)
 end
-note_due(KEYS[6], KEYS[1])
+-- The due registry is left as it is: its entry for this user may now be early, which
+-- costs the sweep one look (see _window.lua).
 to_outbox(estimate, created, model, cost_est, team)
 return result(1, applied, estimate, created, model, cost_est, team)
