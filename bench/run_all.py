@@ -21,10 +21,12 @@ import estimation
 import memory
 import overshoot
 import provider
+import redis_cost
 from common import Row
 
 PARTS = {
     "check cost": check_cost,
+    "redis cost": redis_cost,
     "overshoot": overshoot,
     "accuracy": accuracy,
     "memory": memory,

@@ -28,6 +28,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "BENCH_COST_ROUNDS": "3",
         "BENCH_E2E_ROUNDS": "1",
         "BENCH_PROVIDER_SECONDS": "5",
+        "BENCH_REDIS_REQUESTS": "300",
     }
     run = subprocess.run(
         [sys.executable, "run_all.py"],
@@ -39,7 +40,15 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
     )
     out = run.stdout
     assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]  # no part crashed
-    sections = ("Check cost", "Overshoot", "Accuracy", "Memory", "Estimation", "End to end")
+    sections = (
+        "Check cost",
+        "Redis cost",
+        "Overshoot",
+        "Accuracy",
+        "Memory",
+        "Estimation",
+        "End to end",
+    )
     for section in (*sections, "Provider protection"):
         assert f"== {section}" in out, out
     # Overshoot at 2, 4 and 8 processes, window accuracy, and memory (tokens only, all limits).
