@@ -36,10 +36,11 @@ class Mutation:
 MUTATIONS: list[Mutation] = [
     # -- reserve.lua ------------------------------------------------------------------------
     Mutation(
-        "reserve: a request that exactly fills the budget is refused",
-        f"{LUA}/_window.lua",
-        "  if excess <= 0 then return 0 end",
-        "  if excess < 0 then return 0 end",
+        "reserve: a client at its allowance of rejected attempts gets one more request",
+        f"{LUA}/reserve.lua",
+        "  if a.total >= attempts_limit then",
+        "  if a.total > attempts_limit then",
+        ("tests/core/test_attempts_store.py", "tests/test_http_rejected_attempts.py"),
     ),
     Mutation(
         "reserve: a request that exactly fills a calendar period is refused",
