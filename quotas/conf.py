@@ -125,11 +125,18 @@ class QuotaSettings:
         return self._cached
 
     def __getattr__(self, name: str) -> Any:
+        # Only reached for a name not set on the instance yet: the first read of each
+        # setting (after which it is an instance attribute: the request path reads settings
+        # a dozen times per request), or an invalid name.
         if name.startswith("_") or name not in self._defaults:
             raise AttributeError(f"Invalid QUOTAS setting: {name!r}")
-        return self.as_dict()[name]
+        value = self.as_dict()[name]
+        self.__dict__[name] = value
+        return value
 
     def reload(self) -> None:
+        for name in self._defaults:
+            self.__dict__.pop(name, None)
         self._cached = None
 
 

@@ -247,7 +247,8 @@ def _check_fits(config: QuotaConfig, limits: tuple[Limit, ...], tokens: int, cos
         if tokens > cap:
             raise RequestTooLarge(limit=cap, requested=tokens, reason="the per-request cap")
     for limit in limits:
-        asked = {Metric.TOKENS: tokens, Metric.COST: cost}.get(limit.metric, 1)
+        metric = limit.metric
+        asked = tokens if metric is Metric.TOKENS else cost if metric is Metric.COST else 1
         if asked > limit.budget:
             raise RequestTooLarge(
                 limit=limit.budget,
