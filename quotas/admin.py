@@ -110,10 +110,20 @@ class PlanAdminForm(ModelErrorsForm):
 LIMIT_FIELDS = ["metric", "period", "window_seconds", "bucket_seconds", "model", "budget"]
 
 
+# Sized so a plan's inline of limits fits the admin's content column at 1280 px.
+LIMIT_WIDGETS = {
+    "window_seconds": forms.NumberInput(attrs={"style": "width: 6.5em"}),
+    "bucket_seconds": forms.NumberInput(attrs={"style": "width: 5em"}),
+    "model": forms.TextInput(attrs={"size": 12}),
+    "budget": forms.NumberInput(attrs={"style": "width: 8.5em"}),
+}
+
+
 class PlanLimitForm(ModelErrorsForm):
     class Meta:
         model = PlanLimit
         fields = LIMIT_FIELDS
+        widgets = LIMIT_WIDGETS
 
 
 class PlanLimitInline(admin.TabularInline):
@@ -233,17 +243,24 @@ class GlobalLimitForm(ModelErrorsForm):
     class Meta:
         model = GlobalLimit
         fields = ["name", *LIMIT_FIELDS, "is_active"]
+        widgets = LIMIT_WIDGETS
 
 
 @admin.register(GlobalLimit)
 class GlobalLimitAdmin(admin.ModelAdmin):
     """Limits over all traffic together: the provider key's TPM and RPM, a monthly bill."""
 
-    list_display = ["name", "metric", "period", "window_seconds", "model", "budget", "is_active"]
+    list_display = ["name", "metric", "window", "model", "budget", "is_active"]
     list_editable = ["budget", "is_active"]
     list_filter = ["metric", "period", "is_active"]
     search_fields = ["name", "model"]
     form = GlobalLimitForm
+
+    @admin.display(description="window", ordering="window_seconds")
+    def window(self, obj: GlobalLimit) -> str:
+        if obj.period == GlobalLimit.Periods.SLIDING:
+            return f"{obj.window_seconds} s sliding"
+        return obj.get_period_display()
 
     def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> Any:
         return super().get_changelist_form(request, **{"form": GlobalLimitForm, **kwargs})
