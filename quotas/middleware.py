@@ -70,6 +70,10 @@ class QuotaMiddleware:
             self._settle(request, reservation, response)
         state = state_of(request)
         if state is not None:
+            if state.retry_after and response.status_code < 400:
+                # Refused, then served anyway (a degradation rung answered): nothing to wait
+                # for, so no Retry-After on the answer.
+                state = replace(state, retry_after=0.0)
             set_headers(response, state)
         refused = getattr(request, REFUSED_ATTR, None)
         if refused:  # too many rejected attempts: refused before any figure was read

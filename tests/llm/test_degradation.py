@@ -199,3 +199,36 @@ def test_the_gateway_degrades_only_when_asked_and_only_the_owner_reads_a_job(
     other.credentials(HTTP_AUTHORIZATION=f"Bearer {Token.objects.create(user=make_user()).key}")
     assert other.get(job_url).status_code == 404
     assert other.get("/quotas/jobs/00000000-0000-0000-0000-000000000000/").status_code == 404
+
+
+def test_a_free_cache_hit_after_a_throttle_refusal_carries_no_retry_after(
+    make_plan, make_user, upstream_1rpm, fast, queued_jobs, settings
+):
+    settings.GATEWAY = {
+        **settings.GATEWAY,
+        "UPSTREAM_URL": upstream_1rpm.url,
+        "UPSTREAM_PROVIDER": f"gw-{upstream_1rpm.port}",
+    }
+    services.forget_provider(f"gw-{upstream_1rpm.port}", "gpt-4o")
+    plan = ladder_plan(
+        make_plan,
+        tokens_per_hour=100,
+        fallback_models=[],
+        cache_hit_cost="0",
+        defer_when_refused=False,
+    )
+    api = APIClient()
+    api.credentials(
+        HTTP_AUTHORIZATION=f"Bearer {Token.objects.create(user=make_user(plan=plan)).key}"
+    )
+    body = json.dumps(chat())
+    assert (
+        api.post("/v1/chat/completions", body, content_type="application/json").status_code == 200
+    )
+    refused = api.post("/v1/chat/completions", body, content_type="application/json")
+    assert refused.status_code == 429 and "Retry-After" in refused
+    cached = api.post(
+        "/v1/chat/completions", body, content_type="application/json", HTTP_X_QUOTA_DEGRADE="allow"
+    )
+    assert cached.status_code == 200 and cached["X-Quota-Rung"] == "cache"
+    assert "Retry-After" not in cached and "retry-after-ms" not in cached  # nothing to wait for
