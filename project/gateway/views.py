@@ -35,7 +35,7 @@ from project.gateway import fake_model
 from project.gateway.serializers import ChatCompletionRequestSerializer, first_error
 from project.gateway.upstream import RUNG_HEADER, forward, may_degrade
 from quotas.conf import quota_settings
-from quotas.core.bounds import MAX_JSON_DEPTH
+from quotas.core.bounds import MAX_JSON_DEPTH, InvalidRequest, check_depth
 from quotas.enforcement import prompt_tokens_of
 from quotas.throttling import QuotaRejected, TokenQuotaThrottle
 
@@ -171,6 +171,10 @@ def validated_chat_request(request: Request) -> dict[str, Any]:
         raise invalid_request(
             f"The request body nests objects and lists more than {MAX_JSON_DEPTH} levels deep."
         ) from exc
+    try:  # the parser's recursion limit depends on the Python version; this one does not
+        check_depth(data)
+    except InvalidRequest as exc:
+        raise invalid_request(str(exc)) from exc
     serializer = ChatCompletionRequestSerializer(data=data)
     if not serializer.is_valid():
         param, message = first_error(serializer.errors)

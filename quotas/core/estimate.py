@@ -58,6 +58,9 @@ def estimate_request(
     allow_download: bool = False,
 ) -> Estimate:
     """Estimate an OpenAI-style request body (already parsed from JSON)."""
+    # Depth first, whatever the body is: the JSON parser's own recursion limit depends on the
+    # Python version (3.11 refuses 1,000 levels, 3.12 parses them), so the limit is ours.
+    check_depth(body)
     if not isinstance(body, Mapping):
         raise InvalidRequest("The request body must be a JSON object.")
     model = check_model_name(body.get("model", ""))
@@ -66,6 +69,5 @@ def estimate_request(
     max_tokens = positive_int_or_none(body, "max_tokens")
     if "messages" in body:
         messages_of(body)  # the message count, before a walk over every message
-    check_depth(body)
     prompt = prompt_tokens(body, model, fallback=fallback_encoding, download=allow_download)
     return Estimate(model, prompt, output or max_tokens)
