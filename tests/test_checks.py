@@ -11,8 +11,10 @@ from quotas import checks
 
 
 def quota_errors(**quotas):
+    """The app's checks without its database ones (Django 6 runs those on every alias when
+    ``databases`` is not given; Django 5.2 skipped them)."""
     with override_settings(QUOTAS={**settings.QUOTAS, **quotas}):
-        return run_checks(tags=["quotas"])
+        return run_checks(tags=["quotas"], databases=[])
 
 
 def test_the_demo_configuration_is_clean():
@@ -105,3 +107,32 @@ def test_a_client_factory_that_cannot_make_clients_is_refused(path, error):
     [message] = quota_errors(LLM_CLIENT_FACTORY=path)
     assert message.id == "quotas.E008" and error in message.msg
     assert message.hint == checks.E008_HINT
+
+
+@pytest.mark.django_db
+def test_cost_limits_without_prices_warn(make_plan, make_user):
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    from quotas.models import ModelPrice, PlanLimit, UsageRecord
+
+    def price_warnings():
+        found = run_checks(tags=["quotas"], databases=["default"])
+        return [(m.id, m.msg) for m in found if m.id in ("quotas.W002", "quotas.W003")]
+
+    plan = make_plan(tokens_per_hour=1000)
+    assert price_warnings() == []  # no cost limit: prices do not matter
+    PlanLimit.objects.create(plan=plan, metric="cost", period="month", budget=30_000)
+    assert [id for id, _ in price_warnings()] == ["quotas.W002"]
+    ModelPrice.objects.create(
+        model="gpt-4*", input_per_million=Decimal(30), output_per_million=Decimal(60)
+    )
+    assert price_warnings() == []
+    user = make_user(plan=plan)
+    for model in ("gpt-4o", "mystery-model"):
+        UsageRecord.objects.create(
+            request_id=f"r-{model}", user=user, model=model, created_at=timezone.now()
+        )
+    ((id, msg),) = price_warnings()
+    assert id == "quotas.W003" and "'mystery-model'" in msg and "gpt-4o" not in msg
