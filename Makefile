@@ -30,9 +30,9 @@ run: venv
 test: venv
 	$(WITH_REDIS) $(VPY) -m pytest $(PYTEST_ARGS)
 
-# Every other cell of the supported-versions matrix (noxfile.py), as CI runs them after `test`.
+# Every other cell of the supported-versions matrix (noxfile.py): CI's (tag ci) and the rest.
 matrix: venv
-	$(VENV)/bin/nox --tags ci
+	$(VENV)/bin/nox --tags ci more
 
 # The sdist and the wheel, in dist/ (tests/test_wheel.py checks what they carry).
 dist: venv
