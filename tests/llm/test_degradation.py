@@ -40,6 +40,21 @@ def upstream_1rpm(limited: Upstream) -> Upstream:
 
 
 @pytest.fixture
+def fast(quota_config: Any) -> None:
+    """The package's short retry and breaker times, with room for a slow answer: on a loaded
+    machine an attempt that timed out after the upstream served it spends that model's one
+    request, and the ladder would start a rung too low. No test here is about timeouts."""
+    quota_config(
+        LLM_DEADLINE_SECONDS=30.0,
+        LLM_ATTEMPT_TIMEOUT_SECONDS=10.0,
+        LLM_RETRY_BASE_SECONDS=0.05,
+        LLM_RETRY_MAX_SECONDS=0.2,
+        PROVIDER_BREAKER_RESET_SECONDS=1.5,
+        PROVIDER_BACKOFF_SECONDS=0.3,
+    )
+
+
+@pytest.fixture
 def queued_jobs() -> Iterator[list[tuple[str, float]]]:
     """Deferred jobs are recorded instead of queued (the worker has its own test)."""
     queued: list[tuple[str, float]] = []
