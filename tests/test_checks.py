@@ -105,3 +105,15 @@ def test_a_client_factory_that_cannot_make_clients_is_refused(path, error):
     [message] = quota_errors(LLM_CLIENT_FACTORY=path)
     assert message.id == "quotas.E008" and error in message.msg
     assert message.hint == checks.E008_HINT
+
+
+@pytest.mark.parametrize("share", [0, -0.5, 1.5, "half", None, True, float("nan")])
+def test_a_degraded_share_outside_0_to_1_is_refused(share):
+    assert quota_errors(DEGRADED_SHARE=share) == [
+        Error(checks.E009_MSG.format(value=share), hint=checks.E009_HINT, id="quotas.E009")
+    ]
+
+
+@pytest.mark.parametrize("share", [1, 1.0, 0.25, 0.001])
+def test_a_degraded_share_from_0_to_1_passes(share):
+    assert quota_errors(DEGRADED_SHARE=share) == []

@@ -128,6 +128,12 @@ def _log_breaker_change(old: BreakerState, new: BreakerState) -> None:
     # One line per state change, not one per request.
     log = logger.info if new is BreakerState.CLOSED else logger.warning
     log("quotas: Redis circuit breaker %s -> %s", old.value, new.value)
+    if new is BreakerState.CLOSED:
+        # Redis decides again: the counts of the degraded decisions (quotas.engine.degraded)
+        # start from zero at the next outage.
+        local = _runtime.get("degraded_windows")
+        if local is not None:
+            local.clear()
 
 
 def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
