@@ -14,6 +14,8 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.utils import timezone
 from django_redis import get_redis_connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quotas.backends.redis import RedisWindowStore
 from quotas.conf import quota_settings
@@ -33,6 +35,7 @@ __all__ = [
     "redis_key_prefix",
     "reservation_ttl_ms",
     "reset_runtime",
+    "unreachable",
     "window_spec",
 ]
 
@@ -143,11 +146,22 @@ def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise StoreUnavailable("Redis circuit breaker is open.")
     try:
         result = fn(*args, **kwargs)
-    except StoreUnavailable:
-        breaker.record_failure()
+    except StoreUnavailable as exc:
+        if unreachable(exc):
+            # Refused, reset or timed out: the first such error opens the breaker, so the
+            # rest of this request (its settle) and the next ones do not wait again.
+            breaker.trip()
+        else:
+            breaker.record_failure()
         raise
     breaker.record_success()
     return result
+
+
+def unreachable(exc: StoreUnavailable) -> bool:
+    """Whether Redis could not be reached at all (not an error Redis answered with)."""
+    cause = exc.__cause__
+    return isinstance(cause, RedisConnectionError | RedisTimeoutError | OSError)
 
 
 def broker_state() -> str:
