@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from project.devtools.redis_server import RedisServer, start_private_redis
 from quotas import services
 from quotas.core.breaker import BreakerState
 from quotas.exceptions import QuotaExceeded
-from quotas.models import UsageRecord
+from quotas.models import GlobalLimit, UsageRecord
 from tests.conftest import quotas_settings
 from tests.gateway_server import running_gateway
 
@@ -126,6 +128,42 @@ def test_a_refund_while_degraded_gives_the_local_room_back(
             services.reserve(user, 1)
         services.refund(held)
         assert services.reserve(user, 1000).degraded
+
+
+def test_every_layer_is_counted_locally_the_global_limit_across_users(
+    make_plan, make_user, private_redis, isolated_quotas
+):
+    GlobalLimit.objects.create(name="g", metric="tokens", window_seconds=3600, budget=700)
+    one, two = (make_user(plan=make_plan(tokens_per_hour=10**6)) for _ in range(2))
+    with on_private(private_redis, isolated_quotas):
+        private_redis.stop()
+        assert services.reserve(one, 500).degraded
+        with pytest.raises(QuotaExceeded) as refused:
+            services.reserve(two, 300)  # fits the user's plan, not the global limit's 700
+        assert (refused.value.limit_scope, refused.value.limit) == ("global", 700)
+        assert services.reserve(two, 200).degraded
+
+
+def test_a_hung_redis_costs_the_first_request_one_socket_timeout_not_one_per_call(
+    make_plan, make_user, private_redis, isolated_quotas
+):
+    user = make_user(plan=make_plan(tokens_per_hour=BUDGET))
+    with on_private(private_redis, isolated_quotas):
+        services.settle(services.reserve(user, 10))
+        assert private_redis.process is not None
+        os.kill(private_redis.process.pid, signal.SIGSTOP)  # accepts, never answers
+        try:
+            started = time.monotonic()
+            services.settle(services.reserve(user, 10))  # reserve and settle: one timeout
+            first = time.monotonic() - started
+            started = time.monotonic()
+            services.settle(services.reserve(user, 10))
+            second = time.monotonic() - started
+        finally:
+            os.kill(private_redis.process.pid, signal.SIGCONT)
+    # 0.25 s socket timeout: once (the reserve), not again for the settle (0.5 s before the
+    # first timeout opened the breaker), and not at all for the next request.
+    assert 0.25 <= first < 0.45 and second < 0.1
 
 
 BODY = json.dumps(

@@ -30,7 +30,7 @@ from django.db import DataError, IntegrityError, connections, router, transactio
 
 from quotas.backends.redis import LedgerEntry, RedisWindowStore
 from quotas.core.bounds import MAX_MODEL_LENGTH
-from quotas.engine.runtime import get_store
+from quotas.engine.runtime import get_store, guarded
 from quotas.exceptions import StoreUnavailable
 from quotas.models import Team, UsageRecord
 from quotas.signals import reservation_expired
@@ -124,10 +124,11 @@ def write_usage(payloads: Iterable[dict[str, Any]]) -> int:
     # the worker's rate that of the database's fsyncs: about 100 rows/s over 100 users).
     everything = [entry for entries in by_scope.values() for entry in entries]
     created = _write(store, everything, users_of_scopes(by_scope))
+    acks = {scope: [entry.reservation_id for entry in es] for scope, es in by_scope.items()}
     try:
-        store.ack_outboxes(
-            {scope: [e.reservation_id for e in es] for scope, es in by_scope.items()}
-        )
+        # Through the breaker: while Redis is known to be down, no wait for a timeout here
+        # (with the broker down too, this runs on a request's path).
+        guarded(store.ack_outboxes, acks)
     except StoreUnavailable:  # the sweep finds their rows written and drops them later
         logger.info(
             "quotas: Redis unavailable; outboxes of %d keys left to the sweep", len(by_scope)
