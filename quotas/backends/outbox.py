@@ -104,6 +104,10 @@ class LedgerOutbox:
     def ack_outboxes(self, reservation_ids: Mapping[str, Sequence[str]]) -> None:
         """``ack_outbox`` for several quota keys in one round trip (a pipeline; acknowledging
         twice changes nothing)."""
+        if len(reservation_ids) == 1:  # one key: one script call, no pipeline
+            [(scope, ids)] = reservation_ids.items()
+            self.ack_outbox(scope, ids)
+            return
         calls = [
             ([self.keys(scope)[4], self.backlog_key], ["", *ids])
             for scope, ids in reservation_ids.items()

@@ -14,22 +14,17 @@ from dataclasses import replace
 
 from quotas.conf import quota_settings
 from quotas.core.decisions import Counter
-from quotas.core.degraded import LocalVerdict, LocalWindows
+from quotas.core.degraded import LocalVerdict
 from quotas.core.limits import Metric
 from quotas.core.types import QuotaState
-from quotas.engine.runtime import get_breaker, per_process
+from quotas.engine.runtime import degraded_windows, get_breaker
 from quotas.engine.types import Reservation
 from quotas.exceptions import QuotaExceeded
 
 __all__ = ["admit_degraded", "degraded_windows", "settle_degraded"]
 
 
-def degraded_windows() -> LocalWindows:
-    """This process's counts of degraded decisions (made on first use)."""
-    return per_process("degraded_windows", LocalWindows)
-
-
-def counter_keys(counters: Sequence[Counter]) -> list[str]:
+def _local_keys(counters: Sequence[Counter]) -> list[str]:
     """The local key of each counter: its scope's tag and the limit's key, as in Redis."""
     return [f"{counter.tag}/{counter.limit.key}" for counter in counters]
 
@@ -45,7 +40,7 @@ def admit_degraded(
     one of its limits has no room left in this process's share."""
     share = float(quota_settings.DEGRADED_SHARE)
     limits = [counter.limit for counter in counters]
-    verdict = degraded_windows().admit(rid, counter_keys(counters), limits, amounts, share, now_ms)
+    verdict = degraded_windows().admit(rid, _local_keys(counters), limits, amounts, share, now_ms)
     if not verdict.admitted:
         raise _refusal(counters, amounts, verdict, state)
 

@@ -20,12 +20,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from quotas.backends.redis import RedisWindowStore
 from quotas.conf import quota_settings
 from quotas.core.breaker import BreakerState, CircuitBreaker
+from quotas.core.degraded import LocalWindows
 from quotas.core.types import WindowSpec
 from quotas.exceptions import StoreUnavailable
 
 __all__ = [
     "broker_breaker",
     "broker_state",
+    "degraded_windows",
     "get_breaker",
     "get_store",
     "guarded",
@@ -162,6 +164,15 @@ def unreachable(exc: StoreUnavailable) -> bool:
     """Whether Redis could not be reached at all (not an error Redis answered with)."""
     cause = exc.__cause__
     return isinstance(cause, RedisConnectionError | RedisTimeoutError | OSError)
+
+
+def degraded_windows() -> LocalWindows:
+    """This process's counts of degraded decisions (``quotas.engine.degraded``), made once
+    even when two threads meet the outage together (``setdefault`` is atomic)."""
+    local = _runtime.get("degraded_windows")
+    if local is None:
+        local = _runtime.setdefault("degraded_windows", LocalWindows())
+    return local  # type: ignore[no-any-return]
 
 
 def broker_state() -> str:
