@@ -35,8 +35,8 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 BUDGET = 3000
 FIRST_CALL = 0.2  # seconds: the first request after Redis dies never waits for timeouts
 # Over HTTP, on a loaded 2-core machine shared with other runs: a generous bound (the figures
-# are printed; typically a few ms).
-SLOWEST_HTTP = 1.0
+# are printed: 21-102 ms for the first request, under 0.25 s for the slowest, at load 6-12).
+SLOWEST_HTTP = 1.5  # as tests/test_http_outage.py
 
 
 @pytest.fixture(scope="module")
