@@ -91,6 +91,14 @@ class LocalVerdict:
         return self.refusing == 0
 
 
+def _retry_ms(
+    count: _Count, limit: Limit, now_ms: int, used: int, amount: int, room: int
+) -> int | None:
+    """Milliseconds until ``amount`` fits beside what is used; ``None``: it never fits (the
+    request is larger than the whole room)."""
+    return None if amount > room else count.free_after(limit, now_ms, used + amount - room)
+
+
 @dataclass(frozen=True)
 class _Charge:
     keys: tuple[str, ...]
@@ -130,11 +138,7 @@ class LocalWindows:
             used = tuple(c.total(lim, now_ms) for c, lim in zip(counts, limits, strict=True))
             for i, (amount, room) in enumerate(zip(amounts, allowed, strict=True)):
                 if amount > 0 and used[i] + amount > room:
-                    retry = (
-                        None
-                        if amount > room
-                        else self._retry(counts[i], limits[i], now_ms, used[i] + amount - room)
-                    )
+                    retry = _retry_ms(counts[i], limits[i], now_ms, used[i], amount, room)
                     return LocalVerdict(i + 1, used, allowed, retry)
             for count, limit, amount in zip(counts, limits, amounts, strict=True):
                 count.add(limit, now_ms, amount)
@@ -159,10 +163,6 @@ class LocalWindows:
         with self._lock:
             self._counts.clear()
             self._charges.clear()
-
-    @staticmethod
-    def _retry(count: _Count, limit: Limit, now_ms: int, needed: int) -> int:
-        return count.free_after(limit, now_ms, needed)
 
     def _count(self, key: str) -> _Count:
         count = self._counts.get(key)
