@@ -36,8 +36,8 @@ from common import Row
 
 SECTION = "Ledger volume"
 DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/quotas_bench_ledger"
-ROWS = int(os.environ.get("BENCH_LEDGER_ROWS") or 50_000)
-BURST = int(os.environ.get("BENCH_LEDGER_BURST") or 5_000)
+ROWS = int(os.environ.get("BENCH_LEDGER_ROWS") or 20_000)
+BURST = int(os.environ.get("BENCH_LEDGER_BURST") or 3_000)
 USERS = 100
 LARGE_BATCH = 1_000  # with LEDGER_BATCH_SIZE = 1000: fewer commits and round trips per row
 TARGET_ROWS_PER_SECOND = 5_000
