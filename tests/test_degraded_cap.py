@@ -144,7 +144,7 @@ def test_every_layer_is_counted_locally_the_global_limit_across_users(
         assert services.reserve(two, 200).degraded
 
 
-def test_a_hung_redis_costs_the_first_request_one_socket_timeout_not_one_per_call(
+def test_a_hung_redis_costs_socket_timeouts_only_until_the_breaker_opens(
     make_plan, make_user, private_redis, isolated_quotas
 ):
     user = make_user(plan=make_plan(tokens_per_hour=BUDGET))
@@ -154,16 +154,21 @@ def test_a_hung_redis_costs_the_first_request_one_socket_timeout_not_one_per_cal
         os.kill(private_redis.process.pid, signal.SIGSTOP)  # accepts, never answers
         try:
             started = time.monotonic()
-            services.settle(services.reserve(user, 10))  # reserve and settle: one timeout
-            first = time.monotonic() - started
-            started = time.monotonic()
             services.settle(services.reserve(user, 10))
-            second = time.monotonic() - started
+            first = time.monotonic() - started
+            later = []
+            for _ in range(5):
+                started = time.monotonic()
+                services.settle(services.reserve(user, 10))
+                later.append(time.monotonic() - started)
+            assert services.get_breaker().state is BreakerState.OPEN
         finally:
             os.kill(private_redis.process.pid, signal.SIGCONT)
-    # 0.25 s socket timeout: once (the reserve), not again for the settle (0.5 s before the
-    # first timeout opened the breaker), and not at all for the next request.
-    assert 0.25 <= first < 0.45 and second < 0.1
+    # A reply that times out may be a lost one (the call ran), so it counts as one of
+    # BREAKER_FAILURES (3) rather than opening the breaker: the first request waits the 0.25 s
+    # socket timeout of its reserve, its settle and (ledger rows written in the request
+    # here) the outbox ack, never a retry; after that nothing waits.
+    assert first < 3 * 0.25 + 0.3 and max(later) < 0.1
 
 
 BODY = json.dumps(

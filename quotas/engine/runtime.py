@@ -150,8 +150,8 @@ def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
         result = fn(*args, **kwargs)
     except StoreUnavailable as exc:
         if unreachable(exc):
-            # Refused, reset or timed out: the first such error opens the breaker, so the
-            # rest of this request (its settle) and the next ones do not wait again.
+            # Refused, reset, or no connection made in time: the first such error opens the
+            # breaker, so the rest of this request (its settle) and the next ones skip Redis.
             breaker.trip()
         else:
             breaker.record_failure()
@@ -161,9 +161,14 @@ def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def unreachable(exc: StoreUnavailable) -> bool:
-    """Whether Redis could not be reached at all (not an error Redis answered with)."""
+    """Whether Redis could not be reached at all. A reply that timed out is not that: the
+    call may have run (a lost reply), and what follows it (the settle of a reservation
+    whose reply was lost) must still reach Redis, so it counts as one failure of
+    ``BREAKER_FAILURES``, as an error Redis answered with does."""
     cause = exc.__cause__
-    return isinstance(cause, RedisConnectionError | RedisTimeoutError | OSError)
+    if isinstance(cause, RedisTimeoutError | TimeoutError):
+        return "connecting" in str(cause)  # redis-py: "Timeout connecting to server"
+    return isinstance(cause, RedisConnectionError | OSError)
 
 
 def degraded_windows() -> LocalWindows:
