@@ -73,14 +73,17 @@ def bench_env() -> dict[str, str]:
 _django_ready = False
 
 
-def setup_django() -> None:
-    """Configure Django on the bench's own SQLite file, migrate it, and point every key the
-    bench writes (quota windows, cache, throttles) under ``PREFIX``. Idempotent."""
+def setup_django(database_url: str | None = None) -> None:
+    """Configure Django on the bench's own SQLite file (or ``database_url``, a database of
+    the bench's own), migrate it, and point every key the bench writes (quota windows, cache,
+    throttles) under ``PREFIX``. Idempotent."""
     global _django_ready
     if _django_ready:
         return
     os.environ.update(bench_env())
-    os.environ.pop("DATABASE_URL", None)  # always the private SQLite file, never a shared DB
+    os.environ.pop("DATABASE_URL", None)  # the private SQLite file, never a shared DB ...
+    if database_url:  # ... or the bench's own database (bench/ledger_volume.py)
+        os.environ["DATABASE_URL"] = database_url
     bench_var_dir().mkdir(parents=True, exist_ok=True)
 
     import django

@@ -18,6 +18,7 @@ import check_cost
 import common
 import endtoend
 import estimation
+import ledger_volume
 import memory
 import overshoot
 import provider
@@ -33,6 +34,7 @@ PARTS = {
     "estimation": estimation,
     "end to end": endtoend,
     "provider": provider,
+    "ledger volume": ledger_volume,
 }
 
 

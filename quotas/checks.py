@@ -8,6 +8,8 @@ quotas.E005  A numeric setting is out of range.
 quotas.E006  Unknown keys in QUOTAS (likely a typo).
 quotas.E007  QUOTAS["TIME_ZONE"] is not a time zone this machine knows (calendar limits).
 quotas.E008  QUOTAS["LLM_CLIENT_FACTORY"] cannot be imported (deferred jobs could not run).
+quotas.E009  QUOTAS["DEGRADED_SHARE"] is not a number above 0 and at most 1 (the share of each
+             budget a process may admit while Redis is unreachable).
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
 quotas.W002  Cost limits exist but no model price is listed: every cost would be 0.
@@ -49,6 +51,12 @@ E006_MSG = "Unknown QUOTAS settings: {keys}."
 E006_HINT = "The known settings are listed in the README's settings reference."
 E008_MSG = "QUOTAS['LLM_CLIENT_FACTORY'] = {path!r} cannot be imported: {error}."
 E008_HINT = "Give the dotted path of a callable (provider name) -> openai.OpenAI."
+E009_MSG = "QUOTAS['DEGRADED_SHARE'] must be a number above 0 and at most 1, not {value!r}."
+E009_HINT = (
+    "It is the share of each budget one process may admit while Redis is unreachable "
+    "(1.0: the whole budget per process; e.g. 0.25 with four web processes keeps an outage "
+    "within the budget)."
+)
 W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
 W001_HINT = (
     "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
@@ -132,11 +140,18 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
         )
         errors.append(Error(msg, id="quotas.E005"))
     errors += _client_factory_errors(values["LLM_CLIENT_FACTORY"])
+    errors += _degraded_share_errors(values["DEGRADED_SHARE"])
     unknown = sorted(set(quota_settings.user_settings) - set(DEFAULTS))
     if unknown:
         msg = E006_MSG.format(keys=", ".join(unknown))
         errors.append(Error(msg, hint=E006_HINT, id="quotas.E006"))
     return errors
+
+
+def _degraded_share_errors(share: Any) -> list[CheckMessage]:
+    if not isinstance(share, bool) and isinstance(share, int | float) and 0 < share <= 1:
+        return []
+    return [Error(E009_MSG.format(value=share), hint=E009_HINT, id="quotas.E009")]
 
 
 def _client_factory_errors(path: Any) -> list[CheckMessage]:

@@ -33,6 +33,10 @@ DEFAULTS: dict[str, Any] = {
     # BREAKER_RESET_SECONDS.
     "BREAKER_FAILURES": 3,
     "BREAKER_RESET_SECONDS": 5.0,
+    # Fail-open is bounded: while its breaker is open, each process admits at most this share
+    # of every limit's budget per window, counted locally (from 0 excluded to 1). With N
+    # processes an outage overshoots a budget by at most N * DEGRADED_SHARE * budget.
+    "DEGRADED_SHARE": 1.0,
     # Callable (dotted path) turning a request into a token estimate.
     "ESTIMATOR": "quotas.core.estimate.estimate_request",
     # Encoding used for models tiktoken does not know, or whose encoding is not available

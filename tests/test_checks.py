@@ -136,3 +136,15 @@ def test_cost_limits_without_prices_warn(make_plan, make_user):
         )
     ((id, msg),) = price_warnings()
     assert id == "quotas.W003" and "'mystery-model'" in msg and "gpt-4o" not in msg
+
+
+@pytest.mark.parametrize("share", [0, -0.5, 1.5, "half", None, True, float("nan")])
+def test_a_degraded_share_outside_0_to_1_is_refused(share):
+    assert quota_errors(DEGRADED_SHARE=share) == [
+        Error(checks.E009_MSG.format(value=share), hint=checks.E009_HINT, id="quotas.E009")
+    ]
+
+
+@pytest.mark.parametrize("share", [1, 1.0, 0.25, 0.001])
+def test_a_degraded_share_from_0_to_1_passes(share):
+    assert quota_errors(DEGRADED_SHARE=share) == []

@@ -14,8 +14,10 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from redis import Redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.retry import Retry
 
 from quotas.exceptions import StoreUnavailable
 
@@ -72,8 +74,9 @@ class ScriptRunner:
     - the client's connection settings (host, timeouts, TLS, credentials): connections are
       made by the client's pool class from the pool's arguments;
     - a connection that failed (refused, reset, timed out mid-reply) is closed and the next
-      call makes a new one; an error from the script itself (``ResponseError``) leaves it
-      usable; ``NOSCRIPT`` (Redis restarted or flushed its scripts) sends the source once;
+      call makes a new one; a refused connect is never retried (no redis-py retries); an
+      error from the script itself (``ResponseError``) leaves it usable; ``NOSCRIPT`` (Redis
+      restarted or flushed its scripts) sends the source once;
     - a connection used before that turns out closed (the server restarted or dropped idle
       clients: ``ConnectionError``) is replaced and the call sent once more, at once. That is
       the case redis-py's pool checks for by polling every connection it lends; here it
@@ -162,7 +165,10 @@ class ScriptRunner:
         pid = os.getpid()
         if connection is None or local.pid != pid:
             assert self.pool is not None
-            connection = self.pool.connection_class(**self.pool.connection_kwargs)
+            # Never redis-py's retries (a client may be configured with backoffs adding up
+            # to seconds): a refused or dead Redis is reported at once and the breaker opens.
+            kwargs = {**self.pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+            connection = self.pool.connection_class(**kwargs)
             local.connection, local.pid = connection, pid
         return connection
 

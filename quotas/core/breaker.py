@@ -1,8 +1,8 @@
 """A circuit breaker for the quota store. Framework-free; the clock is injectable.
 
-closed -> (``failures`` consecutive errors) -> open -> (``reset_after`` seconds) -> half-open:
-one caller probes; success closes it, failure opens it again. While open, callers skip Redis
-at once instead of waiting for a socket timeout on every request.
+closed -> (``failures`` consecutive errors, or ``trip``) -> open -> (``reset_after``
+seconds) -> half-open: one caller probes; success closes it, failure opens it again. While
+open, callers skip Redis at once instead of waiting for a socket timeout on every request.
 """
 
 from __future__ import annotations
@@ -74,6 +74,15 @@ class CircuitBreaker:
                 self._opened_at = self.clock()
                 if self.state is not BreakerState.OPEN:
                     self._move(BreakerState.OPEN)
+
+    def trip(self) -> None:
+        """Open now, whatever the count: the store cannot be reached at all (connection refused,
+        reset or timed out), so the next callers must not each pay for finding that out."""
+        with self._lock:
+            self._count = max(self._count, self.failures)
+            self._opened_at = self.clock()
+            if self.state is not BreakerState.OPEN:
+                self._move(BreakerState.OPEN)
 
     def _move(self, new: BreakerState) -> None:
         old, self.state = self.state, new

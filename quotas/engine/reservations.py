@@ -16,6 +16,7 @@ from quotas.core.pricing import Price
 from quotas.core.types import QuotaState
 from quotas.engine.config import QuotaConfig, configs
 from quotas.engine.counters import Charges, charges_for, quota_state
+from quotas.engine.degraded import admit_degraded
 from quotas.engine.plans import User, config_for, scope_for, user_id_of
 from quotas.engine.runtime import (
     get_store,
@@ -318,9 +319,19 @@ def _maybe_alert(request: Request, ask: Ask, state: QuotaState) -> None:
 
 
 def _degraded(request: Request) -> Reservation:
-    """Fail-open: serve without Redis. Per-request caps and whole budgets still hold (they
-    need no Redis); the usage is charged to every layer once Redis answers again."""
+    """Fail-open: serve without Redis, within this process's share of every limit
+    (``QUOTAS["DEGRADED_SHARE"]``, counted locally: see ``quotas.engine.degraded``).
+    Per-request caps and whole budgets still hold; the usage is charged to every layer once
+    Redis answers again."""
     ask = ask_for(request, config_for(request.user, request.address))
     limits, window = ask.config.limits, window_spec().window_seconds
     state = QuotaState(limits.tokens_per_window, 0, 0.0, window, degraded=True)
-    return _reservation(request, ask, state, now_ms(), DEGRADED_EPOCH, degraded=True)
+    at_ms = now_ms()
+    try:
+        admit_degraded(request.rid, ask.charges.counters, ask.charges.amounts, at_ms, state)
+    except QuotaExceeded as exc:
+        quota_exceeded.send(
+            sender=Reservation, user=request.user, scope=request.scope, exception=exc
+        )
+        raise
+    return _reservation(request, ask, state, at_ms, DEGRADED_EPOCH, degraded=True)

@@ -14,16 +14,20 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.utils import timezone
 from django_redis import get_redis_connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quotas.backends.redis import RedisWindowStore
 from quotas.conf import quota_settings
 from quotas.core.breaker import BreakerState, CircuitBreaker
+from quotas.core.degraded import LocalWindows
 from quotas.core.types import WindowSpec
 from quotas.exceptions import StoreUnavailable
 
 __all__ = [
     "broker_breaker",
     "broker_state",
+    "degraded_windows",
     "get_breaker",
     "get_store",
     "guarded",
@@ -33,6 +37,7 @@ __all__ = [
     "redis_key_prefix",
     "reservation_ttl_ms",
     "reset_runtime",
+    "unreachable",
     "window_spec",
 ]
 
@@ -128,6 +133,12 @@ def _log_breaker_change(old: BreakerState, new: BreakerState) -> None:
     # One line per state change, not one per request.
     log = logger.info if new is BreakerState.CLOSED else logger.warning
     log("quotas: Redis circuit breaker %s -> %s", old.value, new.value)
+    if new is BreakerState.CLOSED:
+        # Redis decides again: the counts of the degraded decisions (quotas.engine.degraded)
+        # start from zero at the next outage.
+        local = _runtime.get("degraded_windows")
+        if local is not None:
+            local.clear()
 
 
 def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -137,11 +148,36 @@ def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise StoreUnavailable("Redis circuit breaker is open.")
     try:
         result = fn(*args, **kwargs)
-    except StoreUnavailable:
-        breaker.record_failure()
+    except StoreUnavailable as exc:
+        if unreachable(exc):
+            # Refused, reset, or no connection made in time: the first such error opens the
+            # breaker, so the rest of this request (its settle) and the next ones skip Redis.
+            breaker.trip()
+        else:
+            breaker.record_failure()
         raise
     breaker.record_success()
     return result
+
+
+def unreachable(exc: StoreUnavailable) -> bool:
+    """Whether Redis could not be reached at all. A reply that timed out is not that: the
+    call may have run (a lost reply), and what follows it (the settle of a reservation
+    whose reply was lost) must still reach Redis, so it counts as one failure of
+    ``BREAKER_FAILURES``, as an error Redis answered with does."""
+    cause = exc.__cause__
+    if isinstance(cause, RedisTimeoutError | TimeoutError):
+        return "connecting" in str(cause)  # redis-py: "Timeout connecting to server"
+    return isinstance(cause, RedisConnectionError | OSError)
+
+
+def degraded_windows() -> LocalWindows:
+    """This process's counts of degraded decisions (``quotas.engine.degraded``), made once
+    even when two threads meet the outage together (``setdefault`` is atomic)."""
+    local = _runtime.get("degraded_windows")
+    if local is None:
+        local = _runtime.setdefault("degraded_windows", LocalWindows())
+    return local  # type: ignore[no-any-return]
 
 
 def broker_state() -> str:

@@ -13,6 +13,7 @@ from quotas.core.bounds import check_token_figure
 from quotas.core.decisions import SettleOutcome
 from quotas.engine.batching import Batcher, batch_interval
 from quotas.engine.counters import quota_state
+from quotas.engine.degraded import settle_degraded
 from quotas.engine.ledger import ledger_batcher, send_to_ledger, usage_payload
 from quotas.engine.lookup import actual_cost, reservation_of
 from quotas.engine.runtime import get_store, guarded, now_ms
@@ -138,6 +139,7 @@ def _settle_job(
         status = "degraded"
         actual = reservation.estimated_tokens if actual is None else actual
         cost = reservation.estimated_cost if cost is None else cost
+        settle_degraded(reservation, actual, cost)
     return _SettleJob(reservation, actual, status, prompt, completion, cost)
 
 

@@ -137,3 +137,13 @@ def test_a_failure_reported_while_open_restarts_the_wait(breaker, clock):
     assert not breaker.allow()
     clock.advance(0.1)
     assert breaker.allow()
+
+
+def test_trip_opens_at_once_and_probes_after_the_reset(clock):
+    breaker = CircuitBreaker(failures=3, reset_after=5.0, clock=clock)
+    breaker.trip()
+    assert breaker.state is OPEN and not breaker.allow()
+    clock.advance(5.0)
+    assert breaker.allow() and breaker.state is HALF_OPEN
+    breaker.record_success()
+    assert breaker.state is CLOSED
