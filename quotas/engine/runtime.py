@@ -14,7 +14,9 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.utils import timezone
 from django_redis import get_redis_connection
+from redis.cluster import RedisCluster
 
+from quotas.backends.cluster import ClusterWindowStore
 from quotas.backends.redis import RedisWindowStore
 from quotas.conf import quota_settings
 from quotas.core.breaker import BreakerState, CircuitBreaker
@@ -27,6 +29,7 @@ __all__ = [
     "get_breaker",
     "get_store",
     "guarded",
+    "guarded_for",
     "note_broker_seen",
     "now_ms",
     "per_process",
@@ -85,13 +88,32 @@ def now_ms() -> int:
 
 
 def get_store() -> RedisWindowStore:
-    """The process's ``RedisWindowStore`` on the configured django-redis alias."""
+    """The process's ``RedisWindowStore``: on the configured django-redis alias, or on the
+    Redis Cluster ``QUOTAS["REDIS_CLUSTER_URL"]`` names (a ``ClusterWindowStore``)."""
     store = _runtime.get("store")
     if store is None:
-        client = get_redis_connection(quota_settings.CACHE_ALIAS)
-        store = RedisWindowStore(client, prefix=redis_key_prefix(), spec=window_spec())
+        cluster_url = quota_settings.REDIS_CLUSTER_URL
+        if cluster_url:
+            client = cluster_client(str(cluster_url))
+            store = ClusterWindowStore(client, prefix=redis_key_prefix(), spec=window_spec())
+        else:
+            client = get_redis_connection(quota_settings.CACHE_ALIAS)
+            store = RedisWindowStore(client, prefix=redis_key_prefix(), spec=window_spec())
         _runtime["store"] = store
     return store
+
+
+# Cluster client defaults a URL's query can override (``?socket_timeout=2``): a request
+# never waits long for a node that is down, and a failed node is asked again at once.
+CLUSTER_CLIENT_DEFAULTS: dict[str, Any] = {
+    "socket_connect_timeout": 0.5,
+    "socket_timeout": 1.0,
+}
+
+
+def cluster_client(url: str) -> RedisCluster:
+    """A ``redis.cluster.RedisCluster`` on the cluster ``url`` names (any of its nodes)."""
+    return RedisCluster.from_url(url, **CLUSTER_CLIENT_DEFAULTS)
 
 
 # What makes a cache alias namespace its keys (Django's cache settings).
@@ -112,11 +134,13 @@ def redis_key_prefix() -> str:
     return str(caches[alias].make_key(quota_settings.KEY_PREFIX))
 
 
-def get_breaker() -> CircuitBreaker:
-    """The process's circuit breaker in front of Redis."""
-    breaker = _runtime.get("breaker")
+def get_breaker(node: str = "") -> CircuitBreaker:
+    """The process's circuit breaker in front of Redis (on Redis Cluster, one per ``node``
+    as ``RedisWindowStore.breaker_key`` names it: a failing node opens its own breaker)."""
+    name = f"breaker:{node}" if node else "breaker"
+    breaker = _runtime.get(name)
     if breaker is None:
-        breaker = _runtime["breaker"] = CircuitBreaker(
+        breaker = _runtime[name] = CircuitBreaker(
             failures=quota_settings.BREAKER_FAILURES,
             reset_after=quota_settings.BREAKER_RESET_SECONDS,
             on_change=_log_breaker_change,
@@ -132,7 +156,15 @@ def _log_breaker_change(old: BreakerState, new: BreakerState) -> None:
 
 def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call the store through the breaker; an open breaker fails at once."""
-    breaker = get_breaker()
+    return _through(get_breaker(), fn, *args, **kwargs)
+
+
+def guarded_for(scope: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """``guarded``, through the breaker of the Redis node that serves quota key ``scope``."""
+    return _through(get_breaker(get_store().breaker_key(scope)), fn, *args, **kwargs)
+
+
+def _through(breaker: CircuitBreaker, fn: Any, *args: Any, **kwargs: Any) -> Any:
     if not breaker.allow():
         raise StoreUnavailable("Redis circuit breaker is open.")
     try:
