@@ -82,6 +82,8 @@ class LocalCluster:
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", "2000",
+            # A master down leaves the other masters serving their own slots.
+            "--cluster-require-full-coverage", "no",
             "--save", "",
             "--appendonly", "no",
             "--dir", str(directory),

@@ -14,7 +14,9 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.utils import timezone
 from django_redis import get_redis_connection
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.retry import Retry
 
 from quotas.backends.cluster import ClusterWindowStore
 from quotas.backends.redis import RedisWindowStore
@@ -104,7 +106,7 @@ def get_store() -> RedisWindowStore:
 
 
 # Cluster client defaults a URL's query can override (``?socket_timeout=2``): a request
-# never waits long for a node that is down, and a failed node is asked again at once.
+# never waits long for a node that is down.
 CLUSTER_CLIENT_DEFAULTS: dict[str, Any] = {
     "socket_connect_timeout": 0.5,
     "socket_timeout": 1.0,
@@ -112,8 +114,14 @@ CLUSTER_CLIENT_DEFAULTS: dict[str, Any] = {
 
 
 def cluster_client(url: str) -> RedisCluster:
-    """A ``redis.cluster.RedisCluster`` on the cluster ``url`` names (any of its nodes)."""
-    return RedisCluster.from_url(url, **CLUSTER_CLIENT_DEFAULTS)
+    """A ``redis.cluster.RedisCluster`` on the cluster ``url`` names (any of its nodes).
+
+    A call that fails is tried once more, at once, after the client relearned which node
+    serves its slot (a failover moved it): redis-py's default (ten tries with a growing
+    pause) would hold a request for a second while a master is down, and the circuit
+    breaker, not the client, decides what a request sees then."""
+    retry = Retry(NoBackoff(), 1)
+    return RedisCluster.from_url(url, retry=retry, **CLUSTER_CLIENT_DEFAULTS)
 
 
 # What makes a cache alias namespace its keys (Django's cache settings).
