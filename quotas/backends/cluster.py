@@ -22,17 +22,12 @@ A script reaches the keys of one hash slot only, so on a cluster:
 
 from __future__ import annotations
 
-import binascii
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
-from functools import cache
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from redis.exceptions import RedisClusterException, RedisError
-
+from quotas.backends.cluster_slots import SlottedStore, hash_slot, now_ms_local, slot_tag
 from quotas.backends.redis import RedisWindowStore
-from quotas.backends.scripts import ScriptRunner
 from quotas.core.decisions import (
     Counter,
     Decision,
@@ -47,132 +42,28 @@ from quotas.exceptions import StoreUnavailable
 
 __all__ = ["ClusterWindowStore", "hash_slot", "slot_tag"]
 
-T = TypeVar("T")
-SLOTS = 16384
-CLUSTER_ERRORS = (RedisError, RedisClusterException, OSError)
+
+@dataclass
+class _Decision:
+    """One decision being made slot by slot: its arguments, and the shares taken so far."""
+
+    scope: str
+    rid: str
+    counters: Sequence[Counter]
+    amounts: Sequence[int]
+    seeds: Mapping[int, Any]
+    now_ms: int | None
+    options: dict[str, Any]
+    taken: list[tuple[list[int], Decision]] = field(default_factory=list)
+
+    def of(self, group: list[int]) -> tuple[list[Counter], list[int]]:
+        return [self.counters[i] for i in group], [self.amounts[i] for i in group]
 
 
-def hash_slot(tag: str) -> int:
-    """The Redis Cluster hash slot of the keys under the hash tag ``{tag}``."""
-    return binascii.crc_hqx(tag.encode(), 0) % SLOTS
-
-
-@cache
-def _slot_tags() -> tuple[str, ...]:
-    """For every hash slot, a short hash tag whose keys land in it (made once per process)."""
-    tags: list[str] = [""] * SLOTS
-    left, i = SLOTS, 0
-    while left:
-        tag = f"@{i:x}"
-        slot = hash_slot(tag)
-        if not tags[slot]:
-            tags[slot] = tag
-            left -= 1
-        i += 1
-    return tuple(tags)
-
-
-def slot_tag(slot: int) -> str:
-    """A hash tag whose keys live in ``slot``."""
-    return _slot_tags()[slot]
-
-
-class ClusterScripts(ScriptRunner):
-    """Scripts through redis-py's cluster client (it routes each call to its slot's node),
-    every cluster error raised as ``StoreUnavailable``."""
-
-    def run(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        try:
-            return self._run_with_client(name, keys, args)
-        except CLUSTER_ERRORS as exc:
-            raise StoreUnavailable(f"Redis error: {exc}") from exc
-
-    def run_many(self, name: str, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list:
-        return [self.run(name, keys, args) for keys, args in calls]
-
-
-class ClusterWindowStore(RedisWindowStore):
+class ClusterWindowStore(SlottedStore):
     """``RedisWindowStore`` on Redis Cluster (see the module docstring)."""
 
     RECORD_MODE = "R"
-    client: Any  # a redis.cluster.RedisCluster
-
-    def __init__(self, client: Any, *, prefix: str, spec: Any) -> None:
-        super().__init__(client, prefix=prefix, spec=spec)
-        self.scripts = ClusterScripts(client)
-        self._slots_known: set[int] = set()
-
-    # -- keys ----------------------------------------------------------------------------
-    def slot_of(self, scope: str) -> int:
-        return hash_slot(scope)
-
-    def _slot_key(self, scope: str, name: str) -> str:
-        return f"{self.prefix}:{{{slot_tag(self.slot_of(scope))}}}:{name}"
-
-    def version_key_for(self, scope: str) -> str:
-        return self._slot_key(scope, "config:version")
-
-    def backlog_key_for(self, scope: str) -> str:
-        return self._slot_key(scope, "ledger:backlog")
-
-    def due_key_for(self, scope: str) -> str:
-        return self._slot_key(scope, "ledger:due")
-
-    @property
-    def slots_key(self) -> str:
-        """The set of hash slots whose registries and version copy may exist."""
-        return f"{self.prefix}:ledger:slots"
-
-    def breaker_key(self, scope: str) -> str:
-        """The node serving ``scope``'s slot: a failing node opens its own breaker only."""
-        try:
-            node = self.client.nodes_manager.get_node_from_slot(self.slot_of(scope))
-        except CLUSTER_ERRORS:
-            return "?"
-        return str(node.name)
-
-    @staticmethod
-    def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except CLUSTER_ERRORS as exc:
-            raise StoreUnavailable(f"Redis error: {exc}") from exc
-
-    # -- slots in use and the config version ---------------------------------------------
-    def _know_slot(self, scope: str, *, again: bool = False) -> None:
-        """Note ``scope``'s slot in the slot set and give it the version copy (once per
-        process and slot, before its first script: the sweep and ``bump_version`` then
-        reach it)."""
-        slot = self.slot_of(scope)
-        if slot in self._slots_known and not again:
-            return
-        self._call(self.client.sadd, self.slots_key, slot)
-        version = self.current_version()
-        self._call(self.client.set, self.version_key_for(scope), version, nx=True)
-        self._slots_known.add(slot)
-
-    def _used_slots(self) -> list[int]:
-        raw = self._call(self.client.smembers, self.slots_key)
-        return sorted(int(slot) for slot in raw)
-
-    def bump_version(self) -> None:
-        """A limit changed: a new version, written to every slot's copy."""
-        version = self._call(self.client.incr, self.version_key)
-        self._write_version(str(version))
-
-    def current_version(self) -> str:
-        """The config version (made, and copied to every slot in use, when Redis has none)."""
-        made = self._call(self.client.set, self.version_key, str(_now_ms()), nx=True)
-        version = _text(self._call(self.client.get, self.version_key) or "")
-        if made:
-            self._write_version(version)
-        return version
-
-    def _write_version(self, version: str) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for slot in self._used_slots():
-            pipe.set(f"{self.prefix}:{{{slot_tag(slot)}}}:config:version", version)
-        self._call(pipe.execute)
 
     # -- decisions -----------------------------------------------------------------------
     def _shares(self, scope: str, counters: Sequence[Counter]) -> tuple[list[int], list[list[int]]]:
@@ -204,201 +95,114 @@ class ClusterWindowStore(RedisWindowStore):
         """``RedisWindowStore.reserve``, one script per slot (see the module docstring)."""
         self._know_slot(scope)
         own, others = self._shares(scope, counters)
-        seeds = seeds or {}
-        taken: list[tuple[list[int], Decision]] = []
-        for share in others:
-            decision = self._share(reservation_id, share, counters, amounts, seeds, now_ms, options)
-            if decision.status is not DecisionStatus.ALLOWED:
-                return self._refused(scope, counters, amounts, taken, share, decision, now_ms)
-            taken.append((share, decision))
+        call = _Decision(scope, reservation_id, counters, amounts, seeds or {}, now_ms, options)
         try:
-            mine = self._own_share(
-                scope,
-                reservation_id,
-                own,
-                counters,
-                amounts,
-                seeds,
-                primary,
-                version,
-                now_ms,
-                options,
-            )
+            for share in others:
+                decision = self._share(call, share)
+                if decision.status is not DecisionStatus.ALLOWED:
+                    return self._refused(call, share, decision)
+                call.taken.append((share, decision))
+                # Every slot charges at the first one's moment: one bucket for the settle.
+                call.now_ms = decision.now_ms if now_ms is None else now_ms
+            mine = self._own_share(call, own, primary, version)
         except StoreUnavailable:
-            self._give_back(counters, amounts, taken, now_ms)
+            self._give_back(call, call.taken)
             raise
         if mine.status is not DecisionStatus.ALLOWED:
-            return self._refused(scope, counters, amounts, taken, own, mine, now_ms)
-        return self._merged(mine, own, taken, len(counters))
+            return self._refused(call, own, mine)
+        figs = _figures(len(counters), [(own, mine.figures)], call.taken)
+        return replace(mine, figures=figs)
 
-    def _own_share(
-        self,
-        scope: str,
-        rid: str,
-        own: list[int],
-        counters: Sequence[Counter],
-        amounts: Sequence[int],
-        seeds: Mapping[int, Any],
-        primary: int,
-        version: str,
-        now_ms: int | None,
-        options: dict[str, Any],
-    ) -> Decision:
+    def _own_share(self, call: _Decision, own: list[int], primary: int, version: str) -> Decision:
         """The user's share: records the reservation (and checks the config version)."""
-        local_primary = own.index(primary - 1) + 1 if primary and (primary - 1) in own else 0
+        counters, amounts = call.of(own)
         for attempt in range(2):
             decision = super().reserve(
-                scope,
-                rid,
-                [counters[i] for i in own],
-                [amounts[i] for i in own],
-                seeds=_local_seeds(seeds, own),
-                primary=local_primary,
+                call.scope,
+                call.rid,
+                counters,
+                amounts,
+                seeds=_local_seeds(call.seeds, own),
+                primary=_local(own, primary),
                 version=version,
-                now_ms=now_ms,
-                **options,
+                now_ms=call.now_ms,
+                **call.options,
             )
             lost_copy = decision.status is DecisionStatus.STALE_CONFIG and not decision.version
             if not lost_copy or attempt:
                 return decision
-            self._know_slot(scope, again=True)  # the node lost its copy of the version
+            self._know_slot(call.scope, again=True)  # the node lost its copy of the version
         return decision
 
-    def _share(
-        self,
-        rid: str,
-        share: list[int],
-        counters: Sequence[Counter],
-        amounts: Sequence[int],
-        seeds: Mapping[int, Any],
-        now_ms: int | None,
-        options: dict[str, Any],
-    ) -> Decision:
+    def _share(self, call: _Decision, share: list[int], *, seeded: bool = True) -> Decision:
         """Check and charge one other slot's layers (nothing recorded there)."""
-        tag = counters[share[0]].tag
+        counters, amounts = call.of(share)
         return RedisWindowStore.reserve(
             self,
-            tag,
-            rid,
-            [counters[i] for i in share],
-            [amounts[i] for i in share],
-            seeds=_local_seeds(seeds, share),
+            counters[0].tag,
+            call.rid,
+            counters,
+            amounts,
+            seeds=_local_seeds(call.seeds, share) if seeded else {},
             record=False,
-            now_ms=now_ms,
-            client_ms=options.get("client_ms"),
-            ttl_ms=options.get("ttl_ms", 0),
+            now_ms=call.now_ms,
+            client_ms=call.options.get("client_ms"),
+            ttl_ms=call.options.get("ttl_ms", 0),
         )
 
-    def _give_back(
-        self,
-        counters: Sequence[Counter],
-        amounts: Sequence[int],
-        taken: list[tuple[list[int], Decision]],
-        now_ms: int | None,
-    ) -> None:
+    def _give_back(self, call: _Decision, taken: list[tuple[list[int], Decision]]) -> None:
         """Release what the slots in ``taken`` charged (best effort: a slot that cannot be
         reached keeps the charge until it ages out, which never lets anything through)."""
         for share, decision in taken:
+            counters, amounts = call.of(share)
             try:
-                self.correct(
-                    [counters[i] for i in share],
-                    [-amounts[i] for i in share],
-                    at_ms=decision.now_ms,
-                    now_ms=now_ms,
-                )
+                self.correct(counters, [-a for a in amounts], at_ms=decision.now_ms)
             except StoreUnavailable:
                 continue
 
-    def _refused(
-        self,
-        scope: str,
-        counters: Sequence[Counter],
-        amounts: Sequence[int],
-        taken: list[tuple[list[int], Decision]],
-        share: list[int],
-        decision: Decision,
-        now_ms: int | None,
-    ) -> Decision:
+    def _refused(self, call: _Decision, share: list[int], decision: Decision) -> Decision:
         """A refusal (or a status the caller must act on) from one slot: give back what the
         others took, and answer for the whole decision."""
-        self._give_back(counters, amounts, taken, now_ms)
-        if decision.status is DecisionStatus.STALE_CONFIG:
+        self._give_back(call, call.taken)
+        status = decision.status
+        if status is DecisionStatus.NEEDS_SEED:
+            return replace(decision, unbuilt=self._unbuilt(call, share, decision))
+        if status in (DecisionStatus.STALE_CONFIG, DecisionStatus.DUPLICATE_ID):
             return decision
-        if decision.status is DecisionStatus.NEEDS_SEED:
-            return replace(decision, unbuilt=self._unbuilt(scope, counters, share, decision))
-        if decision.status is DecisionStatus.DUPLICATE_ID:
-            return decision
-        return self._refusal(scope, counters, amounts, taken, share, decision, now_ms)
+        return self._refusal(call, share, decision)
 
-    def _unbuilt(
-        self, scope: str, counters: Sequence[Counter], share: list[int], decision: Decision
-    ) -> tuple[int, ...]:
+    def _unbuilt(self, call: _Decision, share: list[int], decision: Decision) -> tuple[int, ...]:
         """Every counter to seed, in every slot (one seed round for the caller)."""
         unbuilt = {share[i - 1] + 1 for i in decision.unbuilt}
-        own, others = self._shares(scope, counters)
+        own, others = self._shares(call.scope, call.counters)
         for group in [own, *others]:
-            if not group or group == share:
-                continue
-            peek = self._peek_group(scope, counters, group, 0, {}, None)
-            unbuilt |= {group[i - 1] + 1 for i in peek.unbuilt}
+            if group and group != share:
+                peek = self._peek_group(call.scope, call.counters, group, 0, {}, None)
+                unbuilt |= {group[i - 1] + 1 for i in peek.unbuilt}
         return tuple(sorted(unbuilt))
 
-    def _refusal(
-        self,
-        scope: str,
-        counters: Sequence[Counter],
-        amounts: Sequence[int],
-        taken: list[tuple[list[int], Decision]],
-        share: list[int],
-        decision: Decision,
-        now_ms: int | None,
-    ) -> Decision:
+    def _refusal(self, call: _Decision, share: list[int], decision: Decision) -> Decision:
         """The refusal with every layer's figures, and the longest wait among every slot's
-        refusing layers (the other slots are asked too: nothing stays charged)."""
-        figs: list[Figure | None] = [None] * len(counters)
-        for group, done in taken:
-            for i, fig in zip(group, done.figures, strict=True):
-                figs[i] = Figure(max(fig.total - amounts[i], 0), fig.reset_ms)
-        _place(figs, share, decision.figures)
-        status, refusing, retry = decision.status, _global(share, decision.refusing), 0
-        retry = decision.retry_ms
-        own, others = self._shares(scope, counters)
+        refusing layers (the slots not asked yet are asked too: nothing stays charged)."""
+        done = [(group, _uncharged(call, group, d.figures)) for group, d in call.taken]
+        done.append((share, decision.figures))
+        refusing, retry = _global(share, decision.refusing), decision.retry_ms
+        own, others = self._shares(call.scope, call.counters)
+        asked = {i for group, _ in done for i in group}
         for group in [*others, own]:
-            if not group or any(figs[i] is not None for i in group):
+            if not group or asked.intersection(group):
                 continue
-            probe = self._share("", group, counters, amounts, {}, now_ms, {})
+            probe = self._share(call, group, seeded=False)
             if probe.status is DecisionStatus.ALLOWED:
-                self._give_back(counters, amounts, [(group, probe)], now_ms)
-                _place(
-                    figs,
-                    group,
-                    [
-                        Figure(max(f.total - amounts[i], 0), f.reset_ms)
-                        for i, f in zip(group, probe.figures, strict=True)
-                    ],
-                )
+                self._give_back(call, [(group, probe)])
+                done.append((group, _uncharged(call, group, probe.figures)))
+            elif probe.status is DecisionStatus.OVER_LIMIT and probe.retry_ms > retry:
+                refusing, retry = _global(group, probe.refusing), probe.retry_ms
+                done.append((group, probe.figures))
             elif probe.status is DecisionStatus.OVER_LIMIT:
-                _place(figs, group, probe.figures)
-                if probe.retry_ms > retry:
-                    refusing, retry = _global(group, probe.refusing), probe.retry_ms
-            else:
-                _place(figs, group, [Figure(0, 0)] * len(group))
-        return replace(
-            decision,
-            status=status,
-            refusing=refusing,
-            retry_ms=retry,
-            figures=tuple(f or Figure(0, 0) for f in figs),
-        )
-
-    def _merged(
-        self, mine: Decision, own: list[int], taken: list[tuple[list[int], Decision]], n: int
-    ) -> Decision:
-        figs: list[Figure | None] = [None] * n
-        _place(figs, own, mine.figures)
-        for group, decision in taken:
-            _place(figs, group, decision.figures)
-        return replace(mine, figures=tuple(f or Figure(0, 0) for f in figs))
+                done.append((group, probe.figures))
+        figs = _figures(len(call.counters), done, [])
+        return replace(decision, refusing=refusing, retry_ms=retry, figures=figs)
 
     def correct(
         self,
@@ -429,21 +233,18 @@ class ClusterWindowStore(RedisWindowStore):
         seeds: Mapping[int, tuple[str, Sequence[tuple[int, int]]]] | None = None,
         now_ms: int | None = None,
     ) -> Peek:
+        """``RedisWindowStore.peek``, one script per slot."""
         own, others = self._shares(scope, counters)
-        figs: list[Figure | None] = [None] * len(counters)
-        unbuilt: list[int] = []
-        result = Peek()
+        parts, unbuilt, result = [], [], Peek()
         for group in [own, *others]:
-            if not group:
-                continue
-            peek = self._peek_group(scope, counters, group, primary, seeds or {}, now_ms)
-            unbuilt += [group[i - 1] + 1 for i in peek.unbuilt]
-            _place(figs, group, peek.figures)
-            if group is own:
-                result = peek
+            if group:
+                peek = self._peek_group(scope, counters, group, primary, seeds or {}, now_ms)
+                unbuilt += [group[i - 1] + 1 for i in peek.unbuilt]
+                parts.append((group, peek.figures))
+                result = peek if group is own else result
         if unbuilt:
             return Peek(unbuilt=tuple(sorted(unbuilt)))
-        return replace(result, figures=tuple(f or Figure(0, 0) for f in figs))
+        return replace(result, figures=_figures(len(counters), parts, []))
 
     def _peek_group(
         self,
@@ -454,14 +255,14 @@ class ClusterWindowStore(RedisWindowStore):
         seeds: Mapping[int, Any],
         now_ms: int | None,
     ) -> Peek:
-        own_slot = self.slot_of(scope)
-        tag = scope if self.slot_of(counters[group[0]].tag) == own_slot else counters[group[0]].tag
-        local_primary = group.index(primary - 1) + 1 if primary and (primary - 1) in group else 0
+        tag = counters[group[0]].tag
+        if self.slot_of(tag) == self.slot_of(scope):
+            tag = scope
         return RedisWindowStore.peek(
             self,
             tag,
             [counters[i] for i in group],
-            primary=local_primary,
+            primary=_local(group, primary),
             seeds=_local_seeds(seeds, group),
             now_ms=now_ms,
         )
@@ -480,20 +281,17 @@ class ClusterWindowStore(RedisWindowStore):
         """``RedisWindowStore.settle``: the user's slot first, then the others' layers."""
         self._know_slot(scope)
         own, others = self._shares(scope, counters)
-        local_primary = own.index(primary - 1) + 1 if primary and (primary - 1) in own else 0
         outcome = super().settle(
             scope,
             reservation_id,
             [counters[i] for i in own],
-            primary=local_primary,
+            primary=_local(own, primary),
             now_ms=now_ms,
             **figures_,
         )
-        figs: list[Figure | None] = [None] * len(counters)
-        _place(figs, own, outcome.figures)
-        for group in others:
-            _place(figs, group, self._settle_other(counters, group, outcome, now_ms))
-        return replace(outcome, figures=tuple(f or Figure(0, 0) for f in figs))
+        parts = [(own, outcome.figures)]
+        parts += [(g, self._settle_other(counters, g, outcome, now_ms)) for g in others]
+        return replace(outcome, figures=_figures(len(counters), parts, []))
 
     def _settle_other(
         self,
@@ -515,9 +313,9 @@ class ClusterWindowStore(RedisWindowStore):
             at = outcome.reserved_at_ms
         elif outcome.status == 2:
             deltas = [_units(c, outcome.actual, outcome.cost, requests=1) for c in group_counters]
-            at = _now_ms() if now_ms is None else now_ms
+            at = now_ms_local() if now_ms is None else now_ms
         else:
-            deltas, at = [0] * len(group), _now_ms() if now_ms is None else now_ms
+            deltas, at = [0] * len(group), now_ms_local() if now_ms is None else now_ms
         return self.correct(group_counters, deltas, at_ms=at, now_ms=now_ms)
 
     def settle_many(
@@ -541,60 +339,36 @@ class ClusterWindowStore(RedisWindowStore):
         self._know_slot(scope)
         return super().expire(scope, batch=batch, now_ms=now_ms)
 
-    # -- the registries, per slot ----------------------------------------------------------
-    def _each_slot(self, command: str, *args: Any) -> list[tuple[int, Any]]:
-        """``command`` on the registry ``<name>`` of every slot in use, in one pipeline."""
-        slots = self._used_slots()
-        pipe = self.client.pipeline(transaction=False)
-        for slot in slots:
-            getattr(pipe, command)(*args_for(self.prefix, slot, args))
-        replies = self._call(pipe.execute)
-        return list(zip(slots, replies, strict=True))
 
-    def backlog(self, *, now_ms: int | None = None) -> tuple[int, float | None]:
-        count, since = 0, None
-        now = _now_ms() if now_ms is None else now_ms
-        pairs = self._each_slot("zrange", "ledger:backlog", 0, 0, "withscores")
-        cards = self._each_slot("zcard", "ledger:backlog")
-        for (_, first), (_, card) in zip(pairs, cards, strict=True):
-            count += int(card)
-            if first:
-                score = int(first[0][1])
-                since = score if since is None else min(since, score)
-        waited = None if since is None else max(now - since, 0) / 1000
-        return count, waited
-
-    def backlog_scopes(self) -> Iterator[str]:
-        for _, members in self._each_slot("zrange", "ledger:backlog", 0, -1):
-            for key in members:
-                yield self.scope_of(key, "x")
-
-    def due_scopes(self, *, limit: int = 100_000, now_ms: int | None = None) -> list[str]:
-        now = self._redis_now() if now_ms is None else now_ms
-        scopes: list[str] = []
-        for _, keys in self._each_slot("zrangebyscore", "ledger:due", "-inf", now):
-            scopes += [self.scope_of(key, "p") for key in keys]
-        return scopes[:limit]
-
-    def _redis_now(self) -> int:
-        seconds, micros = self._call(self.client.time)
-        return int(seconds) * 1000 + int(micros) // 1000
+def _local(group: list[int], index: int) -> int:
+    """A 1-based index among all counters as a 1-based index within ``group`` (0: none)."""
+    return group.index(index - 1) + 1 if index and (index - 1) in group else 0
 
 
-def args_for(prefix: str, slot: int, args: tuple[Any, ...]) -> list[Any]:
-    """A per-slot registry command's arguments: its name becomes the slot's key."""
-    name, *rest = args
-    return [f"{prefix}:{{{slot_tag(slot)}}}:{name}", *rest]
+def _uncharged(call: _Decision, group: list[int], figs: Sequence[Figure]) -> tuple[Figure, ...]:
+    """A slot's figures without this request's charge (given back)."""
+    return tuple(
+        Figure(max(f.total - call.amounts[i], 0), f.reset_ms)
+        for i, f in zip(group, figs, strict=True)
+    )
+
+
+def _figures(
+    n: int,
+    parts: Sequence[tuple[list[int], Sequence[Figure]]],
+    taken: Sequence[tuple[list[int], Decision]],
+) -> tuple[Figure, ...]:
+    """Every counter's figure, from each slot's share (a counter no slot answered for: 0)."""
+    figs = [Figure(0, 0)] * n
+    for group, values in [*parts, *((group, d.figures) for group, d in taken)]:
+        for i, value in zip(group, values, strict=True):
+            figs[i] = value
+    return tuple(figs)
 
 
 def _local_seeds(seeds: Mapping[int, Any], group: list[int]) -> dict[int, Any]:
     """The seeds of ``group``'s counters, by their 1-based index within the group."""
     return {group.index(i - 1) + 1: seed for i, seed in seeds.items() if (i - 1) in group}
-
-
-def _place(target: list[Figure | None], group: list[int], values: Sequence[Figure]) -> None:
-    for i, value in zip(group, values, strict=True):
-        target[i] = value
 
 
 def _global(group: list[int], local: int) -> int:
@@ -604,11 +378,3 @@ def _global(group: list[int], local: int) -> int:
 
 def _units(counter: Counter, tokens: int, cost: int, *, requests: int = 0) -> int:
     return {"t": tokens, "c": cost, "r": requests}[counter.metric_code]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
