@@ -15,6 +15,7 @@ import traceback
 
 import accuracy
 import check_cost
+import cluster
 import common
 import endtoend
 import estimation
@@ -33,6 +34,7 @@ PARTS = {
     "estimation": estimation,
     "end to end": endtoend,
     "provider": provider,
+    "cluster": cluster,
 }
 
 
