@@ -204,3 +204,19 @@ def test_a_limits_change_reaches_every_slot_of_every_process(on_cluster, make_pl
         services.reserve(user, 40)
         with pytest.raises(QuotaExceeded):
             services.reserve(user, 20)
+
+
+def test_a_refusal_waits_for_the_slowest_layer_in_any_slot(on_cluster, make_plan, make_user):
+    # The global layer (its own slot, asked first) would fit again in two minutes, the
+    # user's hour only when its usage leaves: the Retry-After is the user's, never early.
+    GlobalLimit.objects.create(name="g", metric="tokens", window_seconds=120, budget=1000)
+    user = make_user(plan=make_plan(tokens_per_hour=1000))
+    services.config_changed()
+    services.reserve(user, 900)
+    with pytest.raises(QuotaExceeded) as refused:
+        services.reserve(user, 200)
+    assert refused.value.limit_scope == "user"
+    assert refused.value.retry_after > 3000
+    limits = {e["name"]: e["used"] for e in services.budget_for(user)["limits"]}
+    assert limits["global-tokens-2m"] == 900  # the refusal kept nothing anywhere
+    assert services.budget_for(user)["used"] == 900
