@@ -8,6 +8,7 @@ quotas.E005  A numeric setting is out of range.
 quotas.E006  Unknown keys in QUOTAS (likely a typo).
 quotas.E007  QUOTAS["TIME_ZONE"] is not a time zone this machine knows (calendar limits).
 quotas.E008  QUOTAS["LLM_CLIENT_FACTORY"] cannot be imported (deferred jobs could not run).
+quotas.E009  QUOTAS["REDIS_CLUSTER_URL"] is not a redis:// or rediss:// URL.
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
 quotas.W002  Cost limits exist but no model price is listed: every cost would be 0.
@@ -49,6 +50,8 @@ E006_MSG = "Unknown QUOTAS settings: {keys}."
 E006_HINT = "The known settings are listed in the README's settings reference."
 E008_MSG = "QUOTAS['LLM_CLIENT_FACTORY'] = {path!r} cannot be imported: {error}."
 E008_HINT = "Give the dotted path of a callable (provider name) -> openai.OpenAI."
+E009_MSG = "QUOTAS['REDIS_CLUSTER_URL'] = {value!r} is not a redis:// or rediss:// URL."
+E009_HINT = "Name any node of the cluster, e.g. 'redis://10.0.0.1:7000/0', or leave it None."
 W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
 W001_HINT = (
     "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
@@ -132,6 +135,12 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
         )
         errors.append(Error(msg, id="quotas.E005"))
     errors += _client_factory_errors(values["LLM_CLIENT_FACTORY"])
+    cluster_url = values["REDIS_CLUSTER_URL"]
+    if cluster_url is not None and not (
+        isinstance(cluster_url, str) and cluster_url.startswith(("redis://", "rediss://"))
+    ):
+        msg = E009_MSG.format(value=cluster_url)
+        errors.append(Error(msg, hint=E009_HINT, id="quotas.E009"))
     unknown = sorted(set(quota_settings.user_settings) - set(DEFAULTS))
     if unknown:
         msg = E006_MSG.format(keys=", ".join(unknown))

@@ -220,3 +220,16 @@ def test_a_refusal_waits_for_the_slowest_layer_in_any_slot(on_cluster, make_plan
     limits = {e["name"]: e["used"] for e in services.budget_for(user)["limits"]}
     assert limits["global-tokens-2m"] == 900  # the refusal kept nothing anywhere
     assert services.budget_for(user)["used"] == 900
+
+
+def test_the_background_jobs_run_on_a_cluster(on_cluster, isolated_quotas, make_plan, make_user):
+    plan = make_plan(tokens_per_hour=1000)
+    users = [make_user(plan=plan) for _ in range(4)]
+    for user in users:
+        services.settle(services.reserve(user, 300), total_tokens=120)
+    assert ledger.flush_ledger(scan=True) == 0  # SCAN of every master: nothing left over
+    assert ledger.audit_windows() == []  # the windows agree with the ledger
+    lose_windows(isolated_quotas)
+    assert sorted(ledger.rebuild_windows()) == sorted(str(u.pk) for u in users)
+    assert [services.budget_for(u)["used"] for u in users] == [120] * 4
+    assert services.get_store().backlog() == (0, None)

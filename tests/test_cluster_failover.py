@@ -15,6 +15,7 @@ from rest_framework.test import APIClient
 
 from quotas import services
 from quotas.backends.cluster import hash_slot
+from quotas.exceptions import StoreUnavailable
 from quotas.http import DEGRADED_HEADER
 from quotas.models import UsageRecord
 
@@ -93,3 +94,30 @@ def test_a_master_killed_under_load_degrades_only_the_users_on_its_slots(
     degraded_rows = UsageRecord.objects.filter(status="degraded")
     assert set(degraded_rows.values_list("user", flat=True)) == {u.pk for u in hit}
     assert slowest < 1.0, slowest  # no request waits on the dead node
+
+
+@pytest.mark.parametrize("value", ["10.0.0.1:7000", 7000, "http://10.0.0.1:7000"])
+def test_a_cluster_url_that_is_not_one_is_refused_by_a_system_check(quota_config, value):
+    from django.core.checks import Error, run_checks
+
+    from quotas import checks
+
+    quota_config(REDIS_CLUSTER_URL=value)
+    errors = [m for m in run_checks() if m.id and m.id.startswith("quotas.")]
+    message = checks.E009_MSG.format(value=value)
+    assert errors == [Error(message, hint=checks.E009_HINT, id="quotas.E009")]
+
+
+def test_a_cluster_no_node_of_which_answers_serves_under_the_failure_policy(
+    quota_config, dead_redis_url, make_plan, make_user
+):
+    quota_config(REDIS_CLUSTER_URL=dead_redis_url, BREAKER_FAILURES=2)
+    user = make_user(plan=make_plan(tokens_per_hour=1000))
+    started = time.monotonic()
+    served = [services.reserve(user, 100) for _ in range(5)]
+    assert all(r.degraded for r in served)
+    assert time.monotonic() - started < 1.0
+    assert services.get_breaker().state.value == "open"  # then no connection is tried
+    quota_config(REDIS_CLUSTER_URL=dead_redis_url, FAILURE_POLICY="closed")
+    with pytest.raises(StoreUnavailable):
+        services.reserve(user, 100)

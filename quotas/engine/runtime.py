@@ -19,6 +19,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from quotas.backends.cluster import ClusterWindowStore
+from quotas.backends.cluster_slots import CLUSTER_ERRORS
 from quotas.backends.redis import RedisWindowStore
 from quotas.conf import quota_settings
 from quotas.core.breaker import BreakerState, CircuitBreaker
@@ -96,7 +97,10 @@ def get_store() -> RedisWindowStore:
     if store is None:
         cluster_url = quota_settings.REDIS_CLUSTER_URL
         if cluster_url:
-            client = cluster_client(str(cluster_url))
+            try:
+                client = cluster_client(str(cluster_url))
+            except CLUSTER_ERRORS as exc:  # no node answered: asked again on the next call
+                raise StoreUnavailable(f"Redis Cluster unreachable: {exc}") from exc
             store = ClusterWindowStore(client, prefix=redis_key_prefix(), spec=window_spec())
         else:
             client = get_redis_connection(quota_settings.CACHE_ALIAS)
@@ -168,8 +172,13 @@ def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def guarded_for(scope: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-    """``guarded``, through the breaker of the Redis node that serves quota key ``scope``."""
-    return _through(get_breaker(get_store().breaker_key(scope)), fn, *args, **kwargs)
+    """``guarded``, through the breaker of the Redis node that serves quota key ``scope``
+    (the process's breaker while no store can be made: a cluster no node of which answers)."""
+    try:
+        node = get_store().breaker_key(scope)
+    except StoreUnavailable:
+        node = ""
+    return _through(get_breaker(node), fn, *args, **kwargs)
 
 
 def _through(breaker: CircuitBreaker, fn: Any, *args: Any, **kwargs: Any) -> Any:
