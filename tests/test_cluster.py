@@ -233,3 +233,14 @@ def test_the_background_jobs_run_on_a_cluster(on_cluster, isolated_quotas, make_
     assert sorted(ledger.rebuild_windows()) == sorted(str(u.pk) for u in users)
     assert [services.budget_for(u)["used"] for u in users] == [120] * 4
     assert services.get_store().backlog() == (0, None)
+
+
+def test_every_slot_has_a_hash_tag_that_lands_in_it():
+    from redis.crc import key_slot
+
+    from quotas.backends.cluster import slot_tag
+
+    for slot in range(0, 16384, 7):
+        assert key_slot(f"quotas:{{{slot_tag(slot)}}}:ledger:due".encode()) == slot
+    for tag in ("1", "a:127.0.0.1", "t:7", "g"):
+        assert hash_slot(tag) == key_slot(f"prefix:{{{tag}}}:w".encode())
