@@ -15,6 +15,7 @@ import traceback
 
 import accuracy
 import check_cost
+import cluster
 import common
 import endtoend
 import estimation
@@ -35,6 +36,7 @@ PARTS = {
     "end to end": endtoend,
     "provider": provider,
     "ledger volume": ledger_volume,
+    "cluster": cluster,
 }
 
 

@@ -10,6 +10,7 @@ quotas.E007  QUOTAS["TIME_ZONE"] is not a time zone this machine knows (calendar
 quotas.E008  QUOTAS["LLM_CLIENT_FACTORY"] cannot be imported (deferred jobs could not run).
 quotas.E009  QUOTAS["DEGRADED_SHARE"] is not a number above 0 and at most 1 (the share of each
              budget a process may admit while Redis is unreachable).
+quotas.E010  QUOTAS["REDIS_CLUSTER_URL"] is not a redis:// or rediss:// URL.
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
 quotas.W002  Cost limits exist but no model price is listed: every cost would be 0.
@@ -57,6 +58,8 @@ E009_HINT = (
     "(1.0: the whole budget per process; e.g. 0.25 with four web processes keeps an outage "
     "within the budget)."
 )
+E010_MSG = "QUOTAS['REDIS_CLUSTER_URL'] = {value!r} is not a redis:// or rediss:// URL."
+E010_HINT = "Name any node of the cluster, e.g. 'redis://10.0.0.1:7000/0', or leave it None."
 W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
 W001_HINT = (
     "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
@@ -141,6 +144,12 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
         errors.append(Error(msg, id="quotas.E005"))
     errors += _client_factory_errors(values["LLM_CLIENT_FACTORY"])
     errors += _degraded_share_errors(values["DEGRADED_SHARE"])
+    cluster_url = values["REDIS_CLUSTER_URL"]
+    if cluster_url is not None and not (
+        isinstance(cluster_url, str) and cluster_url.startswith(("redis://", "rediss://"))
+    ):
+        msg = E010_MSG.format(value=cluster_url)
+        errors.append(Error(msg, hint=E010_HINT, id="quotas.E010"))
     unknown = sorted(set(quota_settings.user_settings) - set(DEFAULTS))
     if unknown:
         msg = E006_MSG.format(keys=", ".join(unknown))

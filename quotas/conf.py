@@ -18,6 +18,9 @@ __all__ = ["DEFAULTS", "QuotaSettings", "quota_settings"]
 DEFAULTS: dict[str, Any] = {
     # django-redis cache alias whose connection holds the windows.
     "CACHE_ALIAS": "default",
+    # A Redis Cluster to keep the windows on instead of the cache alias's Redis, e.g.
+    # "redis://10.0.0.1:7000/?socket_timeout=0.5" (any node; the others are discovered).
+    "REDIS_CLUSTER_URL": None,
     # Prefix of every Redis key the app writes.
     "KEY_PREFIX": "quotas",
     # Length of the token window and its bucket resolution, in seconds.

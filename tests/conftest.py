@@ -245,3 +245,25 @@ def proxied_redis(quota_config: Callable[..., Any]) -> Iterator[RedisProxy]:
         quota_config(CACHE_ALIAS="proxied")
         yield proxy
     proxy.cut()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """A real three-master Redis Cluster on loopback ports, for the whole session (see
+    ``tests/cluster_support.py``); skipped only when this machine cannot start one."""
+    from tests.cluster_support import ClusterUnavailable, LocalCluster
+
+    try:
+        cluster = LocalCluster().begin()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"cannot start a Redis Cluster here: {exc}")
+    yield cluster
+    cluster.end()
+
+
+@pytest.fixture
+def on_cluster(redis_cluster: Any, quota_config: Callable[..., Any]) -> Iterator[Any]:
+    """This test's quotas live on the session's Redis Cluster (``QUOTAS["REDIS_CLUSTER_URL"]``)."""
+    quota_config(REDIS_CLUSTER_URL=redis_cluster.url)
+    yield redis_cluster
+    services.reset_runtime()

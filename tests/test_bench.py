@@ -43,6 +43,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "BENCH_LEDGER_ROWS": "1000",
         "BENCH_LEDGER_BURST": "200",
         "BENCH_LEDGER_DATABASE_URL": ledger_database_url(),
+        "BENCH_CLUSTER_SECONDS": "2",
     }
     run = subprocess.run(
         [sys.executable, "run_all.py"],
@@ -63,7 +64,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "Estimation",
         "End to end",
     )
-    for section in (*sections, "Provider protection", "Ledger volume"):
+    for section in (*sections, "Provider protection", "Ledger volume", "Redis Cluster"):
         assert f"== {section}" in out, out
     # Overshoot at 2, 4 and 8 processes, window accuracy, and memory (tokens only, all limits).
     exact = [

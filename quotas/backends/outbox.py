@@ -44,6 +44,15 @@ class LedgerOutbox:
         """The registry of pending reservations' earliest deadlines (see _window.lua)."""
         return f"{self.prefix}:ledger:due"
 
+    def backlog_key_for(self, scope: str) -> str:
+        """The backlog registry the scripts of ``scope`` keep (one per key prefix here; one
+        per hash slot on Redis Cluster, where a script reaches only its own slot)."""
+        return self.backlog_key
+
+    def due_key_for(self, scope: str) -> str:
+        """The due registry the scripts of ``scope`` keep (see ``backlog_key_for``)."""
+        return self.due_key
+
     def outbox(self, scope: str, *, batch: int = 500) -> list[LedgerEntry]:
         """Up to about ``batch`` ledger records whose rows are not yet acknowledged."""
         key = self.keys(scope)[4]
@@ -98,7 +107,7 @@ class LedgerOutbox:
         Also keeps the backlog registry true (an empty outbox leaves it), so call it after a
         sweep found nothing too."""
         override = "" if now_ms is None else str(int(now_ms))
-        keys = [self.keys(scope)[4], self.backlog_key]
+        keys = [self.keys(scope)[4], self.backlog_key_for(scope)]
         return int(self.scripts.run("ack", keys, [override, *reservation_ids]))
 
     def ack_outboxes(self, reservation_ids: Mapping[str, Sequence[str]]) -> None:

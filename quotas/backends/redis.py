@@ -43,6 +43,9 @@ SETTLE_FIGURES = frozenset(
 class RedisWindowStore(LedgerOutbox):
     """Sliding-window token and request budgets, one hash of buckets per quota key."""
 
+    # reserve.lua's mode for a decision that records its reservation (see the script).
+    RECORD_MODE = "r"
+
     def __init__(self, client: Redis, *, prefix: str, spec: WindowSpec) -> None:
         self.client = client
         self.prefix = prefix
@@ -59,6 +62,10 @@ class RedisWindowStore(LedgerOutbox):
     def scope_of(self, key: bytes | str, suffix: str) -> str:
         """The quota key of one of its Redis keys (``<prefix>:{<scope>}:<suffix>``)."""
         return as_text(key)[len(self.prefix) + 2 : -(len(suffix) + 2)]
+
+    def breaker_key(self, scope: str) -> str:
+        """Which circuit breaker guards ``scope``'s calls: one Redis, one breaker ("")."""
+        return ""
 
     def _common(self, now_ms: int | None) -> list[Any]:
         spec = self.spec
@@ -96,7 +103,13 @@ class RedisWindowStore(LedgerOutbox):
             if len(self._scope_keys) > 100_000:
                 self._scope_keys.clear()
             own = self.keys(scope)
-            keys = [own[2], own[3], self.attempts_key(scope), self.due_key, self.version_key]
+            keys = [
+                own[2],
+                own[3],
+                self.attempts_key(scope),
+                self.due_key_for(scope),
+                self.version_key_for(scope),
+            ]
             self._scope_keys[scope] = keys
         return keys
 
@@ -120,6 +133,11 @@ class RedisWindowStore(LedgerOutbox):
         """The config version: bumped when a plan, limit, team, quota or price changes, so
         every process drops the limits it holds in memory (see ``reserve``)."""
         return f"{self.prefix}:config:version"
+
+    def version_key_for(self, scope: str) -> str:
+        """The config version key the reserve script of ``scope`` reads (one per prefix
+        here; one copy per cluster slot on Redis Cluster)."""
+        return self.version_key
 
     def reserve(
         self,
@@ -163,7 +181,7 @@ class RedisWindowStore(LedgerOutbox):
         keys = [*self._decision_keys(scope), *self.counter_keys(counters)]
         args = [
             "" if now_ms is None else str(int(now_ms)),
-            "r" if record else "c",
+            self.RECORD_MODE if record else "c",
             version,
             reservation_id,
             int(ttl_ms),
@@ -320,7 +338,7 @@ class RedisWindowStore(LedgerOutbox):
         keys = [
             *self.keys(scope)[2:5],
             f"{self.prefix}:{{{scope}}}:s:{reservation_id}",
-            self.backlog_key,
+            self.backlog_key_for(scope),
             *self.counter_keys(counters),
         ]
         args = [
@@ -346,7 +364,7 @@ class RedisWindowStore(LedgerOutbox):
     def expire(self, scope: str, *, batch: int = 500, now_ms: int | None = None) -> int:
         """Move up to ``batch`` reservations past their deadline to the outbox; return how many
         overdue ids it took (``batch``: call again, there may be more)."""
-        keys = [self.backlog_key, self.due_key]
+        keys = [self.backlog_key_for(scope), self.due_key_for(scope)]
         return int(self._run("expire", scope, [batch], now_ms, extra_keys=keys))
 
     def window_contents(self, scope: str, *, now_ms: int | None = None) -> WindowContents:

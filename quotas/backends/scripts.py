@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
+from redis.sentinel import SentinelManagedConnection
 
 from quotas.exceptions import StoreUnavailable
 
@@ -81,6 +82,8 @@ class ScriptRunner:
       clients: ``ConnectionError``) is replaced and the call sent once more, at once. That is
       the case redis-py's pool checks for by polling every connection it lends; here it
       costs nothing until it happens. A timeout is never retried: the call may have run;
+    - a connection of a Sentinel pool asks the sentinels for the current primary each time
+      it connects (after a failover, the next call reaches the promoted replica);
     - a forked child never writes to its parent's socket: it makes its own connection;
     - a thread's connection is closed when the thread ends (it lives in thread-local
       storage, and redis-py closes a connection when it is collected).
@@ -119,11 +122,13 @@ class ScriptRunner:
         reused = _is_connected(connection)
         try:
             try:
+                _open(connection)
                 return send(connection)
             except RedisConnectionError:
                 if not reused:
                     raise
                 connection.disconnect()  # closed while idle: once more, on a new connection
+                _open(connection)
                 return send(connection)
         except ResponseError as exc:  # the script failed; the connection is in step
             raise StoreUnavailable(f"Redis error: {exc}") from exc
@@ -222,6 +227,18 @@ def _send_all(connection: Any, commands: Sequence[Sequence[Any]]) -> list:
         except ResponseError as exc:
             replies.append(exc)
     return replies
+
+
+def _open(connection: Any) -> None:
+    """Connect a Sentinel-managed connection its own way: ask the sentinels for the current
+    primary, which ``send_packed_command`` (connecting to the address it had last, or to
+    the service name) would skip. Other connections connect as they send."""
+    if isinstance(connection, SentinelManagedConnection) and not _is_connected(connection):
+        pool = connection.connection_pool
+        if pool.is_master:  # once: a failure is the breaker's to count, not a reason to wait
+            connection.connect_to(pool.get_master_address())
+        else:
+            connection.connect()
 
 
 def _is_connected(connection: Any) -> bool:

@@ -20,7 +20,7 @@ from quotas.engine.degraded import admit_degraded
 from quotas.engine.plans import User, config_for, scope_for, user_id_of
 from quotas.engine.runtime import (
     get_store,
-    guarded,
+    guarded_for,
     now_ms,
     reservation_ttl_ms,
     window_spec,
@@ -96,7 +96,7 @@ def reserve(
         user, client_address, scope, rid, model, tokens, add_default_output, prompt_tokens
     )
     try:
-        ask, decision = guarded(_decide, request)
+        ask, decision = guarded_for(request.scope, _decide, request)
     except StoreUnavailable:
         if quota_settings.FAILURE_POLICY == "closed":
             raise

@@ -16,7 +16,12 @@ from django.utils import timezone
 from django_redis import get_redis_connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
 
+from quotas.backends.cluster import ClusterWindowStore
+from quotas.backends.cluster_slots import CLUSTER_ERRORS
 from quotas.backends.redis import RedisWindowStore
 from quotas.conf import quota_settings
 from quotas.core.breaker import BreakerState, CircuitBreaker
@@ -31,6 +36,7 @@ __all__ = [
     "get_breaker",
     "get_store",
     "guarded",
+    "guarded_for",
     "note_broker_seen",
     "now_ms",
     "per_process",
@@ -90,13 +96,41 @@ def now_ms() -> int:
 
 
 def get_store() -> RedisWindowStore:
-    """The process's ``RedisWindowStore`` on the configured django-redis alias."""
+    """The process's ``RedisWindowStore``: on the configured django-redis alias, or on the
+    Redis Cluster ``QUOTAS["REDIS_CLUSTER_URL"]`` names (a ``ClusterWindowStore``)."""
     store = _runtime.get("store")
     if store is None:
-        client = get_redis_connection(quota_settings.CACHE_ALIAS)
-        store = RedisWindowStore(client, prefix=redis_key_prefix(), spec=window_spec())
+        cluster_url = quota_settings.REDIS_CLUSTER_URL
+        if cluster_url:
+            try:
+                client = cluster_client(str(cluster_url))
+            except CLUSTER_ERRORS as exc:  # no node answered: asked again on the next call
+                raise StoreUnavailable(f"Redis Cluster unreachable: {exc}") from exc
+            store = ClusterWindowStore(client, prefix=redis_key_prefix(), spec=window_spec())
+        else:
+            client = get_redis_connection(quota_settings.CACHE_ALIAS)
+            store = RedisWindowStore(client, prefix=redis_key_prefix(), spec=window_spec())
         _runtime["store"] = store
     return store
+
+
+# Cluster client defaults a URL's query can override (``?socket_timeout=2``): a request
+# never waits long for a node that is down.
+CLUSTER_CLIENT_DEFAULTS: dict[str, Any] = {
+    "socket_connect_timeout": 0.5,
+    "socket_timeout": 1.0,
+}
+
+
+def cluster_client(url: str) -> RedisCluster:
+    """A ``redis.cluster.RedisCluster`` on the cluster ``url`` names (any of its nodes).
+
+    A call that fails is tried once more, at once, after the client relearned which node
+    serves its slot (a failover moved it): redis-py's default (ten tries with a growing
+    pause) would hold a request for a second while a master is down, and the circuit
+    breaker, not the client, decides what a request sees then."""
+    retry = Retry(NoBackoff(), 1)
+    return RedisCluster.from_url(url, retry=retry, **CLUSTER_CLIENT_DEFAULTS)
 
 
 # What makes a cache alias namespace its keys (Django's cache settings).
@@ -117,11 +151,13 @@ def redis_key_prefix() -> str:
     return str(caches[alias].make_key(quota_settings.KEY_PREFIX))
 
 
-def get_breaker() -> CircuitBreaker:
-    """The process's circuit breaker in front of Redis."""
-    breaker = _runtime.get("breaker")
+def get_breaker(node: str = "") -> CircuitBreaker:
+    """The process's circuit breaker in front of Redis (on Redis Cluster, one per ``node``
+    as ``RedisWindowStore.breaker_key`` names it: a failing node opens its own breaker)."""
+    name = f"breaker:{node}" if node else "breaker"
+    breaker = _runtime.get(name)
     if breaker is None:
-        breaker = _runtime["breaker"] = CircuitBreaker(
+        breaker = _runtime[name] = CircuitBreaker(
             failures=quota_settings.BREAKER_FAILURES,
             reset_after=quota_settings.BREAKER_RESET_SECONDS,
             on_change=_log_breaker_change,
@@ -143,7 +179,20 @@ def _log_breaker_change(old: BreakerState, new: BreakerState) -> None:
 
 def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call the store through the breaker; an open breaker fails at once."""
-    breaker = get_breaker()
+    return _through(get_breaker(), fn, *args, **kwargs)
+
+
+def guarded_for(scope: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """``guarded``, through the breaker of the Redis node that serves quota key ``scope``
+    (the process's breaker while no store can be made: a cluster no node of which answers)."""
+    try:
+        node = get_store().breaker_key(scope)
+    except StoreUnavailable:
+        node = ""
+    return _through(get_breaker(node), fn, *args, **kwargs)
+
+
+def _through(breaker: CircuitBreaker, fn: Any, *args: Any, **kwargs: Any) -> Any:
     if not breaker.allow():
         raise StoreUnavailable("Redis circuit breaker is open.")
     try:

@@ -16,7 +16,7 @@ from quotas.engine.counters import quota_state
 from quotas.engine.degraded import settle_degraded
 from quotas.engine.ledger import ledger_batcher, send_to_ledger, usage_payload
 from quotas.engine.lookup import actual_cost, reservation_of
-from quotas.engine.runtime import get_store, guarded, now_ms
+from quotas.engine.runtime import get_store, guarded, guarded_for, now_ms
 from quotas.engine.types import Reservation, Settlement
 from quotas.exceptions import StoreUnavailable
 from quotas.signals import usage_settled
@@ -44,8 +44,9 @@ def settle(
     """
     job = _settle_job(reservation_or_id, prompt_tokens, completion_tokens, total_tokens, status)
     try:
-        result: SettleOutcome | StoreUnavailable = guarded(
-            get_store().settle, **job.store_arguments()
+        arguments = job.store_arguments()
+        result: SettleOutcome | StoreUnavailable = guarded_for(
+            arguments["scope"], get_store().settle, **arguments
         )
     except StoreUnavailable as exc:
         result = exc

@@ -34,8 +34,10 @@
 -- expire.lua, buckets.lua and audit.lua take the common layout of earlier versions:
 --   KEYS: [1] w, [2] q, [3] p, [4] r, [5] x; ARGV: [1] now ms override or "", [2] window ms,
 --   [3] bucket ms, [4] request window ms, [5] request bucket ms.
--- Two registries per key prefix (not per user: no hash tag) tell the ledger sweep where its
--- work is, without SCAN, and the health check how old the ledger's backlog is:
+-- Two registries per key prefix (not per user: no hash tag; on Redis Cluster, one pair per
+-- hash slot, under a hash tag of that slot, since a script reaches only its own slot) tell
+-- the ledger sweep where its work is, without SCAN, and the health check how old the
+-- ledger's backlog is:
 --   backlog zset: outbox key -> ms since its oldest record not yet acknowledged waits
 --                 (added by settle.lua and expire.lua, kept true by ack.lua);
 --   due zset:     pending key -> no later than the earliest deadline of its reservations

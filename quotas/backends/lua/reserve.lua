@@ -5,7 +5,9 @@
 --       [4] the due registry, [5] the config version key, [6 .. 5+N] one counter per layer.
 -- ARGV: [1] now ms override or "", [2] mode: "r" records a reservation (the user's share of
 --       a decision), "c" only checks and charges the layers (the share of another Redis
---       Cluster slot: KEYS[1..5] are then not touched),
+--       Cluster slot: KEYS[1..5] are then not touched), "R" as "r" but a missing config
+--       version key is not made here ({-2, ""}: on Redis Cluster each slot holds a copy
+--       of the version, and the caller restores a lost copy from the others),
 --       [3] the config version the caller's limits were read at, or "" (not checked here),
 --       [4] reservation id, [5] reservation TTL ms, [6] concurrency limit (0: none),
 --       [7] rejected attempts allowed per window (0: none), [8] its window ms, [9] its
@@ -24,11 +26,13 @@
 --         {-3, layer index, ...}. Every refusal charges nothing.
 local now = clock(ARGV[1])
 local mode, rid, n = ARGV[2], ARGV[4], tonumber(ARGV[16])
+local records = mode ~= 'c'
 local first = 17 + LAYER_ARGS * n
 
 if ARGV[3] ~= '' then
   local version = redis.call('GET', KEYS[5])
   if not version then  -- a Redis without the key (new, or it lost its data): a new version
+    if mode == 'R' then return {-2, ''} end
     version = tostring(now)
     redis.call('SET', KEYS[5], version)
   end
@@ -54,7 +58,7 @@ if #unbuilt > 1 then return unbuilt end
 
 local status, refusing, retry, in_flight = 1, 0, 0, 0
 local attempts_limit = tonumber(ARGV[7])
-if mode == 'r' and attempts_limit > 0 then
+if records and attempts_limit > 0 then
   local a = open_window(KEYS[3], now, tonumber(ARGV[8]), tonumber(ARGV[9]))
   if a.total >= attempts_limit then
     status, retry = 7, wait_ms(a, 1, attempts_limit, now)
@@ -70,7 +74,7 @@ if status == 1 then
     end
   end
   local concurrency = tonumber(ARGV[6])
-  if mode == 'r' and concurrency > 0 then
+  if records and concurrency > 0 then
     in_flight = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
     if in_flight >= concurrency then
       if status == 1 then status = 3 end
@@ -83,7 +87,7 @@ end
 local primary = layers[tonumber(ARGV[10])]
 local reserved = primary and primary.reserved or 0
 local bucket = primary and primary.cur or 0
-if status == 1 and mode == 'r' then
+if status == 1 and records then
   local record = table.concat({'v2', bucket, ARGV[11], now, ARGV[12], ARGV[13], ARGV[14],
                                ARGV[15]}, ':')
   if redis.call('HSETNX', KEYS[2], rid, record) == 0 then status = 6 end  -- charge nothing
@@ -98,7 +102,7 @@ if status == 1 then
       layer_charge(w, w.amount)
     end
   end
-  if mode == 'r' then
+  if records then
     local ttl = tonumber(ARGV[5])
     redis.call('ZADD', KEYS[1], now + ttl, rid)
     -- LT: a later deadline leaves the key's earliest one in place (one write, no read).
