@@ -1,21 +1,29 @@
 """Streams settled by what they produced: ``StreamMeter`` wraps a streaming response's body
 and settles its reservation once, when the stream ends, fails or is closed early (the client
 went away), with the ``usage`` of a final chunk if one was sent, else the prompt plus the
-``delta.content`` text produced so far (counted with tiktoken)."""
+``delta.content`` text produced so far (counted with tiktoken).
+
+``AsyncStreamMeter`` does the same for an async iterator (an ``async def`` view's stream
+under ASGI), settling with ``services.asettle``: when the stream ends, fails, is closed
+(``aclose``), or its task is cancelled because the client disconnected (ASGI
+``http.disconnect``). ``AsyncStreamMeter.over_sync`` serves a sync stream under ASGI one
+chunk at a time, each read in a worker thread, instead of Django's buffering it whole."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from typing import Any
+
+from asgiref.sync import sync_to_async
 
 from quotas import services
 from quotas.conf import quota_settings
 from quotas.core.bounds import MAX_TOKENS
 from quotas.core.encodings import count_text_tokens, encoding_for_model
 
-__all__ = ["StreamMeter", "clean_usage"]
+__all__ = ["AsyncStreamMeter", "StreamMeter", "clean_usage"]
 
 logger = logging.getLogger("quotas")
 
@@ -47,11 +55,10 @@ def clean_usage(usage: Any) -> dict[str, int]:
     return clean
 
 
-class StreamMeter:
-    """Wraps a streaming body; settles once when it ends, fails or is closed early."""
+class _Metering:
+    """What a stream produced: its ``usage`` chunk, else its ``delta.content`` text."""
 
-    def __init__(self, content: Iterator[bytes], reservation: Any, prompt: int | None) -> None:
-        self._content = iter(content)
+    def __init__(self, reservation: Any, prompt: int | None) -> None:
         self._reservation = reservation
         self._prompt = prompt
         self._usage: dict[str, int] = {}
@@ -59,33 +66,9 @@ class StreamMeter:
         self._partial = b""
         self._done = False
 
-    def __iter__(self) -> StreamMeter:
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            chunk = next(self._content)
-        except BaseException:
-            self.close()
-            raise
-        self._observe(chunk if isinstance(chunk, bytes) else str(chunk).encode())
-        return chunk
-
-    def close(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        closer = getattr(self._content, "close", None)
-        if closer:
-            closer()
-        if self._reservation.settlements:  # the view settled it itself
-            return
-        try:
-            _settle_with(self._reservation, self._actual())
-        except Exception:  # never let settling break the response; the TTL sweep charges it
-            logger.exception("quotas: could not settle stream %s", self._reservation.id)
-
-    def _observe(self, chunk: bytes) -> None:
+    def _observe(self, chunk: bytes | str) -> None:
+        if not isinstance(chunk, bytes):
+            chunk = str(chunk).encode()
         lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()
         for line in lines:
@@ -119,3 +102,114 @@ class StreamMeter:
         completion = count_text_tokens(encoding, "".join(self._text))
         # A view that gave its own estimate has no counted prompt: only output is charged.
         return {"prompt_tokens": self._prompt or 0, "completion_tokens": completion}
+
+
+class StreamMeter(_Metering):
+    """Wraps a streaming body; settles once when it ends, fails or is closed early."""
+
+    def __init__(self, content: Iterable[bytes], reservation: Any, prompt: int | None) -> None:
+        super().__init__(reservation, prompt)
+        self._content = iter(content)
+
+    def __iter__(self) -> StreamMeter:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            chunk = next(self._content)
+        except BaseException:
+            self.close()
+            raise
+        self._observe(chunk)
+        return chunk
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        closer = getattr(self._content, "close", None)
+        if closer:
+            closer()
+        if self._reservation.settlements:  # the view settled it itself
+            return
+        try:
+            _settle_with(self._reservation, self._actual())
+        except Exception:  # never let settling break the response; the TTL sweep charges it
+            logger.exception("quotas: could not settle stream %s", self._reservation.id)
+
+
+class AsyncStreamMeter(_Metering):
+    """Wraps an async streaming body; settles once (``services.asettle``) when it ends,
+    fails, is closed, or is cancelled (the client disconnected).
+
+    The chunks pass through an async generator of the meter's own, so a meter dropped
+    without being closed (a response abandoned mid-send) is still settled: the event loop
+    closes an abandoned async generator, and closing it settles.
+    """
+
+    def __init__(self, content: AsyncIterator[Any], reservation: Any, prompt: int | None) -> None:
+        super().__init__(reservation, prompt)
+        self._content = aiter(content)
+        self._chunks = self._metered()
+
+    @classmethod
+    def over_sync(cls, content: Iterable[Any], reservation: Any, prompt: int | None) -> Any:
+        """A meter of a sync stream served under ASGI: each chunk is read in a worker thread,
+        and sent as soon as it is read."""
+        return cls(_in_threads(iter(content)), reservation, prompt)
+
+    def __aiter__(self) -> AsyncStreamMeter:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop the stream (closing the body) and settle what it produced."""
+        await self._chunks.aclose()
+
+    async def _metered(self) -> AsyncGenerator[Any, None]:
+        try:
+            async for chunk in self._content:
+                self._observe(chunk)
+                yield chunk
+        finally:
+            await self._settle()
+
+    async def _settle(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            closer = getattr(self._content, "aclose", None)
+            if closer:
+                await closer()
+            if not self._reservation.settlements:  # else the view settled it itself
+                await _asettle_with(self._reservation, self._actual())
+        except Exception:  # never let settling break the response; the TTL sweep charges it
+            logger.exception("quotas: could not settle stream %s", self._reservation.id)
+
+
+async def _asettle_with(reservation: Any, usage: dict[str, int]) -> services.Settlement:
+    return await services.asettle(
+        reservation,
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        total_tokens=usage.get("total_tokens"),
+    )
+
+
+_END = object()
+
+
+async def _in_threads(content: Iterator[Any]) -> AsyncIterator[Any]:
+    """A sync iterator as an async one: each ``next`` in a worker thread; closed at the
+    end, on error, or when the consumer goes away."""
+    step = sync_to_async(lambda: next(content, _END), thread_sensitive=False)
+    try:
+        while (chunk := await step()) is not _END:
+            yield chunk
+    finally:
+        closer = getattr(content, "close", None)
+        if closer:
+            await sync_to_async(closer, thread_sensitive=False)()
