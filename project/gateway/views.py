@@ -15,13 +15,15 @@ header the OpenAI contract is unchanged: a 429 with an exact ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpResponseBase, StreamingHttpResponse
 from rest_framework import exceptions
 from rest_framework.negotiation import DefaultContentNegotiation
@@ -109,7 +111,11 @@ class ChatCompletionsView(APIView):
             max_tokens=self.chat.get("max_completion_tokens") or self.chat.get("max_tokens"),
         )
         if self.chat.get("stream"):
-            return sse_response(completion_chunks(answer))
+            chunks = completion_chunks(answer)
+            seconds = float(settings.GATEWAY.get("FAKE_STREAM_SECONDS") or 0)
+            if isinstance(request._request, ASGIRequest):  # on the event loop, not a thread
+                return async_sse_response(paced_async(chunks, seconds))
+            return sse_response(paced(chunks, seconds))
         return Response(completion_object(answer))
 
     def forward_upstream(self, request: Request) -> Any:
@@ -232,6 +238,38 @@ def sse_response(chunks: Iterable[dict[str, Any]]) -> StreamingHttpResponse:
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass the events on as they come
+    return response
+
+
+def paced(chunks: Iterable[dict[str, Any]], seconds: float) -> Iterator[dict[str, Any]]:
+    """The chunks spread over ``seconds`` (a model generating), sleeping between them."""
+    chunks = list(chunks)
+    for index, chunk in enumerate(chunks):
+        if index and seconds > 0:
+            time.sleep(seconds / len(chunks))
+        yield chunk
+
+
+async def paced_async(chunks: Iterable[dict[str, Any]], seconds: float) -> AsyncIterator[dict]:
+    """``paced`` for the event loop: the waits are ``asyncio.sleep``."""
+    chunks = list(chunks)
+    for index, chunk in enumerate(chunks):
+        if index and seconds > 0:
+            await asyncio.sleep(seconds / len(chunks))
+        yield chunk
+
+
+def async_sse_response(chunks: AsyncIterator[dict[str, Any]]) -> StreamingHttpResponse:
+    """``sse_response`` over an async iterator (served under ASGI without a thread)."""
+
+    async def events() -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
     return response
 
 
