@@ -56,13 +56,23 @@ def clean_usage(usage: Any) -> dict[str, int]:
 
 
 class _Metering:
-    """What a stream produced: its ``usage`` chunk, else its ``delta.content`` text."""
+    """What a stream produced: its ``usage`` chunk, else its ``delta.content`` text.
+
+    Only the events that name ``usage`` are parsed as they pass; the others are kept as
+    they came (up to ``PENDING_BYTES``, then their text is taken out) and parsed only if the
+    stream ends without a usable ``usage`` block, so a stream that sends one (the usual
+    case) costs one parse, not one per event.
+    """
+
+    PENDING_BYTES = 64 * 1024
 
     def __init__(self, reservation: Any, prompt: int | None) -> None:
         self._reservation = reservation
         self._prompt = prompt
         self._usage: dict[str, int] = {}
         self._text: list[str] = []
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self._partial = b""
         self._done = False
 
@@ -73,27 +83,29 @@ class _Metering:
         self._partial = lines.pop()
         for line in lines:
             if line.startswith(b"data:"):
-                self._event(line[5:].strip())
+                data = line[5:].strip()
+                self._pending.append(data)
+                self._pending_size += len(data)
+                if b'"usage"' in data:
+                    self._usage = clean_usage(_parsed(data).get("usage")) or self._usage
+        if self._pending_size > self.PENDING_BYTES:
+            self._take_text()
 
-    def _event(self, data: bytes) -> None:
-        if not data or data == b"[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return
-        if not isinstance(event, dict):
-            return
-        self._usage = clean_usage(event.get("usage")) or self._usage
-        for choice in event.get("choices") or []:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            content = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(content, str):
-                self._text.append(content)
+    def _take_text(self) -> None:
+        """The ``delta.content`` text of the events kept so far (then forgotten)."""
+        for data in self._pending:
+            for choice in _parsed(data).get("choices") or []:
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                content = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(content, str):
+                    self._text.append(content)
+        self._pending.clear()
+        self._pending_size = 0
 
     def _actual(self) -> dict[str, int]:
         if self._usage:
             return self._usage
+        self._take_text()
         encoding = encoding_for_model(
             self._reservation.model,
             fallback=quota_settings.FALLBACK_ENCODING,
@@ -102,6 +114,17 @@ class _Metering:
         completion = count_text_tokens(encoding, "".join(self._text))
         # A view that gave its own estimate has no counted prompt: only output is charged.
         return {"prompt_tokens": self._prompt or 0, "completion_tokens": completion}
+
+
+def _parsed(data: bytes) -> dict[str, Any]:
+    """One event's JSON object (empty for ``[DONE]``, bad JSON, or anything not an object)."""
+    if not data or data == b"[DONE]":
+        return {}
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return {}
+    return event if isinstance(event, dict) else {}
 
 
 class StreamMeter(_Metering):

@@ -36,6 +36,7 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "http" and scope["path"] == "/__loop_lag/":
         if scope.get("query_string") == b"reset":
             _lags.clear()
+
         body = json.dumps(sorted(_lags)).encode()
         headers = [(b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
