@@ -133,10 +133,7 @@ async def asettle(
         job = _settle_job(reservation_or_id, *figures)
     else:  # rebuilt from what Redis and the database know of it
         job = await in_thread(_settle_job)(reservation_or_id, *figures)
-    try:
-        result: Any = await aguarded(aget_store().settle, **job.store_arguments())
-    except StoreUnavailable as exc:
-        result = exc
+    result = await _astore_settle(job)
     outcome = await _afinish(job, result)
     if isinstance(reservation_or_id, Reservation):
         reservation_or_id.settlements.append(outcome)
@@ -158,6 +155,20 @@ async def abudget_for(user: User) -> dict[str, Any]:
     except StoreUnavailable:
         return _budget_dict(config, counters, None)
     return _budget_dict(config, counters, peek)
+
+
+async def _astore_settle(job: _SettleJob) -> Any:
+    """The store's settle, tried twice: it is idempotent by id, and on a busy event loop a
+    reply can be read after the socket timeout has fired (the settle did run)."""
+    store, arguments = aget_store(), job.store_arguments()
+    try:
+        return await aguarded(store.settle, **arguments)
+    except StoreUnavailable:
+        pass
+    try:
+        return await aguarded(store.settle, **arguments)
+    except StoreUnavailable as exc:
+        return exc
 
 
 async def _afinish(job: _SettleJob, result: Any) -> Settlement:
