@@ -168,7 +168,7 @@ GATEWAY = {
     # Served under ASGI (project.asgi sets it): the chat view runs in a pool of this many
     # threads, and its streams on the event loop (project.gateway.threads).
     "ASGI": os.environ.get("GATEWAY_ASGI", "") == "1",
-    "SYNC_THREADS": int(os.environ.get("GATEWAY_SYNC_THREADS", "8")),
+    "SYNC_THREADS": int(os.environ.get("GATEWAY_SYNC_THREADS", "4")),
     "ENFORCE_QUOTAS": os.environ.get("GATEWAY_ENFORCE_QUOTAS", "1") != "0",
     # A request body must arrive within this many seconds (project.request_body).
     "BODY_TIMEOUT_SECONDS": float(os.environ.get("GATEWAY_BODY_TIMEOUT_SECONDS", "15")),

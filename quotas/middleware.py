@@ -93,7 +93,10 @@ class QuotaMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         response = await self.get_response(request)
-        await _in_thread(self._finish)(request, response)
+        if response.streaming and response.status_code < 400:
+            self._finish(request, response)  # no I/O: the stream settles when it ends
+        else:
+            await _in_thread(self._finish)(request, response)
         return response
 
     async def _aprocess_view(
@@ -101,6 +104,9 @@ class QuotaMiddleware:
     ) -> HttpResponseBase | None:
         if not _enforced(view):
             return None
+        if not getattr(view, "quota_enforced", False):
+            # A DRF view (its throttle enforces): only this process's memory is read here.
+            return QuotaMiddleware.process_view(self, request, view, args, kwargs)
         return await _in_thread(QuotaMiddleware.process_view)(self, request, view, args, kwargs)
 
     def _finish(self, request: HttpRequest, response: HttpResponseBase) -> None:

@@ -4,9 +4,15 @@ Django runs a sync view under ASGI in a thread of the request's own and keeps th
 database connection open until the response has been sent: for a stream, its whole length.
 Three hundred concurrent streams would hold three hundred connections (PostgreSQL refuses
 past ``max_connections``). ``in_pool`` wraps the gateway's sync DRF view as an async view that
-runs it in this process's pool of ``GATEWAY["SYNC_THREADS"]`` threads and then closes (or
-keeps, per ``CONN_MAX_AGE``) the thread's connection, so a stream holds no thread and no
-connection while it streams: its body is an async generator on the event loop.
+runs it in this process's pool of ``GATEWAY["SYNC_THREADS"]`` threads, so a stream holds no
+thread and no connection while it streams: its body is an async generator on the event loop.
+
+The pool's threads live as long as the process, so each keeps its database connection from
+one request to the next (a pool of ``SYNC_THREADS`` connections: opening a PostgreSQL
+connection per request cost more than the rest of the request on the test machine); a
+connection that failed is closed, and the next request opens a new one. (Django advises
+against ``CONN_MAX_AGE`` under ASGI because each request runs in a thread of its own; these
+threads are not.)
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import connections
 
 __all__ = ["in_pool"]
 
@@ -27,7 +33,7 @@ _pool: list[ThreadPoolExecutor] = []
 
 def _executor() -> ThreadPoolExecutor:
     if not _pool:
-        size = int(settings.GATEWAY.get("SYNC_THREADS", 8))
+        size = int(settings.GATEWAY.get("SYNC_THREADS", 4))
         _pool.append(ThreadPoolExecutor(max_workers=size, thread_name_prefix="gateway"))
     return _pool[0]
 
@@ -40,7 +46,7 @@ def in_pool(view: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return view(request, *args, **kwargs)
         finally:
-            close_old_connections()
+            _drop_broken_connections()
 
     @functools.wraps(view)
     async def pooled(request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -48,3 +54,14 @@ def in_pool(view: Callable[..., Any]) -> Callable[..., Any]:
         return await run(request, *args, **kwargs)
 
     return pooled
+
+
+def _drop_broken_connections() -> None:
+    """Close this thread's database connections that failed (kept otherwise)."""
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is not None and connection.errors_occurred:
+            if not connection.is_usable():
+                connection.close()
+            connection.errors_occurred = False
+        if connection.in_atomic_block:  # a view left a transaction open: never reuse it
+            connection.close()

@@ -250,21 +250,37 @@ def paced(chunks: Iterable[dict[str, Any]], seconds: float) -> Iterator[dict[str
         yield chunk
 
 
-async def paced_async(chunks: Iterable[dict[str, Any]], seconds: float) -> AsyncIterator[dict]:
-    """``paced`` for the event loop: the waits are ``asyncio.sleep``."""
-    chunks = list(chunks)
-    for index, chunk in enumerate(chunks):
-        if index and seconds > 0:
-            await asyncio.sleep(seconds / len(chunks))
-        yield chunk
+# Under ASGI the fake model sends what it produced every TICK seconds, as a network
+# upstream's TCP segments carry several events: one wake-up per tick, not per event.
+TICK = 0.05
 
 
-def async_sse_response(chunks: AsyncIterator[dict[str, Any]]) -> StreamingHttpResponse:
-    """``sse_response`` over an async iterator (served under ASGI without a thread)."""
+async def paced_async(
+    chunks: Iterable[dict[str, Any]], seconds: float
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """``paced`` for the event loop (``asyncio.sleep``): the chunks due by each tick, the
+    first at once."""
+    chunks, loop = list(chunks), asyncio.get_running_loop()
+    start, sent = loop.time(), 0
+    while sent < len(chunks):
+        elapsed = loop.time() - start
+        due = len(chunks) if seconds <= 0 else int(elapsed / seconds * len(chunks)) + 1
+        due = min(max(due, sent + 1), len(chunks))
+        yield chunks[sent:due]
+        sent = due
+        if sent < len(chunks):
+            await asyncio.sleep(TICK)
+
+
+def async_sse_response(batches: AsyncIterator[list[dict[str, Any]]]) -> StreamingHttpResponse:
+    """``sse_response`` over an async iterator of chunk batches (served under ASGI without a
+    thread): one write per batch."""
 
     async def events() -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        async for batch in batches:
+            yield b"".join(
+                f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode() for chunk in batch
+            )
         yield b"data: [DONE]\n\n"
 
     response = StreamingHttpResponse(events(), content_type="text/event-stream")

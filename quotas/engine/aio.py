@@ -8,8 +8,8 @@ ledger path. What is not Redis runs where it cannot stall the event loop:
 - the user's limits come from this process's memory; reading them from the database (the
   first request of a user, or after an edit) runs in a worker thread;
 - rebuilding a window from the ledger (Redis lost it) runs in a worker thread;
-- the ledger record goes to this process's ledger batch (no I/O); with
-  ``LEDGER_BATCH_SECONDS = 0`` it is sent at once, in a worker thread;
+- the ledger record goes to this process's ledger batch from a worker thread (the record
+  that fills the batch sends it; with ``LEDGER_BATCH_SECONDS = 0`` each is sent at once);
 - signals (``quota_exceeded``, ``usage_settled``...) are sent on the event loop, as Django
   sends signals: receivers that do I/O should hand it off.
 
@@ -172,8 +172,9 @@ async def _astore_settle(job: _SettleJob) -> Any:
 
 
 async def _afinish(job: _SettleJob, result: Any) -> Settlement:
-    if quota_settings.LEDGER_BATCH_SECONDS > 0:
-        return _finish_settle(job, result)  # the record joins the batch: no I/O here
+    # In a worker thread: the ledger batch is sent by whoever fills it (a broker publish,
+    # or database writes when the broker is down), and with LEDGER_BATCH_SECONDS = 0 every
+    # record is sent at once.
     return await in_thread(_finish_settle)(job, result)
 
 
