@@ -5,7 +5,7 @@
 
 Each part is also runnable alone (``python bench/<part>.py``). A part that crashes is
 reported in the table and the others still run; targets that are missed print FAIL and do
-not stop the run. The whole run takes about three minutes on two cores.
+not stop the run. The whole run takes about five minutes on two cores.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import memory
 import overshoot
 import provider
 import redis_cost
+import streaming
 from common import Row
 
 PARTS = {
@@ -33,6 +34,7 @@ PARTS = {
     "estimation": estimation,
     "end to end": endtoend,
     "provider": provider,
+    "streaming": streaming,
 }
 
 

@@ -34,7 +34,6 @@ BODY = {
     "stream": True,
 }
 STREAMS = int(os.environ.get("ASGI_TEST_STREAMS", "300"))  # concurrent streams, one worker
-EXTRA = {"DB_CONN_MAX_AGE": os.environ["X_AGE"]} if os.environ.get("X_AGE") else {}
 SERVER_ENV = {
     "GATEWAY_FAKE_STREAM_SECONDS": str(SECONDS),
     "GATEWAY_FAKE_ANSWER_TOKENS": str(ANSWER_TOKENS),
@@ -55,7 +54,7 @@ def token(user: Any) -> str:
 
 @pytest.fixture
 def server(isolated_quotas: str, token: str) -> Any:
-    with running_asgi_gateway(isolated_quotas, **SERVER_ENV, **EXTRA) as port:
+    with running_asgi_gateway(isolated_quotas, **SERVER_ENV) as port:
         yield port
 
 

@@ -29,6 +29,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "BENCH_E2E_ROUNDS": "1",
         "BENCH_PROVIDER_SECONDS": "5",
         "BENCH_REDIS_REQUESTS": "300",
+        "BENCH_STREAM_LEVELS": "1,8",
     }
     run = subprocess.run(
         [sys.executable, "run_all.py"],
@@ -36,7 +37,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=330,
     )
     out = run.stdout
     assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]  # no part crashed
@@ -49,7 +50,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "Estimation",
         "End to end",
     )
-    for section in (*sections, "Provider protection"):
+    for section in (*sections, "Provider protection", "Streaming"):
         assert f"== {section}" in out, out
     # Overshoot at 2, 4 and 8 processes, window accuracy, and memory (tokens only, all limits).
     exact = [
