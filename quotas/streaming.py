@@ -7,13 +7,16 @@ went away), with the ``usage`` of a final chunk if one was sent, else the prompt
 under ASGI), settling with ``services.asettle``: when the stream ends, fails, is closed
 (``aclose``), or its task is cancelled because the client disconnected (ASGI
 ``http.disconnect``). ``AsyncStreamMeter.over_sync`` serves a sync stream under ASGI one
-chunk at a time, each read in a worker thread, instead of Django's buffering it whole."""
+chunk at a time, each read in a thread (of a pool of ``STREAM_READ_THREADS``: a sync stream
+waiting for its next chunk holds one), instead of Django's buffering it whole. Streams that
+wait on the network (an upstream) scale further as async iterators."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -223,12 +226,26 @@ async def _asettle_with(reservation: Any, usage: dict[str, int]) -> services.Set
 
 
 _END = object()
+# A sync stream's reads wait on its source (an upstream's next chunk) in a thread: threads of
+# their own, so waiting streams never hold the threads enforcement runs in.
+STREAM_READ_THREADS = 64
+_readers: list[ThreadPoolExecutor] = []
+
+
+def _reader_threads() -> ThreadPoolExecutor:
+    if not _readers:
+        _readers.append(
+            ThreadPoolExecutor(max_workers=STREAM_READ_THREADS, thread_name_prefix="quotas-stream")
+        )
+    return _readers[0]
 
 
 async def _in_threads(content: Iterator[Any]) -> AsyncIterator[Any]:
-    """A sync iterator as an async one: each ``next`` in a worker thread; closed at the
+    """A sync iterator as an async one: each ``next`` in a reader thread; closed at the
     end, on error, or when the consumer goes away."""
-    step = sync_to_async(lambda: next(content, _END), thread_sensitive=False)
+    step = sync_to_async(
+        lambda: next(content, _END), thread_sensitive=False, executor=_reader_threads()
+    )
     try:
         while (chunk := await step()) is not _END:
             yield chunk
