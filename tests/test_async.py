@@ -225,3 +225,19 @@ def test_meter_settles_once_when_the_stream_fails(user):
     with pytest.raises(RuntimeError):
         _metered(user, failing_words(), None)
     assert UsageRecord.objects.get().completion_tokens == words(2)
+
+
+def test_async_view_stream_under_wsgi_is_served_and_settled(user):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    response = client.post("/async-stream/", BODY, content_type="application/json")
+    assert response.status_code == 200
+    # As a WSGI server reads it (Django reads an async stream whole there, with a warning).
+    with pytest.warns(Warning, match="must consume asynchronous iterators"):
+        body = b"".join(response)
+    assert body.endswith(b"data: [DONE]\n\n")
+    response.close()
+    assert used(user) == USAGE["total_tokens"]
+    assert UsageRecord.objects.get().completion_tokens == USAGE["completion_tokens"]
