@@ -5,7 +5,7 @@
 
 Each part is also runnable alone (``python bench/<part>.py``). A part that crashes is
 reported in the table and the others still run; targets that are missed print FAIL and do
-not stop the run. The whole run takes about three minutes on two cores.
+not stop the run. The whole run takes about five minutes on two cores.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import memory
 import overshoot
 import provider
 import redis_cost
+import streaming
 from common import Row
 
 PARTS = {
@@ -37,6 +38,7 @@ PARTS = {
     "provider": provider,
     "ledger volume": ledger_volume,
     "cluster": cluster,
+    "streaming": streaming,
 }
 
 

@@ -1,8 +1,34 @@
-"""ASGI entry point of the demo project."""
+"""ASGI entry point of the demo project (what ``make run`` serves, with uvicorn).
+
+``GATEWAY_ASGI=1`` tells the gateway it is served under ASGI: its chat view then runs in a
+bounded pool of threads and streams on the event loop (``project.gateway.threads``).
+``GATEWAY_ADMISSION_LIMIT`` (8) requests are admitted at a time (``project.admission``).
+"""
 
 import os
+import sys
+import warnings
 
 from django.core.asgi import get_asgi_application
 
+# WhiteNoise answers the admin's static files with sync file iterators, which Django reads
+# whole under ASGI (and warns each time): harmless for those few small files. (Serve static
+# files from a proxy or CDN in production.)
+warnings.filterwarnings(
+    "ignore", message="StreamingHttpResponse must consume synchronous iterators"
+)
+
+# The event loop shares the GIL with the threads sync views run in: a thread holds it for at
+# most this long before the loop gets it back (Python's default is 5 ms).
+sys.setswitchinterval(0.001)
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-application = get_asgi_application()
+os.environ.setdefault("GATEWAY_ASGI", "1")
+django_application = get_asgi_application()
+
+from project.admission import AdmissionLimit  # noqa: E402
+
+# Requests admitted at once (started, headers not yet sent; see project.admission).
+application = AdmissionLimit(
+    django_application, int(os.environ.get("GATEWAY_ADMISSION_LIMIT", "8"))
+)

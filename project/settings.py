@@ -162,6 +162,13 @@ GATEWAY = {
     # The name the upstream's learned limits and circuit breaker are shared under.
     "UPSTREAM_PROVIDER": os.environ.get("GATEWAY_UPSTREAM_PROVIDER", "upstream"),
     "FAKE_ANSWER_TOKENS": int(os.environ.get("GATEWAY_FAKE_ANSWER_TOKENS", "300")),
+    # The fake model's streams take this long (a model generating); 0: at once. Under ASGI
+    # the stream is an async generator (asyncio.sleep), under WSGI a sync one.
+    "FAKE_STREAM_SECONDS": float(os.environ.get("GATEWAY_FAKE_STREAM_SECONDS", "0")),
+    # Served under ASGI (project.asgi sets it): the chat view runs in a pool of this many
+    # threads, and its streams on the event loop (project.gateway.threads).
+    "ASGI": os.environ.get("GATEWAY_ASGI", "") == "1",
+    "SYNC_THREADS": int(os.environ.get("GATEWAY_SYNC_THREADS", "4")),
     "ENFORCE_QUOTAS": os.environ.get("GATEWAY_ENFORCE_QUOTAS", "1") != "0",
     # A request body must arrive within this many seconds (project.request_body).
     "BODY_TIMEOUT_SECONDS": float(os.environ.get("GATEWAY_BODY_TIMEOUT_SECONDS", "15")),

@@ -9,6 +9,17 @@ reservation is settled when the view did not settle it itself:
   final chunk if one was sent, else the prompt plus the ``delta.content`` text produced so far
   (counted with tiktoken);
 - any other 2xx response: the estimate stands.
+
+Under ASGI the middleware runs in async mode (Django's ``sync_capable`` / ``async_capable``)
+and never calls blocking code on the event loop. Enforcing a view (authenticating, reading
+and estimating the body, reading the limits, reserving) is the same routine as in sync mode,
+run in a worker thread (``sync_to_async(thread_sensitive=False)``): it needs the database for
+``request.user`` and the limits anyway, and one routine keeps one set of answers, shared with
+the DRF throttle. A worker thread, not Django's one thread for sync code, so concurrent
+requests never queue behind each other's round trips. Streams are settled on the event loop
+itself, with ``services.asettle`` (``redis.asyncio``): hundreds of streams may end at once.
+A sync stream is served one chunk at a time (each read in a worker thread), not buffered
+whole as Django would.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
 
 from quotas import services
@@ -50,7 +63,7 @@ from quotas.http import (
     simple_error,
     unavailable_retry_after,
 )
-from quotas.streaming import StreamMeter, clean_usage
+from quotas.streaming import AsyncStreamMeter, StreamMeter, clean_usage
 from quotas.throttling import TokenQuotaThrottle
 
 __all__ = ["QuotaMiddleware"]
@@ -59,11 +72,45 @@ __all__ = ["QuotaMiddleware"]
 class QuotaMiddleware:
     """Settle after the view, add headers to every quota-enforced response."""
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
-        self.get_response = get_response
+    sync_capable = True
+    async_capable = True
 
-    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+            # Django awaits a coroutine ``process_view`` rather than running the sync one in
+            # its single thread for sync code.
+            self.process_view = self._aprocess_view  # type: ignore[method-assign]
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
         response = self.get_response(request)
+        self._finish(request, response)
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        response = await self.get_response(request)
+        if response.streaming and response.status_code < 400:
+            self._finish(request, response)  # no I/O: the stream settles when it ends
+        else:
+            await _in_thread(self._finish)(request, response)
+        return response
+
+    async def _aprocess_view(
+        self, request: HttpRequest, view: Any, args: Any, kwargs: Any
+    ) -> HttpResponseBase | None:
+        if not _enforced(view):
+            return None
+        if not getattr(view, "quota_enforced", False):
+            # A DRF view (its throttle enforces): only this process's memory is read here.
+            return QuotaMiddleware.process_view(self, request, view, args, kwargs)
+        return await _in_thread(QuotaMiddleware.process_view)(self, request, view, args, kwargs)
+
+    def _finish(self, request: HttpRequest, response: HttpResponseBase) -> None:
+        """Settle (or hand the stream its meter), then write the headers."""
         record_if_rejected(request, response.status_code)
         reservation = getattr(request, RESERVATION_ATTR, None)
         if reservation is not None:
@@ -79,7 +126,6 @@ class QuotaMiddleware:
         if refused:  # too many rejected attempts: refused before any figure was read
             response["Retry-After"] = str(max(ceil_seconds(refused), 1))
             response["retry-after-ms"] = str(math.ceil(refused * 1000))
-        return response
 
     def process_view(
         self, request: HttpRequest, view: Any, args: Any, kwargs: Any
@@ -123,10 +169,7 @@ class QuotaMiddleware:
         failed = response.status_code >= 400
         if isinstance(response, StreamingHttpResponse) and not failed:
             # Headers are already on their way: the stream settles when it ends.
-            prompt = getattr(request, PROMPT_ATTR, None)
-            response.streaming_content = StreamMeter(
-                response.streaming_content, reservation, prompt
-            )
+            response.streaming_content = self._meter(request, reservation, response)
             return
         state = state_of(request)
         settled: QuotaState | None
@@ -146,6 +189,28 @@ class QuotaMiddleware:
         if settled is not None and not reservation.degraded:
             # The headers tell the budget after this request's real cost, in every limit.
             setattr(request, STATE_ATTR, settled)
+
+    def _meter(self, request: HttpRequest, reservation: Any, response: Any) -> Any:
+        prompt = getattr(request, PROMPT_ATTR, None)
+        if response.is_async:
+            return AsyncStreamMeter(response.streaming_content, reservation, prompt)
+        if self.async_mode:  # a sync stream under ASGI: chunk by chunk, not buffered whole
+            return AsyncStreamMeter.over_sync(response.streaming_content, reservation, prompt)
+        return StreamMeter(response.streaming_content, reservation, prompt)
+
+
+def _in_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run in a worker thread (never on the event loop, never queued behind the
+    request's other sync code in Django's one thread for it); the thread's database
+    connection is then closed or kept as ``CONN_MAX_AGE`` says, as at the end of a request."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return sync_to_async(call, thread_sensitive=False)
 
 
 def _corrected(state: QuotaState, returned: int) -> QuotaState:

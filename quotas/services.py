@@ -1,10 +1,18 @@
-"""The public Python API: ``reserve``, ``settle``, ``refund``, ``budget_for``.
+"""The public Python API: ``reserve``, ``settle``, ``refund``, ``budget_for``, and their
+async twins ``areserve``, ``asettle``, ``arefund``, ``abudget_for`` (over ``redis.asyncio``).
 
 Host code that calls an LLM outside a view (a Celery task, a script) uses these directly::
 
     reservation = services.reserve(user, estimate.total, model="gpt-4o")
     response = call_llm(...)
     services.settle(reservation, prompt_tokens=..., completion_tokens=...)
+
+In async code (an ``async def`` view, an ASGI app), await the twins: they never block the
+event loop on Redis or the database (``quotas.engine.aio`` says what runs where)::
+
+    reservation = await services.areserve(user, estimate.total, model="gpt-4o")
+    ...
+    await services.asettle(reservation, prompt_tokens=..., completion_tokens=...)
 
 Steady state: one Redis round trip and no database query per ``reserve``. The user's limits
 live in their window hash; a plan or quota edit drops them, and the next request reloads them.
@@ -15,6 +23,7 @@ integrations (the throttle, the middleware, views, the admin, tasks) use these n
 
 from __future__ import annotations
 
+from quotas.engine.aio import abudget_for, arefund, areserve, asettle
 from quotas.engine.attempts import block, blocked_for, record_rejected, refusal
 from quotas.engine.budgets import budget_for, reset_window
 from quotas.engine.config import config_changed
@@ -72,7 +81,11 @@ __all__ = [
     "Reservation",
     "Settlement",
     "User",
+    "abudget_for",
     "admit_call",
+    "arefund",
+    "areserve",
+    "asettle",
     "backlog_watch",
     "block",
     "blocked_for",

@@ -44,6 +44,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "BENCH_LEDGER_BURST": "200",
         "BENCH_LEDGER_DATABASE_URL": ledger_database_url(),
         "BENCH_CLUSTER_SECONDS": "2",
+        "BENCH_STREAM_LEVELS": "1,8",
     }
     run = subprocess.run(
         [sys.executable, "run_all.py"],
@@ -51,7 +52,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         env=env,
         capture_output=True,
         text=True,
-        timeout=420,  # the loaded 2-core CI machine took 280 s once
+        timeout=600,  # the loaded 2-core CI machine took 280 s once, before streaming
     )
     out = run.stdout
     assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]  # no part crashed
@@ -64,7 +65,13 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "Estimation",
         "End to end",
     )
-    for section in (*sections, "Provider protection", "Ledger volume", "Redis Cluster"):
+    for section in (
+        *sections,
+        "Provider protection",
+        "Ledger volume",
+        "Redis Cluster",
+        "Streaming",
+    ):
         assert f"== {section}" in out, out
     # Overshoot at 2, 4 and 8 processes, window accuracy, and memory (tokens only, all limits).
     exact = [

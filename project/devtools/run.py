@@ -99,9 +99,13 @@ def child_commands(port: int) -> dict[str, list[str]]:
     extra = {"upstream": [python, "-m", "project.fake_upstream", "--port", str(upstream)]}
     return {
         **(extra if upstream else {}),
+        # ASGI: uvicorn workers; a stream holds no worker and no thread while it streams.
+        # (gunicorn with project/gunicorn.conf.py serves the same project over WSGI.)
         "web": [
-            python, "-m", "gunicorn", "--config", "project/gunicorn.conf.py",
-            "--bind", f"{HOST}:{port}", "--access-logfile", "-",
+            python, "-m", "uvicorn", "project.asgi:application",
+            "--host", HOST, "--port", str(port),
+            "--workers", os.environ.get("WEB_CONCURRENCY", "2"),
+            "--lifespan", "off", "--timeout-graceful-shutdown", "10",
         ],
         "worker": [python, "-m", "celery", "-q", "-A", "project", "worker", "-l", level,
                    "--concurrency", "2"],

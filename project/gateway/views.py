@@ -15,13 +15,15 @@ header the OpenAI contract is unchanged: a 429 with an exact ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpResponseBase, StreamingHttpResponse
 from rest_framework import exceptions
 from rest_framework.negotiation import DefaultContentNegotiation
@@ -109,7 +111,11 @@ class ChatCompletionsView(APIView):
             max_tokens=self.chat.get("max_completion_tokens") or self.chat.get("max_tokens"),
         )
         if self.chat.get("stream"):
-            return sse_response(completion_chunks(answer))
+            chunks = completion_chunks(answer)
+            seconds = float(settings.GATEWAY.get("FAKE_STREAM_SECONDS") or 0)
+            if isinstance(request._request, ASGIRequest):  # on the event loop, not a thread
+                return async_sse_response(paced_async(chunks, seconds))
+            return sse_response(paced(chunks, seconds))
         return Response(completion_object(answer))
 
     def forward_upstream(self, request: Request) -> Any:
@@ -236,6 +242,54 @@ def sse_response(chunks: Iterable[dict[str, Any]]) -> StreamingHttpResponse:
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass the events on as they come
+    return response
+
+
+def paced(chunks: Iterable[dict[str, Any]], seconds: float) -> Iterator[dict[str, Any]]:
+    """The chunks spread over ``seconds`` (a model generating), sleeping between them."""
+    chunks = list(chunks)
+    for index, chunk in enumerate(chunks):
+        if index and seconds > 0:
+            time.sleep(seconds / len(chunks))
+        yield chunk
+
+
+# Under ASGI the fake model sends what it produced every TICK seconds, as a network
+# upstream's TCP segments carry several events: one wake-up per tick, not per event.
+TICK = 0.05
+
+
+async def paced_async(
+    chunks: Iterable[dict[str, Any]], seconds: float
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """``paced`` for the event loop (``asyncio.sleep``): the chunks due by each tick, the
+    first at once."""
+    chunks, loop = list(chunks), asyncio.get_running_loop()
+    start, sent = loop.time(), 0
+    while sent < len(chunks):
+        elapsed = loop.time() - start
+        due = len(chunks) if seconds <= 0 else int(elapsed / seconds * len(chunks)) + 1
+        due = min(max(due, sent + 1), len(chunks))
+        yield chunks[sent:due]
+        sent = due
+        if sent < len(chunks):
+            await asyncio.sleep(TICK)
+
+
+def async_sse_response(batches: AsyncIterator[list[dict[str, Any]]]) -> StreamingHttpResponse:
+    """``sse_response`` over an async iterator of chunk batches (served under ASGI without a
+    thread): one write per batch."""
+
+    async def events() -> AsyncIterator[bytes]:
+        async for batch in batches:
+            yield b"".join(
+                f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode() for chunk in batch
+            )
+        yield b"data: [DONE]\n\n"
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
     return response
 
 
