@@ -100,6 +100,8 @@ QUOTAS = {
     "SETTLE_BATCH_SECONDS": float(os.environ.get("QUOTAS_SETTLE_BATCH_SECONDS", "0")),
     # The provider side (quotas.llm, used when the gateway forwards to an upstream).
     "LLM_CLIENT_FACTORY": "project.gateway.upstream.client_for_provider",
+    # GET /metrics: staff users, or this bearer token (unset: staff only).
+    "METRICS_TOKEN": os.environ.get("METRICS_TOKEN") or None,
     "LLM_DEADLINE_SECONDS": float(os.environ.get("QUOTAS_LLM_DEADLINE_SECONDS", "60")),
     "LLM_ATTEMPT_TIMEOUT_SECONDS": float(
         os.environ.get("QUOTAS_LLM_ATTEMPT_TIMEOUT_SECONDS", "30")

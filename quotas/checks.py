@@ -8,16 +8,20 @@ quotas.E005  A numeric setting is out of range.
 quotas.E006  Unknown keys in QUOTAS (likely a typo).
 quotas.E007  QUOTAS["TIME_ZONE"] is not a time zone this machine knows (calendar limits).
 quotas.E008  QUOTAS["LLM_CLIENT_FACTORY"] cannot be imported (deferred jobs could not run).
+quotas.E009  QUOTAS["METRICS_TOKEN"] or QUOTAS["METRICS_ALLOWED_IPS"] is not valid.
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
 quotas.W002  Cost limits exist but no model price is listed: every cost would be 0.
 quotas.W003  Models used in the last 30 days have no listed price while cost limits exist:
              they are charged at the table's highest prices (never free). Database checks:
              run with ``manage.py check --database default``.
+quotas.W004  The URLconf mounts ``quotas.api.metrics.MetricsView`` but prometheus_client is
+             not installed: the view answers 503.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -29,6 +33,8 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from quotas import telemetry
+from quotas.api.metrics import MetricsView
 from quotas.conf import DEFAULTS, quota_settings
 from quotas.core.globs import glob_matches
 from quotas.core.types import WindowSpec
@@ -49,6 +55,9 @@ E006_MSG = "Unknown QUOTAS settings: {keys}."
 E006_HINT = "The known settings are listed in the README's settings reference."
 E008_MSG = "QUOTAS['LLM_CLIENT_FACTORY'] = {path!r} cannot be imported: {error}."
 E008_HINT = "Give the dotted path of a callable (provider name) -> openai.OpenAI."
+E009_MSG = "QUOTAS[{key!r}] must be {rule}, not {value!r}."
+W004_MSG = "quotas.api.metrics.MetricsView is mounted but prometheus_client is not installed."
+W004_HINT = 'pip install "django-llm-quotas[metrics]" (the view answers 503 without it).'
 W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
 W001_HINT = (
     "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
@@ -207,15 +216,58 @@ def check_middleware(**kwargs: Any) -> list[CheckMessage]:
 def _a_view_uses_it() -> bool:
     """Whether a DRF view in the URLconf lists ``TokenQuotaThrottle`` itself."""
 
+    def uses_it(callback: Any) -> bool:
+        throttles = getattr(getattr(callback, "cls", None), "throttle_classes", ())
+        return any(issubclass(t, TokenQuotaThrottle) for t in throttles)
+
+    return _a_view_is(uses_it)
+
+
+def _a_view_is(test: Any) -> bool:
+    """Whether ``test(callback)`` holds for a view of the URLconf."""
+
     def walk(patterns: list[Any]) -> bool:
         for pattern in patterns:
             if isinstance(pattern, URLResolver) and walk(pattern.url_patterns):
                 return True
-            if isinstance(pattern, URLPattern):
-                view = getattr(pattern.callback, "cls", None)
-                throttles = getattr(view, "throttle_classes", ())
-                if any(issubclass(t, TokenQuotaThrottle) for t in throttles):
-                    return True
+            if isinstance(pattern, URLPattern) and test(pattern.callback):
+                return True
         return False
 
     return walk(get_resolver().url_patterns)
+
+
+@register("quotas", Tags.urls)
+def check_metrics(**kwargs: Any) -> list[CheckMessage]:
+    """The metrics settings are valid; the metrics view is not mounted without its library."""
+    errors: list[CheckMessage] = []
+    token = quota_settings.METRICS_TOKEN
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        rule = "None or a string of at least 16 characters"
+        errors.append(
+            Error(E009_MSG.format(key="METRICS_TOKEN", rule=rule, value="..."), id="quotas.E009")
+        )
+    networks = quota_settings.METRICS_ALLOWED_IPS
+    if not _valid_networks(networks):
+        rule = "a list of IP addresses or networks"
+        msg = E009_MSG.format(key="METRICS_ALLOWED_IPS", rule=rule, value=networks)
+        errors.append(Error(msg, id="quotas.E009"))
+    if not telemetry.AVAILABLE and _a_view_is(_is_metrics_view):
+        errors.append(Warning(W004_MSG, hint=W004_HINT, id="quotas.W004"))
+    return errors
+
+
+def _is_metrics_view(callback: Any) -> bool:
+    view = getattr(callback, "view_class", None)
+    return isinstance(view, type) and issubclass(view, MetricsView)
+
+
+def _valid_networks(networks: Any) -> bool:
+    if isinstance(networks, str) or not isinstance(networks, list | tuple):
+        return False
+    try:
+        for network in networks:
+            ipaddress.ip_network(str(network), strict=False)
+    except ValueError:
+        return False
+    return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 
 from quotas.conf import quota_settings
@@ -26,8 +27,9 @@ from quotas.engine.runtime import (
 )
 from quotas.engine.seeding import counter_seeds
 from quotas.engine.types import DEGRADED_EPOCH, Reservation
-from quotas.exceptions import QuotaExceeded, RequestTooLarge, StoreUnavailable
+from quotas.exceptions import QuotaError, QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.signals import budget_threshold_crossed, quota_exceeded
+from quotas.telemetry import record_decision, record_degraded, refusal_labels
 
 __all__ = ["reserve"]
 
@@ -94,11 +96,24 @@ def reserve(
     request = Request(
         user, client_address, scope, rid, model, tokens, add_default_output, prompt_tokens
     )
+    started = time.perf_counter()
+    try:
+        reservation = _reserve(request)
+    except QuotaError as exc:
+        record_decision(*refusal_labels(exc), time.perf_counter() - started)
+        raise
+    outcome = "degraded" if reservation.degraded else "allowed"
+    record_decision(outcome, "", time.perf_counter() - started)
+    return reservation
+
+
+def _reserve(request: Request) -> Reservation:
     try:
         ask, decision = guarded(_decide, request)
     except StoreUnavailable:
         if quota_settings.FAILURE_POLICY == "closed":
             raise
+        record_degraded("store_unavailable")
         return _degraded(request)
     return _outcome(request, ask, decision)
 

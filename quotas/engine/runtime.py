@@ -20,6 +20,7 @@ from quotas.conf import quota_settings
 from quotas.core.breaker import BreakerState, CircuitBreaker
 from quotas.core.types import WindowSpec
 from quotas.exceptions import StoreUnavailable
+from quotas.telemetry import record_breaker
 
 __all__ = [
     "broker_breaker",
@@ -128,6 +129,7 @@ def _log_breaker_change(old: BreakerState, new: BreakerState) -> None:
     # One line per state change, not one per request.
     log = logger.info if new is BreakerState.CLOSED else logger.warning
     log("quotas: Redis circuit breaker %s -> %s", old.value, new.value)
+    record_breaker("redis", new)
 
 
 def guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -157,7 +159,9 @@ def broker_breaker() -> CircuitBreaker:
     breaker = _runtime.get("broker_breaker")
     if breaker is None:
         breaker = _runtime["broker_breaker"] = CircuitBreaker(
-            failures=1, reset_after=quota_settings.BREAKER_RESET_SECONDS
+            failures=1,
+            reset_after=quota_settings.BREAKER_RESET_SECONDS,
+            on_change=lambda old, new: record_breaker("broker", new),
         )
     return breaker
 
