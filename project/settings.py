@@ -27,6 +27,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    # OpenAPI: the schema at /api/schema/, Swagger UI at /api/docs/ (assets served locally).
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "quotas",
     "project.gateway",
 ]
@@ -118,6 +121,20 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "django-llm-quotas demo",
+    "DESCRIPTION": "OpenAI-compatible chat completions under per-user token quotas, and the "
+    "quota app's endpoints.",
+    "VERSION": "1",
+    # 3.1: nullable fields as JSON Schema types, so responses validate with plain jsonschema.
+    "OAS_VERSION": "3.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",  # no CDN: drf-spectacular-sidecar's copy, as static files
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 
