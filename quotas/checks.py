@@ -9,6 +9,7 @@ quotas.E006  Unknown keys in QUOTAS (likely a typo).
 quotas.E007  QUOTAS["TIME_ZONE"] is not a time zone this machine knows (calendar limits).
 quotas.E008  QUOTAS["LLM_CLIENT_FACTORY"] cannot be imported (deferred jobs could not run).
 quotas.E009  QUOTAS["METRICS_TOKEN"] or QUOTAS["METRICS_ALLOWED_IPS"] is not valid.
+quotas.E010  QUOTAS["ALERTS"] is not a valid list of budget alert rules.
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
 quotas.W002  Cost limits exist but no model price is listed: every cost would be 0.
@@ -36,6 +37,7 @@ from django.utils.module_loading import import_string
 from quotas import telemetry
 from quotas.api.metrics import MetricsView
 from quotas.conf import DEFAULTS, quota_settings
+from quotas.core.alerts import parse_rules
 from quotas.core.globs import glob_matches
 from quotas.core.types import WindowSpec
 from quotas.models import GlobalLimit, ModelPrice, PlanLimit, UsageRecord
@@ -56,6 +58,7 @@ E006_HINT = "The known settings are listed in the README's settings reference."
 E008_MSG = "QUOTAS['LLM_CLIENT_FACTORY'] = {path!r} cannot be imported: {error}."
 E008_HINT = "Give the dotted path of a callable (provider name) -> openai.OpenAI."
 E009_MSG = "QUOTAS[{key!r}] must be {rule}, not {value!r}."
+E010_HINT = "See the README's 'Budget alerts' for the shape of a rule."
 W004_MSG = "quotas.api.metrics.MetricsView is mounted but prometheus_client is not installed."
 W004_HINT = 'pip install "django-llm-quotas[metrics]" (the view answers 503 without it).'
 W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
@@ -98,6 +101,7 @@ NUMERIC_RULES: dict[str, tuple[str, Any]] = {
     "PROVIDER_MIN_RATE": ("a positive number of calls per second", lambda v: v > 0),
     "PROVIDER_BACKOFF_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
     "DEFERRED_JOB_TTL_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "ALERT_WEBHOOK_TIMEOUT_SECONDS": ("a positive number of seconds", lambda v: v > 0),
 }
 
 
@@ -255,6 +259,16 @@ def check_metrics(**kwargs: Any) -> list[CheckMessage]:
     if not telemetry.AVAILABLE and _a_view_is(_is_metrics_view):
         errors.append(Warning(W004_MSG, hint=W004_HINT, id="quotas.W004"))
     return errors
+
+
+@register("quotas")
+def check_alerts(**kwargs: Any) -> list[CheckMessage]:
+    """``QUOTAS["ALERTS"]`` parses into rules."""
+    try:
+        parse_rules(quota_settings.ALERTS)
+    except ValueError as exc:
+        return [Error(str(exc), hint=E010_HINT, id="quotas.E010")]
+    return []
 
 
 def _is_metrics_view(callback: Any) -> bool:

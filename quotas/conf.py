@@ -110,6 +110,10 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_TOKEN": None,
     # ... or a client address in these addresses or networks (e.g. ("10.0.0.0/8",)).
     "METRICS_ALLOWED_IPS": (),
+    # Budget alert rules: see the README ("Budget alerts") and quotas.core.alerts.
+    "ALERTS": [],
+    # One webhook delivery attempt waits at most this long for the receiver.
+    "ALERT_WEBHOOK_TIMEOUT_SECONDS": 5.0,
 }
 
 

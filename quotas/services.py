@@ -15,6 +15,10 @@ integrations (the throttle, the middleware, views, the admin, tasks) use these n
 
 from __future__ import annotations
 
+from quotas.engine.alert_delivery import DeliveryFailed, alert_text
+from quotas.engine.alert_delivery import deliver_email as deliver_alert_email
+from quotas.engine.alert_delivery import deliver_webhook as deliver_alert_webhook
+from quotas.engine.alerts import alert_rules
 from quotas.engine.attempts import block, blocked_for, record_rejected, refusal
 from quotas.engine.budgets import budget_for, reset_window
 from quotas.engine.config import config_changed
@@ -65,6 +69,7 @@ __all__ = [
     "Admission",
     "AdmitStatus",
     "Claim",
+    "DeliveryFailed",
     "Ladder",
     "Outcome",
     "ProviderHeaders",
@@ -73,6 +78,8 @@ __all__ = [
     "Settlement",
     "User",
     "admit_call",
+    "alert_rules",
+    "alert_text",
     "backlog_watch",
     "block",
     "blocked_for",
@@ -83,6 +90,8 @@ __all__ = [
     "claim_job",
     "config_changed",
     "defer_job",
+    "deliver_alert_email",
+    "deliver_alert_webhook",
     "estimate",
     "fail_job",
     "finish_job",

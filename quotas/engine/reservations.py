@@ -15,6 +15,7 @@ from quotas.core.decisions import Decision, DecisionStatus
 from quotas.core.limits import Limit, Metric
 from quotas.core.pricing import Price
 from quotas.core.types import QuotaState
+from quotas.engine.alerts import check_alerts
 from quotas.engine.config import QuotaConfig, configs
 from quotas.engine.counters import Charges, charges_for, quota_state
 from quotas.engine.plans import User, config_for, scope_for, user_id_of
@@ -191,10 +192,13 @@ def _outcome(request: Request, ask: Ask, decision: Decision) -> Reservation:
     state = quota_state(counters, decision.figures, decision.now_ms, retry_after=retry)
     if decision.status is DecisionStatus.ALLOWED:
         _maybe_alert(request, ask, state)
+        _check_alerts(request, ask, state, 0)
         return _reservation(request, ask, state, decision.now_ms, decision.epoch)
     if decision.status is DecisionStatus.DUPLICATE_ID:
         raise ValueError(f"Reservation {request.rid!r} already exists: ids must be unique.")
     exc = _rejection(ask, decision, state)
+    if decision.status is DecisionStatus.OVER_LIMIT:
+        _check_alerts(request, ask, state, decision.refusing)
     quota_exceeded.send(sender=Reservation, user=request.user, scope=request.scope, exception=exc)
     raise exc
 
@@ -330,6 +334,13 @@ def _maybe_alert(request: Request, ask: Ask, state: QuotaState) -> None:
             limit=policy.limit,
             threshold=threshold,
         )
+
+
+def _check_alerts(request: Request, ask: Ask, state: QuotaState, refusing: int) -> None:
+    """The ``QUOTAS["ALERTS"]`` thresholds this decision reached (``quotas.engine.alerts``)."""
+    config = ask.config
+    plan = config.limits.plan_slug
+    check_alerts(request.scope, plan, config.team, ask, state.policies, refusing)
 
 
 def _degraded(request: Request) -> Reservation:
