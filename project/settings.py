@@ -5,6 +5,7 @@ DATABASE_URL       the usage ledger; default SQLite under var/.
 CELERY_BROKER_URL  default: REDIS_URL, under this instance's key prefix.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -105,6 +106,8 @@ QUOTAS = {
     "LLM_CLIENT_FACTORY": "project.gateway.upstream.client_for_provider",
     # GET /metrics: staff users, or this bearer token (unset: staff only).
     "METRICS_TOKEN": os.environ.get("METRICS_TOKEN") or None,
+    # Budget alert rules as JSON (a list of rules, see the README's "Budget alerts").
+    "ALERTS": json.loads(os.environ.get("QUOTAS_ALERTS") or "[]"),
     "LLM_DEADLINE_SECONDS": float(os.environ.get("QUOTAS_LLM_DEADLINE_SECONDS", "60")),
     "LLM_ATTEMPT_TIMEOUT_SECONDS": float(
         os.environ.get("QUOTAS_LLM_ATTEMPT_TIMEOUT_SECONDS", "30")
