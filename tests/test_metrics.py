@@ -204,3 +204,47 @@ def test_without_prometheus_client_metrics_are_no_ops_and_the_mounted_view_warns
         DJANGO_SETTINGS_MODULE="project.settings",
     )
     assert out.split("\n")[:2] == ["False 503", "['quotas.W004']"]
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_gunicorn_workers_are_summed_in_every_scrape(make_user, plan, isolated_quotas, tmp_path):
+    from rest_framework.authtoken.models import Token
+
+    from tests.gateway_server import running_gateway
+
+    token = Token.objects.create(user=make_user(plan=plan)).key
+    scraper = "scrape-token-0123456789"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "METRICS_TOKEN": scraper}
+    with running_gateway(isolated_quotas, workers=2, **env) as port:
+        for _ in range(12):  # new connections: the workers share them
+            _post(port, token)
+        scrapes = [parse(_get(port, "/metrics", scraper)) for _ in range(4)]
+    assert len({p.name for p in tmp_path.glob("counter_*.db")}) >= 2  # both workers counted
+    for samples in scrapes:  # whichever worker answers, it sums every worker's files
+        assert value(samples, "quotas_decisions_total", outcome="allowed", limit="") == 12
+        assert value(samples, "quotas_settled_tokens_total", model="gpt-4", plan="metered") > 0
+
+
+def _post(port: int, token: str) -> None:
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    body = json.dumps({**BODY, "max_tokens": 10})
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    conn.request("POST", URL, body, headers)
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def _get(port: int, path: str, token: str) -> str:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+    response = conn.getresponse()
+    assert response.status == 200
+    text = response.read().decode()
+    conn.close()
+    return text
