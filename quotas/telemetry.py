@@ -159,12 +159,13 @@ def record_settled(model: str, plan: str, tokens: int, cost_micro: int | None) -
         _child("cost", *labels).inc(max(cost_micro, 0) / 1_000_000)
 
 
-def record_breaker(breaker: str, state: BreakerState) -> None:
-    """A circuit breaker entered ``state``."""
+def record_breaker(breaker: str, state: BreakerState, *, moved: bool = True) -> None:
+    """A circuit breaker entered ``state`` (``moved=False``: a new breaker starts in it)."""
     if not _metrics:
         return
     _child("breaker", breaker).set(BREAKER_VALUES[state])
-    _child("transitions", breaker, state.value).inc()
+    if moved:
+        _child("transitions", breaker, state.value).inc()
 
 
 def record_degraded(rung: str) -> None:

@@ -17,6 +17,7 @@ from django.test import override_settings
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
+from quotas import services
 from tests.conftest import quotas_settings
 from tests.test_gateway import BODY, URL, bearer_client
 
@@ -102,6 +103,14 @@ def test_an_outage_shows_as_an_open_breaker_and_degraded_requests(
             assert response["X-Quota-Degraded"]
         during = scrape(staff)
     assert value(during, "quotas_breaker_state", breaker="redis") == 2
+    assert (
+        value(during, "quotas_decisions_total", outcome="degraded", limit="")
+        - value(before, "quotas_decisions_total", outcome="degraded", limit="")
+        == 4
+    )
+    services.reset_runtime()  # a breaker made anew starts closed, and says so
+    services.get_breaker()
+    assert value(scrape(staff), "quotas_breaker_state", breaker="redis") == 0
     assert value(during, "quotas_redis_up") == 0
     moved = value(during, "quotas_degraded_requests_total", rung="store_unavailable") - value(
         before, "quotas_degraded_requests_total", rung="store_unavailable"

@@ -122,6 +122,7 @@ def get_breaker() -> CircuitBreaker:
             reset_after=quota_settings.BREAKER_RESET_SECONDS,
             on_change=_log_breaker_change,
         )
+        record_breaker("redis", breaker.state, moved=False)
     return breaker
 
 
@@ -163,6 +164,7 @@ def broker_breaker() -> CircuitBreaker:
             reset_after=quota_settings.BREAKER_RESET_SECONDS,
             on_change=lambda old, new: record_breaker("broker", new),
         )
+        record_breaker("broker", breaker.state, moved=False)
     return breaker
 
 
