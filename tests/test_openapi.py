@@ -5,7 +5,11 @@ local static files (no CDN)."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -199,3 +203,35 @@ def test_swagger_ui_is_served_from_local_static_files():
     for asset in assets:
         relative = asset.split("static/", 1)[1].split("?")[0]
         assert finders.find(relative), asset  # collectstatic ships it; WhiteNoise serves it
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs a chromium binary")
+def test_swagger_ui_renders_every_operation_in_headless_chromium(isolated_quotas, tmp_path):
+    """Through a real server, with the static files collected as ``make run`` does, and no
+    network: the page's scripts come from the sidecar's copy, and they render the schema."""
+    from tests.gateway_server import running_gateway
+
+    env = {**os.environ, "VAR_DIR": str(tmp_path)}
+    manage = [sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"]
+    subprocess.run(manage, cwd=settings.BASE_DIR, env=env, check=True, timeout=120)
+    with running_gateway(isolated_quotas, workers=1, VAR_DIR=str(tmp_path)) as port:
+        dom = subprocess.run(
+            [
+                "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000",
+                "--dump-dom", f"http://127.0.0.1:{port}/api/docs/",
+            ],
+            capture_output=True, text=True, timeout=90,
+        ).stdout  # fmt: skip
+    shown = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', dom))
+    assert shown == {
+        "/quotas/me/",
+        "/quotas/plans/",
+        "/quotas/users/{user_id}/",
+        "/quotas/health/",
+        "/quotas/jobs/{job_id}/",
+        "/quotas/limits/",
+        "/v1/chat/completions",
+    }
