@@ -56,4 +56,5 @@ mutate: venv
 clean:
 	rm -rf $(VENV) .nox build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
 	rm -rf var/redis-embedded var/celerybeat-schedule* var/test-db.sqlite3* var/static var/mutate
+	rm -rf var/prometheus
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

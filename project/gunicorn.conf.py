@@ -17,3 +17,11 @@ timeout = 30  # a worker whose main loop stops for this long is restarted
 graceful_timeout = 10
 keepalive = 5  # idle kept-alive connections are closed after this many seconds
 control_socket_disable = True  # servers run side by side; none needs it
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges leave the Prometheus scrape (multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -5,6 +5,7 @@ DATABASE_URL       the usage ledger; default SQLite under var/.
 CELERY_BROKER_URL  default: REDIS_URL, under this instance's key prefix.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -27,6 +28,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    # OpenAPI: the schema at /api/schema/, Swagger UI at /api/docs/ (assets served locally).
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "quotas",
     "project.gateway",
 ]
@@ -100,6 +104,10 @@ QUOTAS = {
     "SETTLE_BATCH_SECONDS": float(os.environ.get("QUOTAS_SETTLE_BATCH_SECONDS", "0")),
     # The provider side (quotas.llm, used when the gateway forwards to an upstream).
     "LLM_CLIENT_FACTORY": "project.gateway.upstream.client_for_provider",
+    # GET /metrics: staff users, or this bearer token (unset: staff only).
+    "METRICS_TOKEN": os.environ.get("METRICS_TOKEN") or None,
+    # Budget alert rules as JSON (a list of rules, see the README's "Budget alerts").
+    "ALERTS": json.loads(os.environ.get("QUOTAS_ALERTS") or "[]"),
     "LLM_DEADLINE_SECONDS": float(os.environ.get("QUOTAS_LLM_DEADLINE_SECONDS", "60")),
     "LLM_ATTEMPT_TIMEOUT_SECONDS": float(
         os.environ.get("QUOTAS_LLM_ATTEMPT_TIMEOUT_SECONDS", "30")
@@ -116,6 +124,20 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "django-llm-quotas demo",
+    "DESCRIPTION": "OpenAI-compatible chat completions under per-user token quotas, and the "
+    "quota app's endpoints.",
+    "VERSION": "1",
+    # 3.1: nullable fields as JSON Schema types, so responses validate with plain jsonschema.
+    "OAS_VERSION": "3.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",  # no CDN: drf-spectacular-sidecar's copy, as static files
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 

@@ -11,16 +11,21 @@ quotas.E008  QUOTAS["LLM_CLIENT_FACTORY"] cannot be imported (deferred jobs coul
 quotas.E009  QUOTAS["DEGRADED_SHARE"] is not a number above 0 and at most 1 (the share of each
              budget a process may admit while Redis is unreachable).
 quotas.E010  QUOTAS["REDIS_CLUSTER_URL"] is not a redis:// or rediss:// URL.
+quotas.E011  QUOTAS["METRICS_TOKEN"] or QUOTAS["METRICS_ALLOWED_IPS"] is not valid.
+quotas.E012  QUOTAS["ALERTS"] is not a valid list of budget alert rules.
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
 quotas.W002  Cost limits exist but no model price is listed: every cost would be 0.
 quotas.W003  Models used in the last 30 days have no listed price while cost limits exist:
              they are charged at the table's highest prices (never free). Database checks:
              run with ``manage.py check --database default``.
+quotas.W004  The URLconf mounts ``quotas.api.metrics.MetricsView`` but prometheus_client is
+             not installed: the view answers 503.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -32,7 +37,10 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from quotas import telemetry
+from quotas.api.metrics import MetricsView
 from quotas.conf import DEFAULTS, quota_settings
+from quotas.core.alerts import parse_rules
 from quotas.core.globs import glob_matches
 from quotas.core.types import WindowSpec
 from quotas.models import GlobalLimit, ModelPrice, PlanLimit, UsageRecord
@@ -60,6 +68,10 @@ E009_HINT = (
 )
 E010_MSG = "QUOTAS['REDIS_CLUSTER_URL'] = {value!r} is not a redis:// or rediss:// URL."
 E010_HINT = "Name any node of the cluster, e.g. 'redis://10.0.0.1:7000/0', or leave it None."
+E011_MSG = "QUOTAS[{key!r}] must be {rule}, not {value!r}."
+E012_HINT = "See the README's 'Budget alerts' for the shape of a rule."
+W004_MSG = "quotas.api.metrics.MetricsView is mounted but prometheus_client is not installed."
+W004_HINT = 'pip install "django-llm-quotas[metrics]" (the view answers 503 without it).'
 W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
 W001_HINT = (
     "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
@@ -100,6 +112,7 @@ NUMERIC_RULES: dict[str, tuple[str, Any]] = {
     "PROVIDER_MIN_RATE": ("a positive number of calls per second", lambda v: v > 0),
     "PROVIDER_BACKOFF_SECONDS": ("a number of seconds, 0 or more", lambda v: v >= 0),
     "DEFERRED_JOB_TTL_SECONDS": ("a positive number of seconds", lambda v: v > 0),
+    "ALERT_WEBHOOK_TIMEOUT_SECONDS": ("a positive number of seconds", lambda v: v > 0),
 }
 
 
@@ -231,15 +244,68 @@ def check_middleware(**kwargs: Any) -> list[CheckMessage]:
 def _a_view_uses_it() -> bool:
     """Whether a DRF view in the URLconf lists ``TokenQuotaThrottle`` itself."""
 
+    def uses_it(callback: Any) -> bool:
+        throttles = getattr(getattr(callback, "cls", None), "throttle_classes", ())
+        return any(issubclass(t, TokenQuotaThrottle) for t in throttles)
+
+    return _a_view_is(uses_it)
+
+
+def _a_view_is(test: Any) -> bool:
+    """Whether ``test(callback)`` holds for a view of the URLconf."""
+
     def walk(patterns: list[Any]) -> bool:
         for pattern in patterns:
             if isinstance(pattern, URLResolver) and walk(pattern.url_patterns):
                 return True
-            if isinstance(pattern, URLPattern):
-                view = getattr(pattern.callback, "cls", None)
-                throttles = getattr(view, "throttle_classes", ())
-                if any(issubclass(t, TokenQuotaThrottle) for t in throttles):
-                    return True
+            if isinstance(pattern, URLPattern) and test(pattern.callback):
+                return True
         return False
 
     return walk(get_resolver().url_patterns)
+
+
+@register("quotas", Tags.urls)
+def check_metrics(**kwargs: Any) -> list[CheckMessage]:
+    """The metrics settings are valid; the metrics view is not mounted without its library."""
+    errors: list[CheckMessage] = []
+    token = quota_settings.METRICS_TOKEN
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        rule = "None or a string of at least 16 characters"
+        errors.append(
+            Error(E011_MSG.format(key="METRICS_TOKEN", rule=rule, value="..."), id="quotas.E011")
+        )
+    networks = quota_settings.METRICS_ALLOWED_IPS
+    if not _valid_networks(networks):
+        rule = "a list of IP addresses or networks"
+        msg = E011_MSG.format(key="METRICS_ALLOWED_IPS", rule=rule, value=networks)
+        errors.append(Error(msg, id="quotas.E011"))
+    if not telemetry.AVAILABLE and _a_view_is(_is_metrics_view):
+        errors.append(Warning(W004_MSG, hint=W004_HINT, id="quotas.W004"))
+    return errors
+
+
+@register("quotas")
+def check_alerts(**kwargs: Any) -> list[CheckMessage]:
+    """``QUOTAS["ALERTS"]`` parses into rules."""
+    try:
+        parse_rules(quota_settings.ALERTS)
+    except ValueError as exc:
+        return [Error(str(exc), hint=E012_HINT, id="quotas.E012")]
+    return []
+
+
+def _is_metrics_view(callback: Any) -> bool:
+    view = getattr(callback, "view_class", None)
+    return isinstance(view, type) and issubclass(view, MetricsView)
+
+
+def _valid_networks(networks: Any) -> bool:
+    if isinstance(networks, str) or not isinstance(networks, list | tuple):
+        return False
+    try:
+        for network in networks:
+            ipaddress.ip_network(str(network), strict=False)
+    except ValueError:
+        return False
+    return True

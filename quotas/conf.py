@@ -112,6 +112,15 @@ DEFAULTS: dict[str, Any] = {
     "PROVIDER_BACKOFF_SECONDS": 1.0,
     # A deferred job not run within this many seconds expires.
     "DEFERRED_JOB_TTL_SECONDS": 86400,
+    # -- Seeing what happens (quotas.api.metrics, quotas.alerts) ------------------------------
+    # Who may read the Prometheus metrics besides staff users: a bearer token ...
+    "METRICS_TOKEN": None,
+    # ... or a client address in these addresses or networks (e.g. ("10.0.0.0/8",)).
+    "METRICS_ALLOWED_IPS": (),
+    # Budget alert rules: see the README ("Budget alerts") and quotas.core.alerts.
+    "ALERTS": [],
+    # One webhook delivery attempt waits at most this long for the receiver.
+    "ALERT_WEBHOOK_TIMEOUT_SECONDS": 5.0,
 }
 
 

@@ -24,6 +24,10 @@ integrations (the throttle, the middleware, views, the admin, tasks) use these n
 from __future__ import annotations
 
 from quotas.engine.aio import abudget_for, arefund, areserve, asettle
+from quotas.engine.alert_delivery import DeliveryFailed, alert_text
+from quotas.engine.alert_delivery import deliver_email as deliver_alert_email
+from quotas.engine.alert_delivery import deliver_webhook as deliver_alert_webhook
+from quotas.engine.alerts import alert_rules
 from quotas.engine.attempts import block, blocked_for, record_rejected, refusal
 from quotas.engine.budgets import budget_for, reset_window
 from quotas.engine.config import config_changed
@@ -74,6 +78,7 @@ __all__ = [
     "Admission",
     "AdmitStatus",
     "Claim",
+    "DeliveryFailed",
     "Ladder",
     "Outcome",
     "ProviderHeaders",
@@ -83,6 +88,8 @@ __all__ = [
     "User",
     "abudget_for",
     "admit_call",
+    "alert_rules",
+    "alert_text",
     "arefund",
     "areserve",
     "asettle",
@@ -96,6 +103,8 @@ __all__ = [
     "claim_job",
     "config_changed",
     "defer_job",
+    "deliver_alert_email",
+    "deliver_alert_webhook",
     "estimate",
     "fail_job",
     "finish_job",

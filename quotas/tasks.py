@@ -32,8 +32,22 @@ __all__ = [
     "rebuild_windows_task",
     "record_usage_task",
     "run_deferred_job_task",
+    "send_alert_email_task",
+    "send_alert_webhook_task",
     "sweep_jobs_task",
 ]
+
+# A budget alert is retried with exponential backoff (1 s, 2 s, 4 s ... at most 10 min
+# apart, jittered) for about an hour; a receiver that is down longer misses it.
+ALERT_DELIVERY = {
+    "acks_late": True,
+    "autoretry_for": (OSError,),
+    "retry_backoff": True,
+    "retry_backoff_max": 600,
+    "retry_jitter": True,
+    "max_retries": 12,
+    "ignore_result": True,
+}
 
 # Periodic tasks retry a few times only: the next beat tick runs them again anyway.
 PERIODIC = {
@@ -111,6 +125,25 @@ def sweep_jobs_task() -> int:
     return services.sweep_jobs()
 
 
+@shared_task(name="quotas.tasks.send_alert_webhook", **ALERT_DELIVERY)
+def send_alert_webhook_task(rule_name: str, payload: dict[str, Any]) -> int:
+    """POST one budget alert to its rule's webhook, signed (``quotas.core.alerts``)."""
+    return services.deliver_alert_webhook(rule_name, payload)
+
+
+@shared_task(name="quotas.tasks.send_alert_email", **ALERT_DELIVERY)
+def send_alert_email_task(rule_name: str, payload: dict[str, Any]) -> int:
+    """Mail one budget alert to its rule's addresses."""
+    return services.deliver_alert_email(rule_name, payload)
+
+
+def _send_alert(task: Any) -> Any:
+    def send(rule_name: str, payload: dict[str, Any]) -> None:
+        task.apply_async(args=[rule_name, payload], retry=False)
+
+    return send
+
+
 def _send_usage(payloads: list[dict[str, Any]], *, argsrepr: str = "") -> None:
     # Celery would otherwise build the log's repr of the records (``saferepr``): about half
     # the cost of a publish, and the users' usage figures in the worker's log.
@@ -135,3 +168,5 @@ def _send_job(job_id: str, *, countdown: float = 0) -> None:
 dispatch.register(dispatch.RECORD_USAGE, _send_usage)
 dispatch.register(dispatch.AUDIT_WINDOW, _send_audit)
 dispatch.register(dispatch.RUN_JOB, _send_job)
+dispatch.register(dispatch.ALERT_WEBHOOK, _send_alert(send_alert_webhook_task))
+dispatch.register(dispatch.ALERT_EMAIL, _send_alert(send_alert_email_task))

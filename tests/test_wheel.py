@@ -132,7 +132,11 @@ def test_the_wheel_metadata_says_what_the_matrix_tested(dist: Path) -> None:
     assert metadata["Version"] == quotas.__version__
     assert metadata["License-Expression"] == "BSD-3-Clause"
     assert metadata["Requires-Python"] == ">=3.11"
-    assert sorted(metadata.get_all("Requires-Dist")) == sorted(pyproject["dependencies"])
+    extras = pyproject.get("optional-dependencies", {})
+    optional = [f'{req}; extra == "{name}"' for name, reqs in extras.items() for req in reqs]
+    expected = [*pyproject["dependencies"], *optional]
+    assert sorted(metadata.get_all("Requires-Dist")) == sorted(expected)
+    assert sorted(metadata.get_all("Provides-Extra")) == sorted(extras)
     classifiers = set(metadata.get_all("Classifier"))
     pythons, djangos = matrix()
     named_pythons = {c.rsplit(" ", 1)[1] for c in classifiers if re.search(r"Python :: 3\.\d+$", c)}

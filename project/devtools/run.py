@@ -40,6 +40,7 @@ RUN_ID_ENV = "DEMO_RUN_ID"
 RUN_ID_HEADER = "X-Demo-Run"
 WORKER_READY_ENV = "DEMO_WORKER_READY_FILE"
 SETTLE_SECONDS = 0.5
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class StartError(Exception):
@@ -120,6 +121,18 @@ def prepare() -> str:
     _run_quietly([*manage, "migrate", "--noinput", "-v", "0"])
     _run_quietly([*manage, "collectstatic", "--noinput", "-v", "0"])
     return _run_quietly([*manage, "seed_demo", "--print-token"]).strip().splitlines()[-1]
+
+
+def fresh_metrics_dir() -> Path:
+    """An empty ``PROMETHEUS_MULTIPROC_DIR`` for this run (``PROMETHEUS_MULTIPROC_DIR`` if
+    set, else ``var/prometheus``): the web workers and the Celery worker write their metrics
+    there; the files of an earlier run would add its counts to this one's (only those
+    ``*.db`` files are removed)."""
+    path = Path(os.environ.get(METRICS_DIR_ENV) or var_dir() / "prometheus")
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.db"):
+        old.unlink()
+    return path
 
 
 def _run_quietly(command: list[str]) -> str:
@@ -209,6 +222,8 @@ The demo is running (Redis: {os.environ.get("REDIS_URL", "default")}).{_upstream
   Chat completions  {base_url}/v1/chat/completions
   Your budget       {base_url}/quotas/me/
   Health            {base_url}/quotas/health/
+  Metrics           {base_url}/metrics   (staff, or METRICS_TOKEN as a bearer token)
+  API schema        {base_url}/api/docs/   (Swagger UI; the schema at /api/schema/)
   Admin             {base_url}/admin/   (admin / admin)
   Demo user         demo / demo, free plan (10k tokens/hour, 50k/day), team acme,
                     API token {token}
@@ -271,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if upstream:  # the gateway forwards to the fake upstream through quotas.llm
         os.environ["GATEWAY_UPSTREAM_URL"] = f"http://{HOST}:{upstream}/v1"
     env = {**os.environ, RUN_ID_ENV: run_id, WORKER_READY_ENV: str(ready_file)}
+    env[METRICS_DIR_ENV] = str(fresh_metrics_dir())
     supervisor = Supervisor(env=env)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from quotas.core.bounds import MAX_MESSAGES, MAX_MODEL_LENGTH, MAX_TOKENS, check_model_name
@@ -79,6 +80,9 @@ class MessageContentField(serializers.Field):
         return value
 
 
+@extend_schema_field(
+    {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+)
 class StopField(serializers.Field):
     """``stop``: a string or a list of at most four strings."""
 
@@ -153,6 +157,9 @@ def _excerpt(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+@extend_schema_field(
+    {"type": "array", "items": {"type": "object", "required": ["role"]}, "minItems": 1}
+)
 class MessagesField(serializers.Field):
     """``messages``: a non-empty list of at most ``MAX_MESSAGES`` chat messages, checked in
     one pass that stops at the first invalid message."""

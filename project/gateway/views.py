@@ -34,8 +34,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from project.gateway import fake_model
+from project.gateway.openapi import CHAT_RESPONSES
 from project.gateway.serializers import ChatCompletionRequestSerializer, first_error
 from project.gateway.upstream import RUNG_HEADER, forward, may_degrade
+from quotas.api.schema import documented
 from quotas.conf import quota_settings
 from quotas.core.bounds import MAX_JSON_DEPTH, InvalidRequest, check_depth
 from quotas.enforcement import prompt_tokens_of
@@ -100,6 +102,12 @@ class ChatCompletionsView(APIView):
             # The requested model refused; the ladder below it may serve (the client
             # tries the requested model once more, then the plan's rungs).
 
+    @documented(
+        request=ChatCompletionRequestSerializer,
+        responses=CHAT_RESPONSES,
+        headers=True,
+        operation_id="createChatCompletion",
+    )
     def post(self, request: Request) -> Response | StreamingHttpResponse:
         if settings.GATEWAY.get("UPSTREAM_URL"):
             return self.forward_upstream(request)

@@ -15,6 +15,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from quotas import services
+from quotas.api.schema import AUTH_ERRORS, DetailSerializer, documented
+from quotas.api.serializers import DeferredJobSerializer, ProviderLimitsSerializer
 from quotas.exceptions import StoreUnavailable
 
 __all__ = ["DeferredJobView", "ProviderLimitsView"]
@@ -26,6 +28,13 @@ class DeferredJobView(APIView):
 
     permission_classes = [permissions.IsAuthenticated]
 
+    @documented(
+        responses={
+            200: DeferredJobSerializer,
+            **AUTH_ERRORS,
+            404: (DetailSerializer, "No such job, or not the caller's."),
+        }
+    )
     def get(self, request: Request, job_id: UUID) -> Response:
         job = services.job_for_owner(request.user, job_id)
         if job is None:
@@ -59,6 +68,13 @@ class ProviderLimitsView(APIView):
 
     permission_classes = [permissions.IsAdminUser]
 
+    @documented(
+        responses={
+            200: ProviderLimitsSerializer,
+            **AUTH_ERRORS,
+            503: (ProviderLimitsSerializer, "Redis unavailable."),
+        }
+    )
     def get(self, request: Request) -> Response:
         try:
             states = services.provider_states()

@@ -6,7 +6,13 @@ from rest_framework import serializers
 
 from quotas.models import Plan
 
-__all__ = ["BudgetSerializer", "PlanSerializer"]
+__all__ = [
+    "BudgetSerializer",
+    "DeferredJobSerializer",
+    "HealthSerializer",
+    "PlanSerializer",
+    "ProviderLimitsSerializer",
+]
 
 
 class PlanSerializer(serializers.ModelSerializer):
@@ -80,3 +86,43 @@ class BudgetSerializer(serializers.Serializer):
     degraded = serializers.BooleanField()
     team = TeamRefSerializer(allow_null=True)
     limits = LimitSerializer(many=True)
+
+
+class LedgerHealthSerializer(serializers.Serializer):
+    outboxes_waiting = serializers.IntegerField(allow_null=True)
+    oldest_record_seconds = serializers.FloatField(allow_null=True)
+    warn_after_seconds = serializers.FloatField()
+
+
+class HealthSerializer(serializers.Serializer):
+    """``GET health/``: ``status`` ``ok`` (200) or ``degraded`` (503)."""
+
+    status = serializers.ChoiceField(choices=["ok", "degraded"])
+    redis = serializers.ChoiceField(choices=["ok", "unavailable"])
+    broker = serializers.ChoiceField(choices=["ok", "unavailable", "unknown"])
+    ledger = LedgerHealthSerializer()
+
+
+class DeferredJobSerializer(serializers.Serializer):
+    """``GET jobs/<id>/``: a deferred job; ``result`` is the chat completion once it ran."""
+
+    id = serializers.UUIDField()
+    object = serializers.ChoiceField(choices=["quota.deferred_job"])
+    status = serializers.ChoiceField(
+        choices=["queued", "running", "succeeded", "failed", "expired"]
+    )
+    model = serializers.CharField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+    attempts = serializers.IntegerField(min_value=0)
+    result = serializers.JSONField(help_text="The chat completion (null until it ran).")
+    error = serializers.CharField(allow_null=True)
+    retry_after_seconds = serializers.IntegerField(required=False, min_value=1)
+
+
+class ProviderLimitsSerializer(serializers.Serializer):
+    """``GET limits/``: each provider key and model's learned state (``null`` and a
+    ``detail`` with 503 while Redis is unavailable)."""
+
+    providers = serializers.ListField(child=serializers.DictField(), allow_null=True)
+    detail = serializers.CharField(required=False)

@@ -13,11 +13,16 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from quotas import services
-from quotas.api.serializers import BudgetSerializer, PlanSerializer
+from quotas.api.schema import AUTH_ERRORS, DetailSerializer, documented
+from quotas.api.serializers import BudgetSerializer, HealthSerializer, PlanSerializer
 from quotas.exceptions import ConfigurationError
 from quotas.models import Plan
 
 __all__ = ["CanViewUserQuotas", "HealthView", "MyBudgetView", "PlanListView", "UserBudgetView"]
+
+
+NO_PLAN = (DetailSerializer, "No plan applies: no default plan and none assigned.")
+NOT_FOUND = (DetailSerializer, "No such user.")
 
 
 class NoPlan(APIException):
@@ -38,6 +43,7 @@ class MyBudgetView(APIView):
 
     permission_classes = [permissions.IsAuthenticated]
 
+    @documented(responses={200: BudgetSerializer, **AUTH_ERRORS, 409: NO_PLAN})
     def get(self, request: Request) -> Response:
         return _budget_response(request.user)
 
@@ -60,6 +66,7 @@ class UserBudgetView(APIView):
 
     permission_classes = [CanViewUserQuotas]
 
+    @documented(responses={200: BudgetSerializer, **AUTH_ERRORS, 404: NOT_FOUND, 409: NO_PLAN})
     def get(self, request: Request, user_id: int) -> Response:
         user = get_object_or_404(get_user_model(), pk=user_id)
         return _budget_response(user)
@@ -71,6 +78,10 @@ class PlanListView(generics.ListAPIView):
     permission_classes = [permissions.AllowAny]
     serializer_class = PlanSerializer
     pagination_class = None
+
+    @documented(responses={200: PlanSerializer(many=True)})
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)
 
     def get_queryset(self) -> Any:
         return Plan.objects.active()
@@ -85,6 +96,10 @@ class HealthView(APIView):
     permission_classes = [permissions.AllowAny]
     throttle_classes: list[Any] = []
 
+    @documented(
+        responses={200: HealthSerializer, 503: (HealthSerializer, "Status degraded.")},
+        auth=[],
+    )
     def get(self, request: Request) -> Response:
         report = services.health()
         return Response(report, status=200 if report["status"] == "ok" else 503)

@@ -28,6 +28,7 @@ from typing import Any
 from quotas.conf import quota_settings
 from quotas.engine.runtime import get_store, guarded, per_process
 from quotas.exceptions import QuotaExceeded, StoreUnavailable
+from quotas.telemetry import record_decision
 
 __all__ = ["Blocklist", "block", "blocked_for", "record_rejected", "refusal"]
 
@@ -100,6 +101,7 @@ def record_rejected(scope: str, keys: list[str]) -> None:
 def refusal(seconds: float) -> QuotaExceeded:
     """The 429 of a client over its rejected-attempts allowance."""
     limit = int(quota_settings.REJECTED_PER_MINUTE)
+    record_decision("refused", "client:attempts:blocked", None)  # decided in memory
     return QuotaExceeded(
         limit=limit,
         remaining=0,

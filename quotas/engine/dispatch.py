@@ -11,7 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["AUDIT_WINDOW", "RECORD_USAGE", "RUN_JOB", "NoSender", "register", "send"]
+__all__ = [
+    "ALERT_EMAIL",
+    "ALERT_WEBHOOK",
+    "AUDIT_WINDOW",
+    "RECORD_USAGE",
+    "RUN_JOB",
+    "NoSender",
+    "register",
+    "send",
+]
 
 # Write the ledger rows of a batch of usage records: ``send(RECORD_USAGE, payloads)``.
 RECORD_USAGE = "record_usage"
@@ -19,6 +28,9 @@ RECORD_USAGE = "record_usage"
 AUDIT_WINDOW = "audit_window"
 # Run one deferred LLM job when it may: ``send(RUN_JOB, job_id, countdown=s)``.
 RUN_JOB = "run_job"
+# Deliver one budget alert: ``send(ALERT_WEBHOOK, rule_name, payload)`` (and ALERT_EMAIL).
+ALERT_WEBHOOK = "alert_webhook"
+ALERT_EMAIL = "alert_email"
 
 Sender = Callable[..., Any]
 _senders: dict[str, Sender] = {}

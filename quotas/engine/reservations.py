@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 
 from quotas.conf import quota_settings
@@ -14,6 +15,7 @@ from quotas.core.decisions import Decision, DecisionStatus
 from quotas.core.limits import Limit, Metric
 from quotas.core.pricing import Price
 from quotas.core.types import QuotaState
+from quotas.engine.alerts import check_alerts
 from quotas.engine.config import QuotaConfig, configs
 from quotas.engine.counters import Charges, charges_for, quota_state
 from quotas.engine.degraded import admit_degraded
@@ -27,8 +29,9 @@ from quotas.engine.runtime import (
 )
 from quotas.engine.seeding import counter_seeds
 from quotas.engine.types import DEGRADED_EPOCH, Reservation
-from quotas.exceptions import QuotaExceeded, RequestTooLarge, StoreUnavailable
+from quotas.exceptions import QuotaError, QuotaExceeded, RequestTooLarge, StoreUnavailable
 from quotas.signals import budget_threshold_crossed, quota_exceeded
+from quotas.telemetry import record_decision, record_degraded, refusal_labels
 
 __all__ = ["reserve"]
 
@@ -95,11 +98,24 @@ def reserve(
     request = Request(
         user, client_address, scope, rid, model, tokens, add_default_output, prompt_tokens
     )
+    started = time.perf_counter()
+    try:
+        reservation = _reserve(request)
+    except QuotaError as exc:
+        record_decision(*refusal_labels(exc), time.perf_counter() - started)
+        raise
+    outcome = "degraded" if reservation.degraded else "allowed"
+    record_decision(outcome, "", time.perf_counter() - started)
+    return reservation
+
+
+def _reserve(request: Request) -> Reservation:
     try:
         ask, decision = guarded_for(request.scope, _decide, request)
     except StoreUnavailable:
         if quota_settings.FAILURE_POLICY == "closed":
             raise
+        record_degraded("store_unavailable")
         return _degraded(request)
     return _outcome(request, ask, decision)
 
@@ -177,10 +193,13 @@ def _outcome(request: Request, ask: Ask, decision: Decision) -> Reservation:
     state = quota_state(counters, decision.figures, decision.now_ms, retry_after=retry)
     if decision.status is DecisionStatus.ALLOWED:
         _maybe_alert(request, ask, state)
+        _check_alerts(request, ask, state, 0)
         return _reservation(request, ask, state, decision.now_ms, decision.epoch)
     if decision.status is DecisionStatus.DUPLICATE_ID:
         raise ValueError(f"Reservation {request.rid!r} already exists: ids must be unique.")
     exc = _rejection(ask, decision, state)
+    if decision.status is DecisionStatus.OVER_LIMIT:
+        _check_alerts(request, ask, state, decision.refusing)
     quota_exceeded.send(sender=Reservation, user=request.user, scope=request.scope, exception=exc)
     raise exc
 
@@ -316,6 +335,13 @@ def _maybe_alert(request: Request, ask: Ask, state: QuotaState) -> None:
             limit=policy.limit,
             threshold=threshold,
         )
+
+
+def _check_alerts(request: Request, ask: Ask, state: QuotaState, refusing: int) -> None:
+    """The ``QUOTAS["ALERTS"]`` thresholds this decision reached (``quotas.engine.alerts``)."""
+    config = ask.config
+    plan = config.limits.plan_slug
+    check_alerts(request.scope, plan, config.team, ask, state.policies, refusing)
 
 
 def _degraded(request: Request) -> Reservation:

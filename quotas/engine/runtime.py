@@ -28,6 +28,7 @@ from quotas.core.breaker import BreakerState, CircuitBreaker
 from quotas.core.degraded import LocalWindows
 from quotas.core.types import WindowSpec
 from quotas.exceptions import StoreUnavailable
+from quotas.telemetry import record_breaker
 
 __all__ = [
     "broker_breaker",
@@ -162,6 +163,7 @@ def get_breaker(node: str = "") -> CircuitBreaker:
             reset_after=quota_settings.BREAKER_RESET_SECONDS,
             on_change=_log_breaker_change,
         )
+        record_breaker("redis", breaker.state, moved=False)
     return breaker
 
 
@@ -169,6 +171,7 @@ def _log_breaker_change(old: BreakerState, new: BreakerState) -> None:
     # One line per state change, not one per request.
     log = logger.info if new is BreakerState.CLOSED else logger.warning
     log("quotas: Redis circuit breaker %s -> %s", old.value, new.value)
+    record_breaker("redis", new)
     if new is BreakerState.CLOSED:
         # Redis decides again: the counts of the degraded decisions (quotas.engine.degraded)
         # start from zero at the next outage.
@@ -242,8 +245,11 @@ def broker_breaker() -> CircuitBreaker:
     breaker = _runtime.get("broker_breaker")
     if breaker is None:
         breaker = _runtime["broker_breaker"] = CircuitBreaker(
-            failures=1, reset_after=quota_settings.BREAKER_RESET_SECONDS
+            failures=1,
+            reset_after=quota_settings.BREAKER_RESET_SECONDS,
+            on_change=lambda old, new: record_breaker("broker", new),
         )
+        record_breaker("broker", breaker.state, moved=False)
     return breaker
 
 

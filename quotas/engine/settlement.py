@@ -20,6 +20,7 @@ from quotas.engine.runtime import get_store, guarded, guarded_for, now_ms
 from quotas.engine.types import Reservation, Settlement
 from quotas.exceptions import StoreUnavailable
 from quotas.signals import usage_settled
+from quotas.telemetry import record_settled
 
 __all__ = ["flush_settle_batch", "refund", "settle", "settle_later"]
 
@@ -169,6 +170,9 @@ def _finish_settle(job: _SettleJob, result: SettleOutcome | StoreUnavailable) ->
             )
         outcome = _settlement(reservation, result)
     if outcome.settled_now:
+        record_settled(
+            reservation.model, reservation.plan_slug, outcome.actual_tokens, outcome.cost
+        )
         send_to_ledger(
             usage_payload(
                 reservation,

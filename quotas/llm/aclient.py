@@ -42,9 +42,12 @@ class AsyncQuotaClient:
         rungs = [call.first_rung()]
         for rung in rungs:  # grows once: the ladder is read after the first refusal
             try:
-                return await self._serve(call, rung)
+                answer = await self._serve(call, rung)
             except RungRefused as refusal:
                 call.refused(refusal)
+            else:
+                call.note_served(rung)
+                return answer
             if len(call.refusals) == 1:
                 rungs += await sync_to_async(call.lower_rungs)()
         raise call.failure()

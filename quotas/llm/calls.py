@@ -25,6 +25,7 @@ from quotas.exceptions import QuotaExceeded
 from quotas.llm.errors import Deferred, ProviderRefused, ProviderUnavailable, RungRefused
 from quotas.llm.retries import provider_retry_after, status_of
 from quotas.llm.usage import Hold, usage_figures
+from quotas.telemetry import record_deferred, record_degraded
 
 __all__ = ["CallOptions", "LogicalCall", "Rung", "request_body"]
 
@@ -302,10 +303,17 @@ class LogicalCall:
         services.settle(reservation, total_tokens=cost)
         self.attach(Hold(reservation, model, cost, 0))
 
+    def note_served(self, rung: Rung) -> None:
+        """Count an answer served by a lower rung of the ladder (``quotas_degraded_requests``)."""
+        if rung.label != PREFERRED:
+            record_degraded(rung.label)
+
     def defer(self) -> Deferred:
         """Queue the request as a job; the ``Deferred`` to raise."""
         retry_after = self.retry_after()
         job = services.defer_job(self.options.user, self.options.provider, self.body, retry_after)
+        record_degraded(DEFERRED)
+        record_deferred()
         return Deferred(job_id=str(job.pk), retry_after=retry_after)
 
     def sdk_arguments(self, rung: Rung) -> dict[str, Any]:

@@ -54,9 +54,12 @@ class QuotaClient:
         """Try each rung of the call's ladder until one serves."""
         for rung in call.rungs():
             try:
-                return self._serve(call, rung)
+                answer = self._serve(call, rung)
             except RungRefused as refusal:
                 call.refused(refusal)
+                continue
+            call.note_served(rung)
+            return answer
         raise call.failure()
 
     def _serve(self, call: LogicalCall, rung: Rung) -> Any:
