@@ -8,6 +8,7 @@ quotas.E005  A numeric setting is out of range.
 quotas.E006  Unknown keys in QUOTAS (likely a typo).
 quotas.E007  QUOTAS["TIME_ZONE"] is not a time zone this machine knows (calendar limits).
 quotas.E008  QUOTAS["LLM_CLIENT_FACTORY"] cannot be imported (deferred jobs could not run).
+quotas.E009  QUOTAS["LEDGER_RETENTION_DAYS"] is neither None nor a positive integer.
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
 quotas.W002  Cost limits exist but no model price is listed: every cost would be 0.
@@ -49,6 +50,11 @@ E006_MSG = "Unknown QUOTAS settings: {keys}."
 E006_HINT = "The known settings are listed in the README's settings reference."
 E008_MSG = "QUOTAS['LLM_CLIENT_FACTORY'] = {path!r} cannot be imported: {error}."
 E008_HINT = "Give the dotted path of a callable (provider name) -> openai.OpenAI."
+E009_MSG = "QUOTAS['LEDGER_RETENTION_DAYS'] must be None or a positive integer, not {value!r}."
+E009_HINT = (
+    "Give a number of days (at least the longest window or calendar period of any limit), "
+    "or None to keep the ledger forever."
+)
 W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
 W001_HINT = (
     "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
@@ -148,6 +154,14 @@ def _client_factory_errors(path: Any) -> list[CheckMessage]:
         msg = E008_MSG.format(path=path, error="it is not callable")
         return [Error(msg, hint=E008_HINT, id="quotas.E008")]
     return []
+
+
+@register("quotas")
+def check_retention(**kwargs: Any) -> list[CheckMessage]:
+    days = quota_settings.LEDGER_RETENTION_DAYS
+    if days is None or (isinstance(days, int) and not isinstance(days, bool) and days > 0):
+        return []
+    return [Error(E009_MSG.format(value=days), hint=E009_HINT, id="quotas.E009")]
 
 
 @register("quotas")

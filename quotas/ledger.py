@@ -6,9 +6,11 @@ them; every one is idempotent, so a re-delivered task changes nothing.
   reservations never settled within their TTL (charged at their estimate);
 - ``write_usage``: write the rows of a batch of usage records (what a settle sends);
 - ``audit_window(s)``: repair drift between a window and the ledger;
-- ``rebuild_window(s)``: seed lost windows from the ledger now.
+- ``rebuild_window(s)``: seed lost windows from the ledger now;
+- ``prune_ledger``: delete rows past ``LEDGER_RETENTION_DAYS`` (their rollups stay).
 
-A facade over ``quotas.engine.reconcile`` and ``quotas.engine.rows``.
+A facade over ``quotas.engine.reconcile``, ``quotas.engine.rows`` and
+``quotas.engine.retention``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from quotas.engine.reconcile import (
     rebuild_window,
     rebuild_windows,
 )
+from quotas.engine.retention import prune_ledger
 from quotas.engine.rows import write_usage
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "audit_windows",
     "flush_ledger",
     "flush_scope",
+    "prune_ledger",
     "rebuild_window",
     "rebuild_windows",
     "write_usage",

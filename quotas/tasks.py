@@ -29,6 +29,7 @@ __all__ = [
     "audit_window_task",
     "audit_windows_task",
     "flush_ledger_task",
+    "prune_ledger_task",
     "rebuild_windows_task",
     "record_usage_task",
     "run_deferred_job_task",
@@ -67,6 +68,13 @@ def flush_ledger_task() -> int:
     """Write the ledger rows waiting in the Redis outbox (settled requests, and reservations
     never settled within their TTL, charged at their estimate); returns the rows created."""
     return ledger.flush_ledger()
+
+
+@shared_task(name="quotas.tasks.prune_ledger", **PERIODIC)
+def prune_ledger_task() -> int:
+    """Delete ledger rows older than ``LEDGER_RETENTION_DAYS`` in batches (their hourly
+    rollups stay); returns how many. Does nothing when retention is off (the default)."""
+    return ledger.prune_ledger()
 
 
 @shared_task(name="quotas.tasks.audit_windows", **PERIODIC)

@@ -105,3 +105,15 @@ def test_a_client_factory_that_cannot_make_clients_is_refused(path, error):
     [message] = quota_errors(LLM_CLIENT_FACTORY=path)
     assert message.id == "quotas.E008" and error in message.msg
     assert message.hint == checks.E008_HINT
+
+
+@pytest.mark.parametrize("days", [0, -3, 1.5, True, "30"])
+def test_a_ledger_retention_that_is_not_a_number_of_days_is_refused(days):
+    assert quota_errors(LEDGER_RETENTION_DAYS=days) == [
+        Error(checks.E009_MSG.format(value=days), hint=checks.E009_HINT, id="quotas.E009")
+    ]
+
+
+@pytest.mark.parametrize("days", [None, 1, 90])
+def test_a_ledger_retention_of_whole_days_or_none_is_fine(days):
+    assert quota_errors(LEDGER_RETENTION_DAYS=days) == []

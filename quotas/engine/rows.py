@@ -30,6 +30,7 @@ from django.db import DataError, IntegrityError, transaction
 
 from quotas.backends.redis import LedgerEntry, RedisWindowStore
 from quotas.core.bounds import MAX_MODEL_LENGTH
+from quotas.engine.rollups import roll_up
 from quotas.engine.runtime import get_store
 from quotas.exceptions import StoreUnavailable
 from quotas.models import Team, UsageRecord
@@ -77,7 +78,9 @@ def write_rows(
     teams = _teams(new)
     try:
         with transaction.atomic():
-            UsageRecord.objects.bulk_create([row_of(e, user_id, teams=teams) for e in new])
+            rows = [row_of(e, user_id, teams=teams) for e in new]
+            UsageRecord.objects.bulk_create(rows)
+            roll_up(rows)  # in this transaction: rows not created are never rolled up
     except REFUSALS:
         # A concurrent writer (the sweep, or another batch) wrote some of them first, or the
         # database refused a row: one row at a time, so each row is created, and counted,
@@ -210,7 +213,9 @@ def _insert_one(
     """Insert one row; ``False`` when it already exists or was set aside (refused)."""
     try:
         with transaction.atomic():
-            row_of(entry, user_id, teams=teams).save(force_insert=True)
+            row = row_of(entry, user_id, teams=teams)
+            row.save(force_insert=True)
+            roll_up([row])
     except REFUSALS as exc:
         if UsageRecord.objects.filter(request_id=entry.reservation_id).exists():
             return False  # written by a concurrent writer: not ours to count

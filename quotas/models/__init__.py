@@ -15,6 +15,7 @@ from quotas.models.plans import (
     UserQuota,
     fallback_models_problem,
 )
+from quotas.models.rollups import UsageRollup
 
 __all__ = [
     "MAX_BUDGET",
@@ -28,6 +29,7 @@ __all__ = [
     "PlanQuerySet",
     "Team",
     "UsageRecord",
+    "UsageRollup",
     "UserQuota",
     "fallback_models_problem",
 ]

@@ -1,0 +1,150 @@
+"""Usage rollups: each batch of ledger rows summed per hour, user, team, plan and model.
+
+``roll_up(rows)`` runs in the transaction that created ``rows`` (see ``quotas.engine.rows``):
+only rows really created are added, so a re-delivered batch, whose rows already exist, adds
+nothing, and a batch rolled back adds nothing either. Concurrent writers add to the same
+bucket safely: one ``INSERT ... ON CONFLICT DO UPDATE`` adds to each bucket atomically
+(PostgreSQL and SQLite; other databases lock the bucket's row and update it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from django.db import connection, transaction
+from django.db.models import F
+
+from quotas.conf import quota_settings
+from quotas.models import Plan, UsageRecord, UsageRollup, UserQuota
+
+__all__ = ["SUMMED", "BucketSums", "bucket_key", "hour_of", "plans_of_users", "roll_up"]
+
+SUMMED = ("requests", "tokens_in", "tokens_out", "tokens", "cost", "refusals")
+
+
+@dataclass
+class BucketSums:
+    """One rollup bucket's dimensions and the figures to add to it."""
+
+    hour: datetime
+    user_id: int | None
+    team_id: int | None
+    plan_id: int | None
+    model: str
+    sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SUMMED, 0))
+
+    @property
+    def key(self) -> str:
+        return bucket_key(self.hour, self.user_id, self.team_id, self.plan_id, self.model)
+
+
+def bucket_key(
+    hour: datetime, user_id: int | None, team_id: int | None, plan_id: int | None, model: str
+) -> str:
+    """The digest naming one bucket (a unique column: nullable dimensions would not be)."""
+    text = f"{hour.timestamp():.0f}|{user_id}|{team_id}|{plan_id}|{model}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def hour_of(moment: datetime) -> datetime:
+    """The start of the hour (UTC) that ``moment`` (an aware datetime) falls in."""
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def roll_up(rows: Iterable[UsageRecord]) -> int:
+    """Add these newly created ledger rows to their hourly buckets; returns the buckets
+    touched. Call it inside the transaction that created the rows."""
+    rows = list(rows)
+    if not rows:
+        return 0
+    plans = plans_of_users({row.user_id for row in rows})
+    buckets: dict[str, BucketSums] = {}
+    for row in rows:
+        bucket = BucketSums(
+            hour_of(row.created_at), row.user_id, row.team_id, plans.get(row.user_id), row.model
+        )
+        bucket = buckets.setdefault(bucket.key, bucket)
+        _add_row(bucket.sums, row)
+    add_to_buckets(list(buckets.values()))
+    return len(buckets)
+
+
+def _add_row(sums: dict[str, int], row: UsageRecord) -> None:
+    sums["requests"] += 1
+    sums["tokens_in"] += row.prompt_tokens or 0
+    sums["tokens_out"] += row.completion_tokens or 0
+    sums["tokens"] += row.actual_tokens
+    sums["cost"] += row.cost
+
+
+def plans_of_users(user_ids: Iterable[int | None]) -> dict[int | None, int | None]:
+    """The plan each user is on now (their own, else the default plan); ``None`` (anonymous
+    clients) maps to the ``ANONYMOUS_PLAN``. Two queries at most."""
+    ids = {pk for pk in user_ids if pk is not None}
+    default = Plan.objects.filter(is_default=True).values_list("pk", flat=True).first()
+    own = dict(
+        UserQuota.objects.filter(user_id__in=ids, plan__isnull=False).values_list(
+            "user_id", "plan_id"
+        )
+    )
+    plans: dict[int | None, int | None] = {pk: own.get(pk, default) for pk in ids}
+    slug = quota_settings.ANONYMOUS_PLAN
+    if slug:
+        plans[None] = Plan.objects.filter(slug=slug).values_list("pk", flat=True).first()
+    return plans
+
+
+def add_to_buckets(buckets: list[BucketSums]) -> None:
+    """Add each bucket's sums to its row (created at zero when missing), atomically."""
+    buckets = sorted(buckets, key=lambda b: b.key)  # one lock order: no deadlock between two
+    if connection.vendor in ("postgresql", "sqlite"):
+        for start in range(0, len(buckets), 500):
+            _upsert(buckets[start : start + 500])
+    else:
+        with transaction.atomic():
+            for bucket in buckets:
+                _add_locked(bucket)
+
+
+_COLUMNS = ("bucket_key", "hour", "user_id", "team_id", "plan_id", "model", *SUMMED)
+
+
+def _upsert(buckets: list[BucketSums]) -> None:
+    quote = connection.ops.quote_name
+    table = quote(UsageRollup._meta.db_table)
+    row = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
+    adds = ", ".join(f"{quote(c)} = {table}.{quote(c)} + excluded.{quote(c)}" for c in SUMMED)
+    sql = (
+        f"INSERT INTO {table} ({', '.join(quote(c) for c in _COLUMNS)}) "
+        f"VALUES {', '.join([row] * len(buckets))} "
+        f"ON CONFLICT ({quote('bucket_key')}) DO UPDATE SET {adds}"
+    )
+    params: list[object] = []
+    for b in buckets:
+        params += [b.key, _db_moment(b.hour), b.user_id, b.team_id, b.plan_id, b.model]
+        params += [b.sums[name] for name in SUMMED]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+def _db_moment(moment: datetime) -> object:
+    return UsageRollup._meta.get_field("hour").get_db_prep_value(moment, connection)
+
+
+def _add_locked(bucket: BucketSums) -> None:
+    rollup, _ = UsageRollup.objects.select_for_update().get_or_create(
+        bucket_key=bucket.key,
+        defaults={
+            "hour": bucket.hour,
+            "user_id": bucket.user_id,
+            "team_id": bucket.team_id,
+            "plan_id": bucket.plan_id,
+            "model": bucket.model,
+        },
+    )
+    UsageRollup.objects.filter(pk=rollup.pk).update(
+        **{name: F(name) + bucket.sums[name] for name in SUMMED}
+    )
