@@ -20,6 +20,7 @@ from quotas.engine.budgets import budget_for, reset_window
 from quotas.engine.config import config_changed
 from quotas.engine.estimation import estimate
 from quotas.engine.health import backlog_watch, health, ledger_backlog
+from quotas.engine.history import PERIODS, UsageBucket, usage_history
 from quotas.engine.jobs import (
     Claim,
     claim_job,
@@ -62,6 +63,7 @@ from quotas.engine.types import DEGRADED_EPOCH, Reservation, Settlement
 
 __all__ = [
     "DEGRADED_EPOCH",
+    "PERIODS",
     "Admission",
     "AdmitStatus",
     "Claim",
@@ -71,6 +73,7 @@ __all__ = [
     "ProviderState",
     "Reservation",
     "Settlement",
+    "UsageBucket",
     "User",
     "admit_call",
     "backlog_watch",
@@ -118,6 +121,7 @@ __all__ = [
     "settle",
     "settle_later",
     "sweep_jobs",
+    "usage_history",
     "usage_payload",
     "window_spec",
 ]
