@@ -15,11 +15,12 @@ from quotas.models.plans import (
     UserQuota,
     fallback_models_problem,
 )
-from quotas.models.rollups import UsageRollup
+from quotas.models.rollups import Dashboard, UsageRollup
 
 __all__ = [
     "MAX_BUDGET",
     "MODEL_NAME_MAX",
+    "Dashboard",
     "DeferredJob",
     "GlobalLimit",
     "LimitFields",

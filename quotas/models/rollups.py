@@ -6,7 +6,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
-__all__ = ["UsageRollup"]
+__all__ = ["Dashboard", "UsageRollup"]
 
 
 class UsageRollup(models.Model):
@@ -61,3 +61,14 @@ class UsageRollup(models.Model):
 
     def __str__(self) -> str:
         return f"{self.hour:%Y-%m-%d %H:00} {self.user_id or 'anonymous'} {self.model}"
+
+
+class Dashboard(UsageRollup):
+    """The admin's usage dashboard (``/admin/quotas/dashboard/``), a view of the rollups:
+    a proxy, so the admin lists it in the app index and gives it a permission of its own
+    (``quotas.view_dashboard``)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "usage dashboard"
+        verbose_name_plural = "usage dashboard"
