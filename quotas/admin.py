@@ -17,8 +17,11 @@ from django.http import HttpRequest
 from django.utils.text import capfirst
 
 from quotas import services
+from quotas.dashboard.ledger import LedgerSumsAndExport
+from quotas.dashboard.views import DashboardAdmin
 from quotas.exceptions import QuotaError
 from quotas.models import (
+    Dashboard,
     DeferredJob,
     GlobalLimit,
     ModelPrice,
@@ -30,6 +33,7 @@ from quotas.models import (
 )
 
 __all__ = [
+    "DashboardAdmin",
     "DeferredJobAdmin",
     "GlobalLimitAdmin",
     "ModelErrorsForm",
@@ -286,8 +290,9 @@ class ModelPriceAdmin(admin.ModelAdmin):
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(admin.ModelAdmin):
-    """The ledger is evidence: it can be read and filtered, never edited."""
+class UsageRecordAdmin(LedgerSumsAndExport, admin.ModelAdmin):
+    """The ledger is evidence: it can be read and filtered, never edited; the change list
+    shows the sums of the current filter and exports it as CSV."""
 
     list_display = [
         "request_id",
@@ -332,3 +337,6 @@ class DeferredJobAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+admin.site.register(Dashboard, DashboardAdmin)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from quotas.engine.attempts import block, blocked_for, record_rejected, refusal
 from quotas.engine.budgets import budget_for, reset_window
 from quotas.engine.config import config_changed
+from quotas.engine.config import time_zone as calendar_time_zone
 from quotas.engine.estimation import estimate
 from quotas.engine.health import backlog_watch, health, ledger_backlog
 from quotas.engine.history import PERIODS, UsageBucket, usage_history
@@ -83,6 +84,7 @@ __all__ = [
     "budget_for",
     "cache_key",
     "cached_response",
+    "calendar_time_zone",
     "claim_job",
     "config_changed",
     "defer_job",
