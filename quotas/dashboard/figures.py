@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 from django.contrib.auth import get_user_model
 from django.db.models import Sum
+from django.db.models.functions import TruncDay
 from django.utils import timezone
 
 from quotas import services
@@ -101,61 +102,79 @@ class Breakdown:
 
 
 def overview(span: Periods) -> dict[str, Any]:
-    """Totals and breakdowns (tokens and cost, per plan and per model) of both periods, from
-    one grouped query over the rollups."""
-    rows = (
-        UsageRollup.objects.filter(hour__gte=span.since)
-        .order_by()
-        .values("hour", "plan_id", "model")
-        .annotate(**{name: Sum(name) for name in SUMS})
-    )
+    """Totals and breakdowns (tokens and cost, per plan and per model) of both periods: two
+    grouped queries over the rollups, the days bucketed by the database."""
     plans = dict(Plan.objects.values_list("pk", "name"))
-    result: dict[str, Any] = {}
-    for period, size in (("day", len(span.hours)), ("month", len(span.days))):
-        result[period] = {
-            "totals": dict.fromkeys(SUMS, 0),
-            **{
-                f"{m}_by_{d}": Breakdown(size)
-                for m in ("tokens", "cost")
-                for d in ("plan", "model")
-            },
-        }
-    for row in rows:
-        hour = row["hour"].astimezone(UTC)
-        names = {"plan": plans.get(row["plan_id"], "(no plan)"), "model": row["model"] or "(none)"}
-        for period, index in (("day", span.hour_index(hour)), ("month", span.day_index(hour))):
-            if index is not None:
-                _add(result[period], row, names, index)
-    return result
+    sums = {name: Sum(name) for name in SUMS}
+    hours = (
+        UsageRollup.objects.filter(hour__gte=span.hours[0]).order_by()
+        .values("hour", "plan_id", "model").annotate(**sums)
+    )  # fmt: skip
+    days = (
+        UsageRollup.objects.filter(hour__gte=span.days[0]).order_by()
+        .annotate(day=TruncDay("hour", tzinfo=span.zone))
+        .values("day", "plan_id", "model").annotate(**sums)
+    )  # fmt: skip
+    day = _period(len(span.hours))
+    for row in hours:
+        _add(day, row, plans, span.hour_index(row["hour"].astimezone(UTC)))
+    month = _period(len(span.days))
+    for row in days:
+        _add(month, row, plans, span.day_index(row["day"]))
+    return {"day": day, "month": month}
 
 
-def _add(period: dict[str, Any], row: dict[str, Any], names: dict[str, str], i: int) -> None:
+def _period(size: int) -> dict[str, Any]:
+    breakdowns = {
+        f"{m}_by_{d}": Breakdown(size) for m in ("tokens", "cost") for d in ("plan", "model")
+    }
+    return {"totals": dict.fromkeys(SUMS, 0), **breakdowns}
+
+
+def _add(period: dict[str, Any], row: dict[str, Any], plans: dict[int, str], i: int | None) -> None:
+    if i is None:
+        return
     for name in SUMS:
         period["totals"][name] += int(row[name] or 0)
+    names = {"plan": plans.get(row["plan_id"], "(no plan)"), "model": row["model"] or "(none)"}
     for metric in ("tokens", "cost"):
         for dimension, label in names.items():
             period[f"{metric}_by_{dimension}"].add(label, i, int(row[metric] or 0))
 
 
 def top_spenders(since: datetime, count: int = 10) -> dict[str, list[dict[str, Any]]]:
-    """The users and the teams with the highest cost since ``since`` (then the most tokens)."""
-    sums = {name: Sum(name) for name in ("requests", "tokens", "cost")}
-    base = UsageRollup.objects.filter(hour__gte=since).order_by()
-    users = list(
-        base.filter(user__isnull=False).values("user_id").annotate(**sums)
-        .order_by("-cost", "-tokens")[:count]
+    """The users and the teams with the highest cost since ``since`` (then the most tokens):
+    one grouped query (per user and team), ranked here."""
+    rows = (
+        UsageRollup.objects.filter(hour__gte=since).order_by()
+        .values("user_id", "team_id")
+        .annotate(requests=Sum("requests"), tokens=Sum("tokens"), cost=Sum("cost"))
     )  # fmt: skip
-    teams = list(
-        base.filter(team__isnull=False).values("team_id").annotate(**sums)
-        .order_by("-cost", "-tokens")[:count]
-    )  # fmt: skip
-    people = get_user_model().objects.in_bulk([u["user_id"] for u in users])
-    crews = Team.objects.in_bulk([t["team_id"] for t in teams])
-    for entry in users:
-        entry.update(user=people.get(entry["user_id"]), cost_shown=dollars(entry["cost"] or 0))
-    for entry in teams:
-        entry.update(team=crews.get(entry["team_id"]), cost_shown=dollars(entry["cost"] or 0))
-    return {"users": users, "teams": teams}
+    users: dict[int, dict[str, int]] = {}
+    teams: dict[int, dict[str, int]] = {}
+    for row in rows:
+        for key, table in (("user_id", users), ("team_id", teams)):
+            if row[key] is not None:
+                entry = table.setdefault(row[key], {"requests": 0, "tokens": 0, "cost": 0})
+                for name in entry:
+                    entry[name] += int(row[name] or 0)
+    return {
+        "users": _ranked(users, count, get_user_model(), "user"),
+        "teams": _ranked(teams, count, Team, "team"),
+    }
+
+
+def _ranked(
+    sums: dict[int, dict[str, int]], count: int, model: Any, name: str
+) -> list[dict[str, Any]]:
+    top = sorted(sums.items(), key=lambda item: (-item[1]["cost"], -item[1]["tokens"], item[0]))[
+        :count
+    ]
+    objects = model.objects.in_bulk([pk for pk, _ in top])
+    return [
+        {**figures, f"{name}_id": pk, name: objects.get(pk), "cost_shown": dollars(figures["cost"])}
+        for pk, figures in top
+    ]
 
 
 def near_limit(now: datetime, threshold: float | None = None) -> list[dict[str, Any]]:
