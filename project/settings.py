@@ -148,6 +148,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "quotas.tasks.audit_windows",
         "schedule": 300.0,
     },
+    # Refusal counts (429s by limit) copied from Redis into the usage rollups.
+    "quotas-roll-up-refusals": {
+        "task": "quotas.tasks.roll_up_refusals",
+        "schedule": 60.0,
+    },
     # Ledger rows past QUOTAS["LEDGER_RETENTION_DAYS"] are deleted (rollups stay).
     "quotas-prune-ledger": {
         "task": "quotas.tasks.prune_ledger",

@@ -48,6 +48,7 @@ from quotas.engine.providers import (
     observe_call,
     provider_states,
 )
+from quotas.engine.refusals import roll_up_refusals
 from quotas.engine.reservations import reserve
 from quotas.engine.responses import cache_key, cached_response, keep_response
 from quotas.engine.runtime import (
@@ -118,6 +119,7 @@ __all__ = [
     "reserve",
     "reset_runtime",
     "reset_window",
+    "roll_up_refusals",
     "scope_for",
     "send_to_ledger",
     "settle",

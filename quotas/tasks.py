@@ -32,6 +32,7 @@ __all__ = [
     "prune_ledger_task",
     "rebuild_windows_task",
     "record_usage_task",
+    "roll_up_refusals_task",
     "run_deferred_job_task",
     "sweep_jobs_task",
 ]
@@ -75,6 +76,13 @@ def prune_ledger_task() -> int:
     """Delete ledger rows older than ``LEDGER_RETENTION_DAYS`` in batches (their hourly
     rollups stay); returns how many. Does nothing when retention is off (the default)."""
     return ledger.prune_ledger()
+
+
+@shared_task(name="quotas.tasks.roll_up_refusals", **PERIODIC)
+def roll_up_refusals_task() -> int:
+    """Copy the last two hours' refusal counts (429s per user, model and limit) from Redis
+    into the usage rollups; returns the buckets written. Idempotent (counts are set)."""
+    return services.roll_up_refusals()
 
 
 @shared_task(name="quotas.tasks.audit_windows", **PERIODIC)

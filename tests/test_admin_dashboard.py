@@ -16,6 +16,7 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 
 from quotas import services
+from quotas.exceptions import QuotaExceeded
 from quotas.models import Team, UserQuota
 from quotas.tasks import record_usage_task
 
@@ -76,6 +77,10 @@ def traffic(make_plan: Any, make_user: Any) -> dict[str, Any]:
     # Bob is near his hourly limit right now: 120 used (the window is seeded from the ledger)
     # and 780 reserved, 900 of 1000 live in Redis.
     services.reserve(bob, 780, model="gpt-4o-mini")
+    for _ in range(2):  # and refused twice
+        with pytest.raises(QuotaExceeded):
+            services.reserve(bob, 500, model="gpt-4o-mini")
+    services.roll_up_refusals()
     return {"pro": pro, "free": free, "team": team, "alice": alice, "bob": bob}
 
 
@@ -112,6 +117,9 @@ def test_the_dashboard_shows_both_periods_top_spenders_near_limit_and_health(bos
     assert "Blue team" in section(html, "quota-top-teams")
     near = section(html, "quota-near-limit")
     assert "bob" in near and "alice" not in near and "90%" in near
+    refusals = section(html, "quota-refusals")
+    assert re.search(r"<td>user tokens per hour</td><td class=\"num\">2</td>", refusals)
+    assert re.search(r'class="figure">2</span><span class="label">refusals', day)
     health = section(html, "quota-health")
     assert "ok" in health and "Redis" in health
 

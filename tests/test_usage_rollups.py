@@ -17,6 +17,7 @@ from django.db.models.functions import TruncHour
 from quotas import ledger, services
 from quotas.engine import retention
 from quotas.engine.retention import prune_ledger
+from quotas.exceptions import QuotaExceeded
 from quotas.models import Team, UsageRecord, UsageRollup, UserQuota
 from quotas.tasks import prune_ledger_task, record_usage_task
 
@@ -254,3 +255,51 @@ def test_the_beat_task_prunes_with_the_setting(people, quota_config):
         UsageRecord.objects.count() == 2
         and UsageRollup.objects.aggregate(n=Sum("requests"))["n"] == 4
     )
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+
+def refuse(user: Any, times: int, tokens: int = 600) -> None:
+    for _ in range(times):
+        with pytest.raises(QuotaExceeded):
+            services.reserve(user, tokens, model="gpt-4o")
+
+
+def refusal_rows() -> dict[tuple[Any, ...], int]:
+    rows = UsageRollup.objects.exclude(refused_by="")
+    return {(r.user_id, r.model, r.refused_by, r.plan_id): r.refusals for r in rows}
+
+
+def test_refusals_are_rolled_up_per_limit_and_a_second_run_counts_nothing_twice(
+    make_plan, make_user
+):
+    plan = make_plan(tokens_per_hour=1000)
+    user = make_user(plan=plan)
+    services.reserve(user, 600, model="gpt-4o")
+    refuse(user, 3)
+    assert services.roll_up_refusals() == 1
+    key = (user.pk, "gpt-4o", "user tokens per hour", plan.pk)
+    assert refusal_rows() == {key: 3}
+    assert services.roll_up_refusals() == 1 and refusal_rows() == {key: 3}  # set, not added
+    refuse(user, 2)
+    services.roll_up_refusals()
+    assert refusal_rows() == {key: 5}
+    # Usage and refusals add up per user and hour; the history shows both.
+    [hour] = [b for b in services.usage_history(user.pk, "day") if b.requests or b.refusals]
+    assert (hour.refusals, hour.requests) == (5, 0)  # the reservation is not settled yet
+
+
+def test_refusals_wait_in_the_batch_when_batching_is_on(make_plan, make_user, quota_config):
+    from quotas.engine.refusals import refusal_batcher
+
+    quota_config(LEDGER_BATCH_SECONDS=3600)
+    refusal_batcher()._pending.clear()
+    user = make_user(plan=make_plan(tokens_per_hour=1000))
+    services.reserve(user, 600, model="gpt-4o")
+    refuse(user, 4)
+    services.roll_up_refusals()
+    assert refusal_rows() == {}  # nothing sent yet: no Redis call in the request
+    assert refusal_batcher().flush() == 4
+    services.roll_up_refusals()
+    assert sum(refusal_rows().values()) == 4

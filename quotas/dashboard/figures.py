@@ -30,6 +30,7 @@ __all__ = [
     "overview",
     "per_user",
     "periods",
+    "refusals_by_limit",
     "top_spenders",
 ]
 
@@ -206,6 +207,15 @@ def _full_limits(user: Any, share: float) -> Iterable[dict[str, Any]]:
             ratio = used / allowed
             full.append({"user": user, "limit": limit, "share": ratio, "percent": int(ratio * 100)})
     return full
+
+
+def refusals_by_limit(since: datetime) -> list[dict[str, Any]]:
+    """Refusals (429s) since ``since`` per limit that refused, the most first."""
+    rows = (
+        UsageRollup.objects.filter(hour__gte=since).exclude(refused_by="").order_by()
+        .values("refused_by").annotate(refusals=Sum("refusals")).order_by("-refusals")
+    )  # fmt: skip
+    return [{"limit": row["refused_by"], "refusals": row["refusals"]} for row in rows[:20]]
 
 
 def per_user(since: datetime, search: str = "") -> Any:

@@ -79,6 +79,7 @@ class DashboardAdmin(admin.ModelAdmin):
             ),
             top=figures.top_spenders(span.days[0]),
             near=figures.near_limit(now),
+            refusals=figures.refusals_by_limit(span.hours[0]),
             near_candidates=figures.NEAR_LIMIT_CANDIDATES,
             health=services.health(),
             zone=span.zone.key,

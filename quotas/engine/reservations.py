@@ -17,6 +17,7 @@ from quotas.core.types import QuotaState
 from quotas.engine.config import QuotaConfig, configs
 from quotas.engine.counters import Charges, charges_for, quota_state
 from quotas.engine.plans import User, config_for, scope_for, user_id_of
+from quotas.engine.refusals import note_refusal
 from quotas.engine.runtime import (
     get_store,
     guarded,
@@ -180,6 +181,8 @@ def _outcome(request: Request, ask: Ask, decision: Decision) -> Reservation:
     if decision.status is DecisionStatus.DUPLICATE_ID:
         raise ValueError(f"Reservation {request.rid!r} already exists: ids must be unique.")
     exc = _rejection(ask, decision, state)
+    team = ask.config.team.id if ask.config.team else None
+    note_refusal(user_id_of(request.user), team, request.model, exc, decision.now_ms)
     quota_exceeded.send(sender=Reservation, user=request.user, scope=request.scope, exception=exc)
     raise exc
 

@@ -20,7 +20,16 @@ from django.db.models import F
 from quotas.conf import quota_settings
 from quotas.models import Plan, UsageRecord, UsageRollup, UserQuota
 
-__all__ = ["SUMMED", "BucketSums", "bucket_key", "hour_of", "plans_of_users", "roll_up"]
+__all__ = [
+    "SUMMED",
+    "BucketSums",
+    "add_to_buckets",
+    "bucket_key",
+    "hour_of",
+    "plans_of_users",
+    "roll_up",
+    "set_refusals",
+]
 
 SUMMED = ("requests", "tokens_in", "tokens_out", "tokens", "cost", "refusals")
 
@@ -34,18 +43,27 @@ class BucketSums:
     team_id: int | None
     plan_id: int | None
     model: str
+    refused_by: str = ""
     sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SUMMED, 0))
 
     @property
     def key(self) -> str:
-        return bucket_key(self.hour, self.user_id, self.team_id, self.plan_id, self.model)
+        # A refusals bucket is named without its plan: its count is set, not added, and a
+        # plan change within the hour must not make a second bucket holding the same count.
+        plan = None if self.refused_by else self.plan_id
+        return bucket_key(self.hour, self.user_id, self.team_id, plan, self.model, self.refused_by)
 
 
 def bucket_key(
-    hour: datetime, user_id: int | None, team_id: int | None, plan_id: int | None, model: str
+    hour: datetime,
+    user_id: int | None,
+    team_id: int | None,
+    plan_id: int | None,
+    model: str,
+    refused_by: str = "",
 ) -> str:
     """The digest naming one bucket (a unique column: nullable dimensions would not be)."""
-    text = f"{hour.timestamp():.0f}|{user_id}|{team_id}|{plan_id}|{model}"
+    text = f"{hour.timestamp():.0f}|{user_id}|{team_id}|{plan_id}|{model}|{refused_by}"
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -99,33 +117,50 @@ def plans_of_users(user_ids: Iterable[int | None]) -> dict[int | None, int | Non
 
 def add_to_buckets(buckets: list[BucketSums]) -> None:
     """Add each bucket's sums to its row (created at zero when missing), atomically."""
+    _write(buckets, {name: "add" for name in SUMMED})
+
+
+def set_refusals(buckets: list[BucketSums]) -> int:
+    """Set each refusals bucket's count (created when missing); returns the buckets."""
+    _write(buckets, {"refusals": "set"})
+    return len(buckets)
+
+
+def _write(buckets: list[BucketSums], how: dict[str, str]) -> None:
     buckets = sorted(buckets, key=lambda b: b.key)  # one lock order: no deadlock between two
     if connection.vendor in ("postgresql", "sqlite"):
         for start in range(0, len(buckets), 500):
-            _upsert(buckets[start : start + 500])
+            _upsert(buckets[start : start + 500], how)
     else:
         with transaction.atomic():
             for bucket in buckets:
-                _add_locked(bucket)
+                _write_locked(bucket, how)
 
 
-_COLUMNS = ("bucket_key", "hour", "user_id", "team_id", "plan_id", "model", *SUMMED)
+_COLUMNS = ("bucket_key", "hour", "user_id", "team_id", "plan_id", "model", "refused_by", *SUMMED)
 
 
-def _upsert(buckets: list[BucketSums]) -> None:
+def _upsert(buckets: list[BucketSums], how: dict[str, str]) -> None:
+    if not buckets:
+        return
     quote = connection.ops.quote_name
     table = quote(UsageRollup._meta.db_table)
     row = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
-    adds = ", ".join(f"{quote(c)} = {table}.{quote(c)} + excluded.{quote(c)}" for c in SUMMED)
+    updates = ", ".join(
+        f"{quote(c)} = {table}.{quote(c)} + excluded.{quote(c)}"
+        if mode == "add"
+        else f"{quote(c)} = excluded.{quote(c)}"
+        for c, mode in how.items()
+    )
     sql = (
         f"INSERT INTO {table} ({', '.join(quote(c) for c in _COLUMNS)}) "
         f"VALUES {', '.join([row] * len(buckets))} "
-        f"ON CONFLICT ({quote('bucket_key')}) DO UPDATE SET {adds}"
+        f"ON CONFLICT ({quote('bucket_key')}) DO UPDATE SET {updates}"
     )
     params: list[object] = []
     for b in buckets:
         params += [b.key, _db_moment(b.hour), b.user_id, b.team_id, b.plan_id, b.model]
-        params += [b.sums[name] for name in SUMMED]
+        params += [b.refused_by, *(b.sums[name] for name in SUMMED)]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
 
@@ -134,7 +169,7 @@ def _db_moment(moment: datetime) -> object:
     return UsageRollup._meta.get_field("hour").get_db_prep_value(moment, connection)
 
 
-def _add_locked(bucket: BucketSums) -> None:
+def _write_locked(bucket: BucketSums, how: dict[str, str]) -> None:
     rollup, _ = UsageRollup.objects.select_for_update().get_or_create(
         bucket_key=bucket.key,
         defaults={
@@ -143,8 +178,12 @@ def _add_locked(bucket: BucketSums) -> None:
             "team_id": bucket.team_id,
             "plan_id": bucket.plan_id,
             "model": bucket.model,
+            "refused_by": bucket.refused_by,
         },
     )
     UsageRollup.objects.filter(pk=rollup.pk).update(
-        **{name: F(name) + bucket.sums[name] for name in SUMMED}
+        **{
+            name: F(name) + bucket.sums[name] if mode == "add" else bucket.sums[name]
+            for name, mode in how.items()
+        }
     )

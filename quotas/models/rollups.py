@@ -17,7 +17,11 @@ class UsageRollup(models.Model):
     pruned (``QUOTAS["LEDGER_RETENTION_DAYS"]``). ``plan`` is the user's plan when the rows
     were written. ``tokens`` is what the quota charged (``actual_tokens``); ``tokens_in`` and
     ``tokens_out`` sum the prompt and completion tokens where the provider reported them (a
-    reservation that expired unsettled has neither)."""
+    reservation that expired unsettled has neither).
+
+    Refusals (429s) have rows of their own, one per limit that refused (``refused_by``),
+    whose ``refusals`` is set from the hour's count in Redis (``quotas.engine.refusals``);
+    usage rows have a blank ``refused_by``."""
 
     bucket_key = models.CharField(
         max_length=64, unique=True, editable=False, help_text="Digest of the bucket's dimensions."
@@ -45,6 +49,12 @@ class UsageRollup(models.Model):
         related_name="usage_rollups",
     )
     model = models.CharField(max_length=200, blank=True, default="")
+    refused_by = models.CharField(
+        max_length=100,
+        blank=True,
+        default="",
+        help_text="The limit that refused, on a row counting refusals (blank: a usage row).",
+    )
     requests = models.PositiveBigIntegerField(default=0)
     tokens_in = models.PositiveBigIntegerField(default=0, help_text="Prompt tokens.")
     tokens_out = models.PositiveBigIntegerField(default=0, help_text="Completion tokens.")
