@@ -7,14 +7,15 @@ them; every one is idempotent, so a re-delivered task changes nothing.
 - ``write_usage``: write the rows of a batch of usage records (what a settle sends);
 - ``audit_window(s)``: repair drift between a window and the ledger;
 - ``rebuild_window(s)``: seed lost windows from the ledger now;
-- ``prune_ledger``: delete rows past ``LEDGER_RETENTION_DAYS`` (their rollups stay).
+- ``prune_ledger``: delete rows past ``LEDGER_RETENTION_DAYS`` (their rollups stay);
+- ``backfill_rollups``: roll up a ledger written before rollups existed.
 
-A facade over ``quotas.engine.reconcile``, ``quotas.engine.rows`` and
-``quotas.engine.retention``.
+A facade over ``quotas.engine.reconcile``, ``rows``, ``retention`` and ``backfill``.
 """
 
 from __future__ import annotations
 
+from quotas.engine.backfill import backfill_cutoff, backfill_rollups
 from quotas.engine.reconcile import (
     SCAN_EVERY_SECONDS,
     SETTLE_GRACE_SECONDS,
@@ -35,6 +36,8 @@ __all__ = [
     "AuditOutcome",
     "audit_window",
     "audit_windows",
+    "backfill_cutoff",
+    "backfill_rollups",
     "flush_ledger",
     "flush_scope",
     "prune_ledger",

@@ -4,6 +4,7 @@ ledger rows past their days and nothing else, and keeps the rollups."""
 
 from __future__ import annotations
 
+import io
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -303,3 +304,30 @@ def test_refusals_wait_in_the_batch_when_batching_is_on(make_plan, make_user, qu
     assert refusal_batcher().flush() == 4
     services.roll_up_refusals()
     assert sum(refusal_rows().values()) == 4
+
+
+# -- backfill (an upgrade: a ledger without rollups) -----------------------------------------
+
+
+def test_a_ledger_written_before_rollups_is_backfilled_once(people):
+    from django.core.management import call_command
+
+    batch = mixed_batch(people)
+    record_usage_task.apply(args=[batch]).get()
+    UsageRollup.objects.all().delete()  # as before the upgrade
+    out = io.StringIO()
+    call_command("quotas_backfill_rollups", stdout=out)
+    assert "hourly bucket(s) rolled up" in out.getvalue()
+    assert rollup_sums() == ledger_sums()
+    plans = set(UsageRollup.objects.filter(user=people["free"]).values_list("plan_id", flat=True))
+    assert plans == {people["default"].pk}
+    assert ledger.backfill_rollups() == 0 and rollup_sums() == ledger_sums()  # nothing twice
+
+
+def test_the_backfill_stops_at_the_first_hour_the_worker_rolled_up(people):
+    old = [payload(people["solo"], 10, hours_ago=h) for h in (5, 6)]
+    record_usage_task.apply(args=[old]).get()
+    UsageRollup.objects.all().delete()
+    record_usage_task.apply(args=[[payload(people["solo"], 7, hours_ago=1)]]).get()  # upgraded
+    assert ledger.backfill_rollups() == 2
+    assert rollup_sums() == ledger_sums()
