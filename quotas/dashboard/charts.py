@@ -37,6 +37,7 @@ class Chart:
     svg: SafeString
     legend: list[tuple[str, str]]
     total: int
+    total_shown: str
 
 
 def stacked_bars(
@@ -69,7 +70,7 @@ def stacked_bars(
         f"{title}: {fmt(total)} in all",
         mark_safe("".join(parts)),
     )
-    return Chart(svg, legend, total)
+    return Chart(svg, legend, total, fmt(total))
 
 
 def _axis(top: int, fmt: Callable[[int], str]) -> SafeString:

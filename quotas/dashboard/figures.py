@@ -95,7 +95,8 @@ class Breakdown:
 
     def top(self, count: int = TOP_SERIES) -> list[tuple[str, list[int]]]:
         """The ``count`` largest series, the rest summed as ``"other"``."""
-        ranked = sorted(self.values.items(), key=lambda item: -sum(item[1]))
+        shown = [(name, values) for name, values in self.values.items() if any(values)]
+        ranked = sorted(shown, key=lambda item: -sum(item[1]))
         kept, rest = ranked[:count], ranked[count:]
         if rest:
             kept.append(("other", [sum(col) for col in zip(*(v for _, v in rest), strict=True)]))
