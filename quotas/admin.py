@@ -200,7 +200,7 @@ class UserQuotaAdmin(admin.ModelAdmin):
     @admin.display(description="Usage")
     def usage_page(self, obj: UserQuota) -> str:
         url = reverse("admin:quotas_dashboard_user", args=[obj.user_id])
-        return format_html('<a href="{}">last day, limits, records</a>', url)
+        return format_html('<a href="{}">usage page</a>', url)
 
     @admin.action(description="Reset the selected users' windows (full budget now)")
     def reset_window(self, request: HttpRequest, queryset: QuerySet[UserQuota]) -> None:

@@ -71,6 +71,7 @@ def test_the_dashboard_renders_in_chromium_with_data(
         "user": (f"/admin/quotas/dashboard/user/{users[2].pk}/", ['id="quota-limits"', "90%"]),
         "users": ("/admin/quotas/dashboard/users/", ['id="quota-users-table"', "user-0"]),
         "ledger": ("/admin/quotas/usagerecord/", ['id="quota-ledger-sums"', "Export CSV"]),
+        "quotas": ("/admin/quotas/userquota/", ["100 left, full in", "usage page"]),
     }
     for name, (path, expected) in pages.items():
         page = tmp_path / f"{name}-{theme}.png"
