@@ -195,3 +195,10 @@ def test_the_csv_export_needs_the_ledgers_view_permission(make_user, traffic):
     client = Client()
     client.force_login(clerk)
     assert client.get("/admin/quotas/usagerecord/export/").status_code == 403
+
+
+def test_the_user_quota_list_says_what_is_left_and_links_the_usage_page(boss, traffic):
+    html = boss.get("/admin/quotas/userquota/").content.decode()
+    alice = traffic["alice"]
+    assert f'href="/admin/quotas/dashboard/user/{alice.pk}/">usage page</a>' in html
+    assert re.search(r"4000 / 1000000 \(0 reserved\); 996000 left, full in \d+m\d\ds", html)
