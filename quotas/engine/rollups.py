@@ -10,6 +10,7 @@ bucket safely: one ``INSERT ... ON CONFLICT DO UPDATE`` adds to each bucket atom
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from django.db import connection, transaction
 from django.db.models import F
 
 from quotas.conf import quota_settings
+from quotas.engine.runtime import per_process
 from quotas.models import Plan, UsageRecord, UsageRollup, UserQuota
 
 __all__ = [
@@ -100,19 +102,43 @@ def _add_row(sums: dict[str, int], row: UsageRecord) -> None:
 
 def plans_of_users(user_ids: Iterable[int | None]) -> dict[int | None, int | None]:
     """The plan each user is on now (their own, else the default plan); ``None`` (anonymous
-    clients) maps to the ``ANONYMOUS_PLAN``. Two queries at most."""
+    clients) maps to the ``ANONYMOUS_PLAN``. One query (the default and anonymous plans are
+    remembered for ``SHARED_PLANS_SECONDS``: they label rollups, they decide nothing)."""
     ids = {pk for pk in user_ids if pk is not None}
-    default = Plan.objects.filter(is_default=True).values_list("pk", flat=True).first()
+    default, anonymous = _shared_plans()
     own = dict(
         UserQuota.objects.filter(user_id__in=ids, plan__isnull=False).values_list(
             "user_id", "plan_id"
         )
     )
     plans: dict[int | None, int | None] = {pk: own.get(pk, default) for pk in ids}
-    slug = quota_settings.ANONYMOUS_PLAN
-    if slug:
-        plans[None] = Plan.objects.filter(slug=slug).values_list("pk", flat=True).first()
+    plans[None] = anonymous
     return plans
+
+
+SHARED_PLANS_SECONDS = 30.0
+
+
+class _SharedPlans:
+    """The default and anonymous plans' ids, read again every ``SHARED_PLANS_SECONDS``."""
+
+    def __init__(self) -> None:
+        self.until = 0.0
+        self.ids: tuple[int | None, int | None] = (None, None)
+
+    def get(self) -> tuple[int | None, int | None]:
+        if time.monotonic() >= self.until:
+            slug = quota_settings.ANONYMOUS_PLAN
+            plans = Plan.objects.values_list("pk", flat=True)
+            default = plans.filter(is_default=True).first()
+            self.ids = (default, plans.filter(slug=slug).first() if slug else None)
+            self.until = time.monotonic() + SHARED_PLANS_SECONDS
+        return self.ids
+
+
+def _shared_plans() -> tuple[int | None, int | None]:
+    # Per process, and forgotten with the runtime when settings change.
+    return per_process("rollup_plans", _SharedPlans).get()
 
 
 def add_to_buckets(buckets: list[BucketSums]) -> None:
