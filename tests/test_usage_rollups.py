@@ -331,3 +331,10 @@ def test_the_backfill_stops_at_the_first_hour_the_worker_rolled_up(people):
     record_usage_task.apply(args=[[payload(people["solo"], 7, hours_ago=1)]]).get()  # upgraded
     assert ledger.backfill_rollups() == 2
     assert rollup_sums() == ledger_sums()
+
+
+def test_a_plan_deleted_under_the_worker_never_fails_the_ledgers_rows(people):
+    record_usage_task.apply(args=[[payload(people["free"], 10)]]).get()  # plans remembered
+    people["default"].delete()
+    assert record_usage_task.apply(args=[[payload(people["free"], 20)]]).get() == 1
+    assert rollup_sums() == ledger_sums()

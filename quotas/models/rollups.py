@@ -47,6 +47,9 @@ class UsageRollup(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="usage_rollups",
+        # A label read when the rows are written (the default plan is remembered for a few
+        # seconds): a plan deleted meanwhile must never make the ledger's rows fail.
+        db_constraint=False,
     )
     model = models.CharField(max_length=200, blank=True, default="")
     refused_by = models.CharField(
