@@ -81,7 +81,7 @@ class DashboardAdmin(admin.ModelAdmin):
             month=_period(
                 data["month"], [f"{d.astimezone(span.zone):%d %b}" for d in span.days], 5
             ),
-            top=figures.top_spenders(span.days[0]),
+            top=data["top"],
             near=figures.near_limit(now),
             refusals=figures.refusals_by_limit(span.hours[0]),
             near_candidates=figures.NEAR_LIMIT_CANDIDATES,
