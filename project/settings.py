@@ -170,6 +170,16 @@ CELERY_BEAT_SCHEDULE = {
         "task": "quotas.tasks.audit_windows",
         "schedule": 300.0,
     },
+    # Refusal counts (429s by limit) copied from Redis into the usage rollups.
+    "quotas-roll-up-refusals": {
+        "task": "quotas.tasks.roll_up_refusals",
+        "schedule": 60.0,
+    },
+    # Ledger rows past QUOTAS["LEDGER_RETENTION_DAYS"] are deleted (rollups stay).
+    "quotas-prune-ledger": {
+        "task": "quotas.tasks.prune_ledger",
+        "schedule": 3600.0,
+    },
     # Deferred LLM jobs whose message was lost are queued again; late ones expire.
     "quotas-sweep-jobs": {
         "task": "quotas.tasks.sweep_jobs",

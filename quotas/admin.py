@@ -14,11 +14,16 @@ from django.contrib.admin.helpers import ActionForm
 from django.core.exceptions import NON_FIELD_ERRORS, FieldDoesNotExist, ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
 from django.utils.text import capfirst
 
 from quotas import services
+from quotas.dashboard.ledger import LedgerSumsAndExport
+from quotas.dashboard.views import DashboardAdmin
 from quotas.exceptions import QuotaError
 from quotas.models import (
+    Dashboard,
     DeferredJob,
     GlobalLimit,
     ModelPrice,
@@ -30,6 +35,7 @@ from quotas.models import (
 )
 
 __all__ = [
+    "DashboardAdmin",
     "DeferredJobAdmin",
     "GlobalLimitAdmin",
     "ModelErrorsForm",
@@ -169,7 +175,7 @@ class MoveToPlanForm(ActionForm):
 
 @admin.register(UserQuota)
 class UserQuotaAdmin(admin.ModelAdmin):
-    list_display = ["user", "plan", "team", "tokens_per_hour_override", "live_usage"]
+    list_display = ["user", "plan", "team", "tokens_per_hour_override", "live_usage", "usage_page"]
     list_filter = ["plan", "team"]
     list_select_related = ["user", "plan", "team"]
     search_fields = ["user__username", "user__email"]
@@ -185,7 +191,16 @@ class UserQuotaAdmin(admin.ModelAdmin):
             return f"unavailable: {exc}"
         if budget["used"] is None:
             return f"? / {budget['limit']} (Redis unavailable)"
-        return f"{budget['used']} / {budget['limit']} ({budget['reserved']} reserved)"
+        reset = int(budget["reset_seconds"] or 0)
+        return (
+            f"{budget['used']} / {budget['limit']} ({budget['reserved']} reserved); "
+            f"{budget['remaining']} left, full in {reset // 60}m{reset % 60:02d}s"
+        )
+
+    @admin.display(description="Usage")
+    def usage_page(self, obj: UserQuota) -> str:
+        url = reverse("admin:quotas_dashboard_user", args=[obj.user_id])
+        return format_html('<a href="{}">usage page</a>', url)
 
     @admin.action(description="Reset the selected users' windows (full budget now)")
     def reset_window(self, request: HttpRequest, queryset: QuerySet[UserQuota]) -> None:
@@ -286,21 +301,11 @@ class ModelPriceAdmin(admin.ModelAdmin):
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(admin.ModelAdmin):
-    """The ledger is evidence: it can be read and filtered, never edited."""
+class UsageRecordAdmin(LedgerSumsAndExport, admin.ModelAdmin):
+    """The ledger is evidence: it can be read and filtered, never edited; the change list
+    shows the sums of the current filter and exports it as CSV."""
 
-    list_display = [
-        "request_id",
-        "user",
-        "model",
-        "status",
-        "estimated_tokens",
-        "actual_tokens",
-        "difference",
-        "cost",
-        "created_at",
-        "settled_at",
-    ]
+    list_display = LedgerSumsAndExport.ledger_columns
     list_filter = ["status", "model", "created_at", ("user", admin.RelatedOnlyFieldListFilter)]
     search_fields = ["request_id", "user__username", "model", "scope"]
     date_hierarchy = "created_at"
@@ -332,3 +337,6 @@ class DeferredJobAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+admin.site.register(Dashboard, DashboardAdmin)

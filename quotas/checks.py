@@ -13,6 +13,7 @@ quotas.E009  QUOTAS["DEGRADED_SHARE"] is not a number above 0 and at most 1 (the
 quotas.E010  QUOTAS["REDIS_CLUSTER_URL"] is not a redis:// or rediss:// URL.
 quotas.E011  QUOTAS["METRICS_TOKEN"] or QUOTAS["METRICS_ALLOWED_IPS"] is not valid.
 quotas.E012  QUOTAS["ALERTS"] is not a valid list of budget alert rules.
+quotas.E013  QUOTAS["LEDGER_RETENTION_DAYS"] is neither None nor a positive integer.
 quotas.W001  A view uses TokenQuotaThrottle but QuotaMiddleware is not installed, so
              reservations are never settled and are charged at their estimate.
 quotas.W002  Cost limits exist but no model price is listed: every cost would be 0.
@@ -72,6 +73,11 @@ E011_MSG = "QUOTAS[{key!r}] must be {rule}, not {value!r}."
 E012_HINT = "See the README's 'Budget alerts' for the shape of a rule."
 W004_MSG = "quotas.api.metrics.MetricsView is mounted but prometheus_client is not installed."
 W004_HINT = 'pip install "django-llm-quotas[metrics]" (the view answers 503 without it).'
+E013_MSG = "QUOTAS['LEDGER_RETENTION_DAYS'] must be None or a positive integer, not {value!r}."
+E013_HINT = (
+    "Give a number of days (at least the longest window or calendar period of any limit), "
+    "or None to keep the ledger forever."
+)
 W001_MSG = "TokenQuotaThrottle is in use but quotas.middleware.QuotaMiddleware is not installed."
 W001_HINT = (
     "Add 'quotas.middleware.QuotaMiddleware' to MIDDLEWARE so reservations are settled with "
@@ -185,6 +191,14 @@ def _client_factory_errors(path: Any) -> list[CheckMessage]:
         msg = E008_MSG.format(path=path, error="it is not callable")
         return [Error(msg, hint=E008_HINT, id="quotas.E008")]
     return []
+
+
+@register("quotas")
+def check_retention(**kwargs: Any) -> list[CheckMessage]:
+    days = quota_settings.LEDGER_RETENTION_DAYS
+    if days is None or (isinstance(days, int) and not isinstance(days, bool) and days > 0):
+        return []
+    return [Error(E013_MSG.format(value=days), hint=E013_HINT, id="quotas.E013")]
 
 
 @register("quotas")

@@ -77,6 +77,9 @@ DEFAULTS: dict[str, Any] = {
     # ... checked by a background thread this often, so at most once per this many seconds
     # per process (0: no check, no warning).
     "LEDGER_BACKLOG_CHECK_SECONDS": 60,
+    # Ledger rows (UsageRecord) older than this many days are deleted by the beat task
+    # quotas.tasks.prune_ledger (hourly rollups are kept); None: keep the ledger forever.
+    "LEDGER_RETENTION_DAYS": None,
     # Time zone of calendar limits (a day, a month): None uses settings.TIME_ZONE.
     "TIME_ZONE": None,
     # -- The provider side (quotas.llm) -------------------------------------------------------

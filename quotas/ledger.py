@@ -6,13 +6,16 @@ them; every one is idempotent, so a re-delivered task changes nothing.
   reservations never settled within their TTL (charged at their estimate);
 - ``write_usage``: write the rows of a batch of usage records (what a settle sends);
 - ``audit_window(s)``: repair drift between a window and the ledger;
-- ``rebuild_window(s)``: seed lost windows from the ledger now.
+- ``rebuild_window(s)``: seed lost windows from the ledger now;
+- ``prune_ledger``: delete rows past ``LEDGER_RETENTION_DAYS`` (their rollups stay);
+- ``backfill_rollups``: roll up a ledger written before rollups existed.
 
-A facade over ``quotas.engine.reconcile`` and ``quotas.engine.rows``.
+A facade over ``quotas.engine.reconcile``, ``rows``, ``retention`` and ``backfill``.
 """
 
 from __future__ import annotations
 
+from quotas.engine.backfill import backfill_cutoff, backfill_rollups
 from quotas.engine.reconcile import (
     SCAN_EVERY_SECONDS,
     SETTLE_GRACE_SECONDS,
@@ -24,6 +27,7 @@ from quotas.engine.reconcile import (
     rebuild_window,
     rebuild_windows,
 )
+from quotas.engine.retention import prune_ledger
 from quotas.engine.rows import write_usage
 
 __all__ = [
@@ -32,8 +36,11 @@ __all__ = [
     "AuditOutcome",
     "audit_window",
     "audit_windows",
+    "backfill_cutoff",
+    "backfill_rollups",
     "flush_ledger",
     "flush_scope",
+    "prune_ledger",
     "rebuild_window",
     "rebuild_windows",
     "write_usage",

@@ -31,8 +31,10 @@ from quotas.engine.alerts import alert_rules
 from quotas.engine.attempts import block, blocked_for, record_rejected, refusal
 from quotas.engine.budgets import budget_for, reset_window
 from quotas.engine.config import config_changed
+from quotas.engine.config import time_zone as calendar_time_zone
 from quotas.engine.estimation import estimate
 from quotas.engine.health import backlog_watch, health, ledger_backlog
+from quotas.engine.history import PERIODS, UsageBucket, usage_history
 from quotas.engine.jobs import (
     Claim,
     claim_job,
@@ -59,6 +61,7 @@ from quotas.engine.providers import (
     observe_call,
     provider_states,
 )
+from quotas.engine.refusals import roll_up_refusals
 from quotas.engine.reservations import reserve
 from quotas.engine.responses import cache_key, cached_response, keep_response
 from quotas.engine.runtime import (
@@ -75,6 +78,7 @@ from quotas.engine.types import DEGRADED_EPOCH, Reservation, Settlement
 
 __all__ = [
     "DEGRADED_EPOCH",
+    "PERIODS",
     "Admission",
     "AdmitStatus",
     "Claim",
@@ -85,6 +89,7 @@ __all__ = [
     "ProviderState",
     "Reservation",
     "Settlement",
+    "UsageBucket",
     "User",
     "abudget_for",
     "admit_call",
@@ -100,6 +105,7 @@ __all__ = [
     "budget_for",
     "cache_key",
     "cached_response",
+    "calendar_time_zone",
     "claim_job",
     "config_changed",
     "defer_job",
@@ -135,11 +141,13 @@ __all__ = [
     "reserve",
     "reset_runtime",
     "reset_window",
+    "roll_up_refusals",
     "scope_for",
     "send_to_ledger",
     "settle",
     "settle_later",
     "sweep_jobs",
+    "usage_history",
     "usage_payload",
     "window_spec",
 ]

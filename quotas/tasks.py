@@ -29,8 +29,10 @@ __all__ = [
     "audit_window_task",
     "audit_windows_task",
     "flush_ledger_task",
+    "prune_ledger_task",
     "rebuild_windows_task",
     "record_usage_task",
+    "roll_up_refusals_task",
     "run_deferred_job_task",
     "send_alert_email_task",
     "send_alert_webhook_task",
@@ -81,6 +83,20 @@ def flush_ledger_task() -> int:
     """Write the ledger rows waiting in the Redis outbox (settled requests, and reservations
     never settled within their TTL, charged at their estimate); returns the rows created."""
     return ledger.flush_ledger()
+
+
+@shared_task(name="quotas.tasks.prune_ledger", **PERIODIC)
+def prune_ledger_task() -> int:
+    """Delete ledger rows older than ``LEDGER_RETENTION_DAYS`` in batches (their hourly
+    rollups stay); returns how many. Does nothing when retention is off (the default)."""
+    return ledger.prune_ledger()
+
+
+@shared_task(name="quotas.tasks.roll_up_refusals", **PERIODIC)
+def roll_up_refusals_task() -> int:
+    """Copy the last two hours' refusal counts (429s per user, model and limit) from Redis
+    into the usage rollups; returns the buckets written. Idempotent (counts are set)."""
+    return services.roll_up_refusals()
 
 
 @shared_task(name="quotas.tasks.audit_windows", **PERIODIC)

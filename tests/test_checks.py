@@ -148,3 +148,15 @@ def test_a_degraded_share_outside_0_to_1_is_refused(share):
 @pytest.mark.parametrize("share", [1, 1.0, 0.25, 0.001])
 def test_a_degraded_share_from_0_to_1_passes(share):
     assert quota_errors(DEGRADED_SHARE=share) == []
+
+
+@pytest.mark.parametrize("days", [0, -3, 1.5, True, "30"])
+def test_a_ledger_retention_that_is_not_a_number_of_days_is_refused(days):
+    assert quota_errors(LEDGER_RETENTION_DAYS=days) == [
+        Error(checks.E013_MSG.format(value=days), hint=checks.E013_HINT, id="quotas.E013")
+    ]
+
+
+@pytest.mark.parametrize("days", [None, 1, 90])
+def test_a_ledger_retention_of_whole_days_or_none_is_fine(days):
+    assert quota_errors(LEDGER_RETENTION_DAYS=days) == []

@@ -20,6 +20,7 @@ from quotas.engine.config import QuotaConfig, configs
 from quotas.engine.counters import Charges, charges_for, quota_state
 from quotas.engine.degraded import admit_degraded
 from quotas.engine.plans import User, config_for, scope_for, user_id_of
+from quotas.engine.refusals import note_refusal
 from quotas.engine.runtime import (
     get_store,
     guarded_for,
@@ -200,6 +201,8 @@ def _outcome(request: Request, ask: Ask, decision: Decision) -> Reservation:
     exc = _rejection(ask, decision, state)
     if decision.status is DecisionStatus.OVER_LIMIT:
         _check_alerts(request, ask, state, decision.refusing)
+    team = ask.config.team.id if ask.config.team else None
+    note_refusal(user_id_of(request.user), team, request.model, exc, decision.now_ms)
     quota_exceeded.send(sender=Reservation, user=request.user, scope=request.scope, exception=exc)
     raise exc
 

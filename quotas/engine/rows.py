@@ -23,6 +23,7 @@ import logging
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -30,6 +31,7 @@ from django.db import DataError, IntegrityError, connections, router, transactio
 
 from quotas.backends.redis import LedgerEntry, RedisWindowStore
 from quotas.core.bounds import MAX_MODEL_LENGTH
+from quotas.engine.rollups import roll_up
 from quotas.engine.runtime import get_store, guarded
 from quotas.exceptions import StoreUnavailable
 from quotas.models import Team, UsageRecord
@@ -84,7 +86,10 @@ def _write(
     teams = _teams(new)
     try:
         with transaction.atomic():
-            insert_rows([row_values(e, users.get(e.scope), teams=teams) for e in new])
+            rows = [row_values(e, users.get(e.scope), teams=teams) for e in new]
+            insert_rows(rows)
+            # In this transaction: rows not created are never rolled up.
+            roll_up(SimpleNamespace(**values) for values in rows)
     except REFUSALS:
         # A concurrent writer (the sweep, or another batch) wrote some of them first, or the
         # database refused a row: one row at a time (one transaction, a savepoint each), so
@@ -298,7 +303,9 @@ def _insert_one(
     """Insert one row; ``False`` when it already exists or was set aside (refused)."""
     try:
         with transaction.atomic():
-            row_of(entry, user_id, teams=teams).save(force_insert=True)
+            row = row_of(entry, user_id, teams=teams)
+            row.save(force_insert=True)
+            roll_up([row])
     except REFUSALS as exc:
         if UsageRecord.objects.filter(request_id=entry.reservation_id).exists():
             return False  # written by a concurrent writer: not ours to count

@@ -15,10 +15,12 @@ from quotas.models.plans import (
     UserQuota,
     fallback_models_problem,
 )
+from quotas.models.rollups import Dashboard, UsageRollup
 
 __all__ = [
     "MAX_BUDGET",
     "MODEL_NAME_MAX",
+    "Dashboard",
     "DeferredJob",
     "GlobalLimit",
     "LimitFields",
@@ -28,6 +30,7 @@ __all__ = [
     "PlanQuerySet",
     "Team",
     "UsageRecord",
+    "UsageRollup",
     "UserQuota",
     "fallback_models_problem",
 ]
