@@ -21,7 +21,7 @@ from quotas import ledger, services
 from quotas.backends.redis import LedgerEntry
 from quotas.engine import ledger as ledger_engine
 from quotas.engine.batching import Batcher
-from quotas.engine.rows import row_of
+from quotas.engine.rows import COPY_MIN_ROWS, row_of
 from quotas.models import UsageRecord
 from quotas.tasks import record_usage_task
 from tests.conftest import keys_of
@@ -134,6 +134,29 @@ def test_rows_a_concurrent_writer_wrote_first_are_neither_doubled_nor_counted(us
     with mock.patch.object(transaction, "atomic", racing_atomic):
         assert ledger.write_usage(payloads) == 2
     assert raced and rows(user) == {"count": 3, "tokens": 150}
+
+
+def test_a_batch_large_enough_for_copy_survives_a_concurrent_writer_too(user):
+    # From COPY_MIN_ROWS records PostgreSQL gets a COPY: its duplicate-key error must be
+    # Django's IntegrityError (row by row then), not an outage that retries the batch forever.
+    serve(user, 30, total_tokens=50)
+    payloads = list(ledger_engine.ledger_batcher()._pending)
+    assert len(payloads) >= COPY_MIN_ROWS
+    entry = LedgerEntry.from_payload(payloads[0])
+    real_atomic, raced = transaction.atomic, []
+
+    @contextmanager
+    def racing_atomic(*args: Any, **kwargs: Any) -> Iterator[None]:
+        if not raced:  # another writer commits one of the rows after the existence check
+            raced.append(True)
+            row_of(entry, user.pk, entry.reserved_at_ms).save()
+        with real_atomic(*args, **kwargs):
+            yield
+
+    with mock.patch.object(transaction, "atomic", racing_atomic):
+        assert ledger.write_usage(payloads) == 29
+    assert raced and rows(user) == {"count": 30, "tokens": 1500}
+    assert ledger.write_usage(payloads) == 0  # a re-delivered batch writes nothing
 
 
 def test_with_the_broker_down_a_batch_is_written_directly(user):

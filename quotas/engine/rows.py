@@ -165,7 +165,12 @@ def insert_rows(rows: list[dict[str, Any]]) -> None:
             UsageRecord.objects.bulk_create([UsageRecord(**values) for values in rows])
             return
         names = [field.attname for field in fields]
-        with raw.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+        # Django's own errors (IntegrityError, DataError), as from bulk_create: the raw
+        # cursor would raise psycopg's, which the callers would take for an outage.
+        with (
+            connection.wrap_database_errors,
+            raw.copy(f"COPY {table} ({columns}) FROM STDIN") as copy,
+        ):
             for values in rows:
                 copy.write_row([values[name] for name in names])
 
