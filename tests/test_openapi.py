@@ -44,8 +44,8 @@ def schema(django_db_blocker: Any) -> dict[str, Any]:
 
 def operation_path(path: str) -> str:
     """The schema's path template of a concrete path (``/quotas/users/3/`` ->
-    ``/quotas/users/{user_id}/``)."""
-    path = re.sub(r"/users/[^/]+/", "/users/{user_id}/", path)
+    ``/quotas/users/{user_id}/``; a query string is not part of it)."""
+    path = re.sub(r"/users/[^/]+/", "/users/{user_id}/", path.split("?")[0])
     return re.sub(r"/jobs/[^/]+/", "/jobs/{job_id}/", path)
 
 
@@ -69,6 +69,7 @@ def test_every_quotas_endpoint_and_the_v1_endpoint_are_described(schema):
     paths = set(schema["paths"])
     assert {
         "/quotas/me/",
+        "/quotas/me/usage/",
         "/quotas/plans/",
         "/quotas/users/{user_id}/",
         "/quotas/health/",
@@ -124,6 +125,9 @@ def test_quotas_endpoint_responses_match_the_schema(schema, make_user, plan):
     calls = [
         (client, "/quotas/me/", 200),
         (APIClient(), "/quotas/me/", 401),
+        (client, "/quotas/me/usage/?period=month", 200),
+        (client, "/quotas/me/usage/?period=year", 400),
+        (APIClient(), "/quotas/me/usage/", 401),
         (client, "/quotas/plans/", 200),
         (staff, f"/quotas/users/{member.pk}/", 200),
         (client, f"/quotas/users/{member.pk}/", 403),
@@ -228,6 +232,7 @@ def test_swagger_ui_renders_every_operation_in_headless_chromium(isolated_quotas
     shown = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', dom))
     assert shown == {
         "/quotas/me/",
+        "/quotas/me/usage/",
         "/quotas/plans/",
         "/quotas/users/{user_id}/",
         "/quotas/health/",

@@ -185,12 +185,15 @@ def validated_chat_request(request: Request) -> dict[str, Any]:
         raise invalid_request(
             f"The request body nests objects and lists more than {MAX_JSON_DEPTH} levels deep."
         ) from exc
-    try:  # the parser's recursion limit depends on the Python version; this one does not
-        check_depth(data)
-    except InvalidRequest as exc:
-        raise invalid_request(str(exc)) from exc
     serializer = ChatCompletionRequestSerializer(data=data)
     if not serializer.is_valid():
+        # Too deep is the first thing to say (the parser's own recursion limit depends on the
+        # Python version: 3.12 parses what 3.11 refused). Only a refused body pays for the walk;
+        # a valid one is walked once, by the estimate.
+        try:
+            check_depth(data)
+        except InvalidRequest as exc:
+            raise invalid_request(str(exc)) from exc
         param, message = first_error(serializer.errors)
         raise invalid_request(f"Invalid '{param}': {message}" if param else message, param or None)
     return dict(serializer.validated_data)

@@ -10,6 +10,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from quotas import services
+from quotas.api.schema import AUTH_ERRORS, documented
 
 __all__ = ["MyUsageView", "UsageBucketSerializer", "UsagePagination"]
 
@@ -25,6 +26,23 @@ class UsageBucketSerializer(serializers.Serializer):
     tokens = serializers.IntegerField()
     cost = serializers.IntegerField()
     refusals = serializers.IntegerField()
+
+
+class UsagePageSerializer(serializers.Serializer):
+    """A page of buckets: the period, the bucket's unit and DRF's page fields."""
+
+    period = serializers.ChoiceField(choices=["day", "month"])
+    bucket = serializers.ChoiceField(choices=["hour", "day"])
+    count = serializers.IntegerField()
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = UsageBucketSerializer(many=True)
+
+
+class PeriodErrorSerializer(serializers.Serializer):
+    """The 400 of an unknown ``period`` (DRF's validation error body)."""
+
+    period = serializers.ListField(child=serializers.CharField())
 
 
 class UsagePagination(PageNumberPagination):
@@ -43,6 +61,21 @@ class MyUsageView(APIView):
     permission_classes = [permissions.IsAuthenticated]
     pagination_class = UsagePagination
 
+    @documented(
+        responses={
+            200: UsagePageSerializer,
+            400: (PeriodErrorSerializer, "An unknown ``period``."),
+            **AUTH_ERRORS,
+        },
+        query={
+            "period": (
+                "Hourly buckets of the last day, or daily ones of 30 days.",
+                ["day", "month"],
+            ),
+            "page": ("A page number (DRF pagination).", None),
+            "page_size": ("Buckets per page, at most 100 (default 31).", None),
+        },
+    )
     def get(self, request: Request) -> Response:
         period = request.query_params.get("period", "day")
         if period not in services.PERIODS:

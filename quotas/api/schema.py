@@ -100,13 +100,23 @@ RATE_LIMIT_HEADERS = (
 
 
 def documented(
-    *, responses: dict[int, Any], headers: bool = False, **kwargs: Any
+    *,
+    responses: dict[int, Any],
+    headers: bool = False,
+    query: dict[str, tuple[str, list[str] | None]] | None = None,
+    **kwargs: Any,
 ) -> Callable[[Any], Any]:
     """``extend_schema(responses=..., **kwargs)`` with ``(serializer, description)`` pairs
-    turned into ``OpenApiResponse``; ``headers`` adds the rate-limit response headers. A
-    no-op decorator without ``drf-spectacular``."""
+    turned into ``OpenApiResponse``; ``headers`` adds the rate-limit response headers;
+    ``query`` names query parameters (``{name: (description, allowed values or None)}``).
+    A no-op decorator without ``drf-spectacular``."""
     if extend_schema is None:
         return lambda view: view
+    for name, (text, values) in (query or {}).items():
+        parameter = OpenApiParameter(
+            name, OpenApiTypes.STR, OpenApiParameter.QUERY, description=text, enum=values
+        )
+        kwargs["parameters"] = [*kwargs.get("parameters", []), parameter]
     described = {
         status: OpenApiResponse(response=value[0], description=value[1])
         if isinstance(value, tuple)
