@@ -38,13 +38,14 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "BENCH_PREFIX": prefix,
         "BENCH_COST_ROUNDS": "3",
         "BENCH_E2E_ROUNDS": "1",
-        "BENCH_PROVIDER_SECONDS": "5",
+        "BENCH_PROVIDER_SECONDS": "3",
         "BENCH_REDIS_REQUESTS": "300",
         "BENCH_LEDGER_ROWS": "1000",
         "BENCH_LEDGER_BURST": "200",
         "BENCH_LEDGER_DATABASE_URL": ledger_database_url(),
-        "BENCH_CLUSTER_SECONDS": "2",
-        "BENCH_STREAM_LEVELS": "1,8",
+        "BENCH_CLUSTER_SECONDS": "1",
+        "BENCH_STREAM_LEVELS": "4",
+        "BENCH_E2E_SEQUENTIAL": "50",
     }
     run = subprocess.run(
         [sys.executable, "run_all.py"],
@@ -83,7 +84,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
     # Every end-to-end mode served every request (no server failed to start: no SKIP).
     assert re.findall(r"(\d+) errors", out) == ["0"] * 5, out
     # No provider 429 reached a client that allowed degradation (the limit being served is
-    # a figure of the full run: 5 s rounds are too short to judge it).
+    # a figure of the full run: 3 s rounds are too short to judge it).
     assert re.search(r"degrade: 429s reaching clients +0 +0 +PASS", out), out
     # One worker wrote every row of a burst and the backlog is back to zero (on PostgreSQL:
     # the part is skipped only when none is reachable).
