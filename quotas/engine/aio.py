@@ -37,8 +37,16 @@ from quotas.engine.budgets import _budget_dict
 from quotas.engine.config import QuotaConfig, configs
 from quotas.engine.counters import all_counters, primary_index
 from quotas.engine.plans import User, config_for, scope_for
-from quotas.engine.reservations import STALE_RETRIES, Ask, Request, _degraded, _outcome, ask_for
-from quotas.engine.runtime import get_breaker, get_store, per_process, reservation_ttl_ms
+from quotas.engine.reservations import (
+    STALE_RETRIES,
+    Ask,
+    Request,
+    _degraded,
+    _outcome,
+    ask_for,
+    reserve_arguments,
+)
+from quotas.engine.runtime import get_breaker, get_store, per_process
 from quotas.engine.seeding import counter_seeds
 from quotas.engine.settlement import _finish_settle, _settle_job, _SettleJob
 from quotas.engine.types import Reservation, Settlement
@@ -219,24 +227,8 @@ async def _astill_current(store: AsyncRedisWindowStore, config: QuotaConfig) -> 
 
 async def _asend(store: AsyncRedisWindowStore, request: Request, ask: Ask, seeds: dict) -> Decision:
     """``reservations._send``, awaited."""
-    config = ask.config
-    return await store.reserve(
-        request.scope,
-        request.rid,
-        ask.charges.counters,
-        ask.charges.amounts,
-        ttl_ms=reservation_ttl_ms(),
-        version=config.version,
-        concurrency=config.limits.max_concurrent_requests or 0,
-        attempts_limit=int(quota_settings.REJECTED_PER_MINUTE or 0),
-        primary=ask.charges.primary,
-        tokens=ask.tokens,
-        cost=ask.cost,
-        team=str(config.team.id) if config.team else "",
-        names=ask.charges.names,
-        model=request.model,
-        seeds=seeds,
-    )
+    args, kwargs = reserve_arguments(request, ask, seeds)
+    return await store.reserve(*args, **kwargs)
 
 
 async def _asnapshot(scope: str, config: QuotaConfig, counters: tuple[Counter, ...]) -> Peek:

@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from quotas.conf import quota_settings
 from quotas.core.bounds import check_model_name, check_reservation_id, check_token_figure
@@ -168,24 +169,30 @@ def _still_current(config: QuotaConfig) -> bool:
 
 
 def _send(request: Request, ask: Ask, seeds: dict) -> Decision:
+    args, kwargs = reserve_arguments(request, ask, seeds)
+    return get_store().reserve(*args, **kwargs)
+
+
+def reserve_arguments(
+    request: Request, ask: Ask, seeds: dict
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """What the store's ``reserve`` is sent for this request (the sync path and its async
+    twin send the same)."""
     config = ask.config
-    return get_store().reserve(
-        request.scope,
-        request.rid,
-        ask.charges.counters,
-        ask.charges.amounts,
-        ttl_ms=reservation_ttl_ms(),
-        version=config.version,
-        concurrency=config.limits.max_concurrent_requests or 0,
-        attempts_limit=int(quota_settings.REJECTED_PER_MINUTE or 0),
-        primary=ask.charges.primary,
-        tokens=ask.tokens,
-        cost=ask.cost,
-        team=str(config.team.id) if config.team else "",
-        names=ask.charges.names,
-        model=request.model,
-        seeds=seeds,
-    )
+    args = (request.scope, request.rid, ask.charges.counters, ask.charges.amounts)
+    return args, {
+        "ttl_ms": reservation_ttl_ms(),
+        "version": config.version,
+        "concurrency": config.limits.max_concurrent_requests or 0,
+        "attempts_limit": int(quota_settings.REJECTED_PER_MINUTE or 0),
+        "primary": ask.charges.primary,
+        "tokens": ask.tokens,
+        "cost": ask.cost,
+        "team": str(config.team.id) if config.team else "",
+        "names": ask.charges.names,
+        "model": request.model,
+        "seeds": seeds,
+    }
 
 
 def _outcome(request: Request, ask: Ask, decision: Decision) -> Reservation:
