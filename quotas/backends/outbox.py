@@ -152,3 +152,27 @@ class LedgerOutbox:
         the caller then also finds keys by SCAN, for keys the registries do not know."""
         marker = f"{self.prefix}:ledger:scanned"
         return bool(self._call(self.client.set, marker, 1, nx=True, ex=every_seconds))
+
+    def iter_window_keys(self) -> Iterator[str]:
+        """Every primary token window hash, by SCAN (never KEYS): for background jobs only."""
+        pattern = f"{_glob_escape(self.prefix)}:{{*}}:w"
+        try:
+            for key in self.client.scan_iter(match=pattern, count=1000, _type="HASH"):
+                yield key.decode() if isinstance(key, bytes) else key
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis error: {exc}") from exc
+
+    def iter_scopes(self, suffix: str) -> Iterator[str]:
+        """Quota keys that have a key with this suffix (e.g. ``"p"``: pending reservations)."""
+        pattern = f"{_glob_escape(self.prefix)}:{{*}}:{suffix}"
+        try:
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                yield self.scope_of(key, suffix)
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis error: {exc}") from exc
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a ``SCAN MATCH`` pattern (a cache prefix may hold any
+    character)."""
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)

@@ -7,7 +7,7 @@ Every operation is one Lua script, one round trip, atomic. Every Redis error is 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from redis import Redis
@@ -408,24 +408,6 @@ class RedisWindowStore(LedgerOutbox):
         keys = [self.attempts_key(scope), *self.counter_keys(counters)]
         self.scripts.run("reset", keys, [""])
 
-    def iter_window_keys(self) -> Iterator[str]:
-        """Every primary token window hash, by SCAN (never KEYS): for background jobs only."""
-        pattern = f"{_glob_escape(self.prefix)}:{{*}}:w"
-        try:
-            for key in self.client.scan_iter(match=pattern, count=1000, _type="HASH"):
-                yield key.decode() if isinstance(key, bytes) else key
-        except RedisError as exc:
-            raise StoreUnavailable(f"Redis error: {exc}") from exc
-
-    def iter_scopes(self, suffix: str) -> Iterator[str]:
-        """Quota keys that have a key with this suffix (e.g. ``"p"``: pending reservations)."""
-        pattern = f"{_glob_escape(self.prefix)}:{{*}}:{suffix}"
-        try:
-            for key in self.client.scan_iter(match=pattern, count=1000):
-                yield self.scope_of(key, suffix)
-        except RedisError as exc:
-            raise StoreUnavailable(f"Redis error: {exc}") from exc
-
     def memory_usage(self, scope: str, counters: Sequence[Counter] = ()) -> int:
         """Bytes Redis uses for every key of one quota key, and these counters of its
         (``MEMORY USAGE``)."""
@@ -441,12 +423,6 @@ class RedisWindowStore(LedgerOutbox):
             record = parse_pending(as_text(rec))
             held[as_text(rid)] = (record["bucket"], record["tokens"])
         return held
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` matched literally in a ``SCAN MATCH`` pattern (a cache prefix may hold any
-    character)."""
-    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)
 
 
 def _clock(now_ms: int | None) -> int:
