@@ -27,3 +27,7 @@ PEER = os.environ.get("BENCH_E2E_PEER", "")
 if PEER:
     peer = {"ping": "PingPerRequest", "drf": "DRFThrottlePerRequest"}[PEER]
     MIDDLEWARE = [*MIDDLEWARE, f"e2e_peers.{peer}"]
+
+# The latency server answers every mode from one process (see e2e_urls).
+if os.environ.get("BENCH_E2E_ROUTES"):
+    ROOT_URLCONF = "e2e_urls"

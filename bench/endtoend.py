@@ -46,7 +46,7 @@ SLICE_SECONDS = 2  # each round gives every mode one slice of load, in alternati
 WARMUP_SECONDS = 1
 # The sequential part: requests per mode, and how many in a row before the next mode's turn.
 SEQUENTIAL = int(os.environ.get("BENCH_E2E_SEQUENTIAL", "400"))
-SEQUENTIAL_BLOCK = 20
+SEQUENTIAL_WARMUP = 20
 PATH = "/v1/chat/completions"
 BODY = json.dumps(
     {
@@ -105,7 +105,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, mode: Mode) -> subprocess.Popen[bytes]:
+def start_server(port: int, mode: Mode, *, workers: int = WORKERS, routes: bool = False) -> Any:
+    """gunicorn serving the demo as ``mode`` says; with ``routes``, one server answering every
+    sequential mode at its own path (``e2e_urls``)."""
     env = {
         **os.environ,
         **common.bench_env(),
@@ -114,12 +116,13 @@ def start_server(port: int, mode: Mode) -> subprocess.Popen[bytes]:
         "CELERY_BROKER_URL": common.redis_url(),
         "GATEWAY_ENFORCE_QUOTAS": "1" if mode.enforce else "0",
         "BENCH_E2E_PEER": mode.peer,
+        "BENCH_E2E_ROUTES": "1" if routes else "",
         "QUOTAS_SETTLE_BATCH_SECONDS": str(mode.settle_batch_seconds),
     }
     env.pop("DATABASE_URL", None)
     command = [
         sys.executable, "-m", "gunicorn", "project.wsgi:application",
-        "-b", f"127.0.0.1:{port}", "-w", str(WORKERS), "--chdir", str(common.REPO),
+        "-b", f"127.0.0.1:{port}", "-w", str(workers), "--chdir", str(common.REPO),
         "--log-level", "warning", "--no-control-socket",
     ]  # fmt: skip
     return subprocess.Popen(command, env=env, process_group=0)
@@ -135,10 +138,10 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
             server.wait()
 
 
-def post(port: int, token: str) -> tuple[int, dict[str, str], bytes]:
+def post(port: int, token: str, path: str = PATH) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        connection.request("POST", PATH, BODY, headers=headers(token))
+        connection.request("POST", path, BODY, headers=headers(token))
         response = connection.getresponse()
         return response.status, dict(response.getheaders()), response.read()
     finally:
@@ -310,18 +313,43 @@ def redis_cpu() -> float:
 
 
 # -- sequential latency -----------------------------------------------------------------------
-def sequential_latencies(ports: dict[Mode, int], token: str) -> dict[Mode, list[float]]:
+# Each sequential mode's path on the latency server (``e2e_urls``).
+SEQUENTIAL_PATHS = {
+    OFF: "/bench/off" + PATH,
+    QUOTAS: PATH,
+    PING: "/bench/ping" + PATH,
+    DRF: "/bench/drf" + PATH,
+}
+
+
+def sequential_latencies(token: str) -> dict[Mode, list[float]]:
     """Milliseconds per request of one client sending requests one after the other (a new
-    connection each: the sync workers close it), in blocks of ``SEQUENTIAL_BLOCK`` per mode,
-    modes alternating, ``SEQUENTIAL`` requests per mode in all."""
-    latencies: dict[Mode, list[float]] = {mode: [] for mode in ports}
-    for block in range(max(SEQUENTIAL // SEQUENTIAL_BLOCK, 1)):
-        for mode in MODES if block % 2 == 0 else reversed(MODES):
-            for _ in range(SEQUENTIAL_BLOCK):
+    connection each: the sync worker closes it) to one server process with one worker that
+    answers every mode at its own path: the modes take turns request by request (the order
+    rotating), so each comparison is the same process, the same moment, ``SEQUENTIAL``
+    requests per mode."""
+    port = free_port()
+    server = start_server(port, QUOTAS, workers=1, routes=True)
+    latencies: dict[Mode, list[float]] = {mode: [] for mode in SEQUENTIAL_PATHS}
+    modes = list(SEQUENTIAL_PATHS)
+    try:
+        wait_ready(server, port, token, True)
+        for mode in modes:  # each path answers as it should before anything is timed
+            status, response_headers, _body = post(port, token, SEQUENTIAL_PATHS[mode])
+            limited = any(name.lower() == "x-ratelimit-limit" for name in response_headers)
+            if status != 200 or limited != mode.enforce:
+                raise Skip(f"{SEQUENTIAL_PATHS[mode]} answers {status}, limited={limited}.")
+        for _ in range(SEQUENTIAL_WARMUP):  # warm: every path's code and connections
+            for mode in modes:
+                post(port, token, SEQUENTIAL_PATHS[mode])
+        for i in range(SEQUENTIAL):
+            for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
                 start = time.perf_counter()
-                status, _headers, _body = post(ports[mode], token)
+                status, _headers, _body = post(port, token, SEQUENTIAL_PATHS[mode])
                 if status == 200:
                     latencies[mode].append((time.perf_counter() - start) * 1000)
+    finally:
+        stop_server(server)
     return latencies
 
 
@@ -344,8 +372,8 @@ def in_process_parts(calls: int) -> dict[str, float]:
 
 def latency_rows(latencies: dict[Mode, list[float]]) -> list[Row]:
     section = (
-        f"End to end, sequential: one client, one request at a time, {SEQUENTIAL} per mode "
-        f"in alternating blocks of {SEQUENTIAL_BLOCK} (ms)"
+        f"End to end, sequential: one client, one request at a time, {SEQUENTIAL} per mode, "
+        "modes taking turns on one server process (ms)"
     )
     stats = {mode: common.Stats.of(values) for mode, values in latencies.items() if values}
     if OFF not in stats or QUOTAS not in stats:
@@ -362,17 +390,37 @@ def latency_rows(latencies: dict[Mode, list[float]]) -> list[Row]:
         Row(section, "added by enforcement at p99", f"{added_p99:.2f} ms", "", "<= 1 ms",
             common.verdict(added_p99 <= 1.0)),
     ]  # fmt: skip
+    for peer in (PING, DRF):  # what the reference points add, in the same turns
+        if peer in stats:
+            rows.append(
+                Row(section, f"added at p50 / p99 by: {peer.label}",
+                    f"{stats[peer].median - stats[OFF].median:.2f} / "
+                    f"{stats[peer].p99 - stats[OFF].p99:.2f} ms")
+            )  # fmt: skip
     parts = in_process_parts(200)
+    after = settles_after_response()
+    waited = 0.0
     for name, us in parts.items():
+        if name == "settle" and after:
+            name = "settle (after the response is sent: not waited for)"
+        else:
+            waited += us / 1000
         rows.append(
             Row(section, f"where it goes (in-process median): {name}", f"{us / 1000:.2f} ms")
         )
-    rest = added_p50 - sum(parts.values()) / 1000
     rows.append(
-        Row(section, "where it goes: the rest (middleware, headers, ledger thread, GIL)",
-            f"{rest:.2f} ms")
+        Row(section, "where it goes: the rest (throttle, middleware, headers, ledger thread, GIL)",
+            f"{added_p50 - waited:.2f} ms")
     )  # fmt: skip
     return rows
+
+
+def settles_after_response() -> bool:
+    """Whether the bench's servers settle after the response (the app's default, for a plan
+    without a concurrent-request limit, as the bench user's)."""
+    from quotas.conf import quota_settings
+
+    return bool(quota_settings.SETTLE_AFTER_RESPONSE) and not quota_settings.SETTLE_BATCH_SECONDS
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -395,7 +443,6 @@ def measure_all() -> tuple[dict[Mode, list[Load]], dict[Mode, list[float]], str]
     script = wrk_script(token) if shutil.which("wrk") else None
     servers: dict[Mode, tuple[subprocess.Popen[bytes], int]] = {}
     loads: dict[Mode, list[Load]] = {mode: [] for mode in MODES}
-    latencies: dict[Mode, list[float]] = {}
     try:
         for mode in MODES:
             port = free_port()
@@ -407,14 +454,12 @@ def measure_all() -> tuple[dict[Mode, list[Load]], dict[Mode, list[float]], str]
             for mode in MODES if round_no % 2 == 0 else reversed(MODES):
                 server, port = servers[mode]
                 loads[mode].append(measure_load(port, token, script, SLICE_SECONDS, server))
-        latencies = sequential_latencies(
-            {mode: port for mode, (_s, port) in servers.items()}, token
-        )
     finally:
         for server, _port in servers.values():
             stop_server(server)
         if script is not None:
             script.unlink()
+    latencies = sequential_latencies(token)
     return loads, latencies, "wrk" if script is not None else "Python load generator"
 
 
