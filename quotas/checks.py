@@ -161,6 +161,10 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
             key="NUM_PROXIES", rule="None or an integer, 0 or more", value=proxies
         )
         errors.append(Error(msg, id="quotas.E005"))
+    after = values["SETTLE_AFTER_RESPONSE"]
+    if not isinstance(after, bool):
+        msg = E005_MSG.format(key="SETTLE_AFTER_RESPONSE", rule="True or False", value=after)
+        errors.append(Error(msg, id="quotas.E005"))
     errors += _client_factory_errors(values["LLM_CLIENT_FACTORY"])
     errors += _degraded_share_errors(values["DEGRADED_SHARE"])
     cluster_url = values["REDIS_CLUSTER_URL"]

@@ -25,10 +25,11 @@ whole as Django would.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
@@ -67,6 +68,8 @@ from quotas.streaming import AsyncStreamMeter, StreamMeter, clean_usage
 from quotas.throttling import TokenQuotaThrottle
 
 __all__ = ["QuotaMiddleware"]
+
+logger = logging.getLogger("quotas")
 
 
 class QuotaMiddleware:
@@ -184,6 +187,18 @@ class QuotaMiddleware:
                 settled = None
                 if state is not None:
                     settled = _corrected(state, reservation.estimated_tokens - charged)
+            elif not self.async_mode and _after_response(reservation, response):
+                tokens, cost = services.settle_charges(reservation, **usage)
+                response._resource_closers.append(  # type: ignore[attr-defined]
+                    partial(_settle_sent, reservation, status, usage)
+                )
+                settled = None
+                if state is not None:
+                    settled = _corrected(
+                        state,
+                        reservation.estimated_tokens - tokens,
+                        reservation.estimated_cost - cost,
+                    )
             else:
                 settled = services.settle(reservation, status=status, **usage).state
         if settled is not None and not reservation.degraded:
@@ -213,11 +228,35 @@ def _in_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
     return sync_to_async(call, thread_sensitive=False)
 
 
-def _corrected(state: QuotaState, returned: int) -> QuotaState:
-    """``state`` with ``returned`` tokens given back to every token limit (a settle still in
-    this process's batch)."""
+def _after_response(reservation: Any, response: HttpResponseBase) -> bool:
+    """Whether ``response``'s settle may run once it has been sent (``SETTLE_AFTER_RESPONSE``):
+    a WSGI server closes every response it has sent, whatever the client did, and Django
+    then runs the response's closers (the test client closes responses too). Not under ASGI
+    (``__acall__`` settles in the request): there a client that goes away while the outer
+    middleware still runs cancels the request, and its response is never closed."""
+    return (
+        quota_settings.SETTLE_AFTER_RESPONSE
+        and not reservation.holds_slot
+        and isinstance(getattr(response, "_resource_closers", None), list)
+    )
+
+
+def _settle_sent(reservation: Any, status: str, usage: dict[str, int]) -> None:
+    """The settle of a response already sent (Django ignores what its closers raise: this
+    logs it; the reservation then expires and is charged at its estimate)."""
+    try:
+        services.settle(reservation, status=status, **usage)
+    except Exception:
+        logger.exception("quotas: settling %s after its response failed", reservation.id)
+
+
+def _corrected(state: QuotaState, returned: int, returned_cost: int = 0) -> QuotaState:
+    """``state`` with ``returned`` tokens given back to every token limit and
+    ``returned_cost`` micro-dollars to every cost limit (a settle not sent yet: in this
+    process's batch, or to run once the response has been sent)."""
+    back = {"tokens": returned, "cost": returned_cost}
     policies = tuple(
-        p._replace(remaining=p.remaining + returned) if p.metric == "tokens" else p
+        p._replace(remaining=p.remaining + back[p.metric]) if p.metric in back else p
         for p in state.policies
     )
     return replace(state, remaining=state.remaining + returned, policies=policies)

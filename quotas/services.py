@@ -73,7 +73,13 @@ from quotas.engine.runtime import (
     window_spec,
 )
 from quotas.engine.seeding import ledger_seed
-from quotas.engine.settlement import flush_settle_batch, refund, settle, settle_later
+from quotas.engine.settlement import (
+    flush_settle_batch,
+    refund,
+    settle,
+    settle_charges,
+    settle_later,
+)
 from quotas.engine.types import DEGRADED_EPOCH, Reservation, Settlement
 
 __all__ = [
@@ -145,6 +151,7 @@ __all__ = [
     "scope_for",
     "send_to_ledger",
     "settle",
+    "settle_charges",
     "settle_later",
     "sweep_jobs",
     "usage_history",

@@ -235,6 +235,7 @@ def _reservation(
         prompt_tokens=request.prompt_tokens,
         price=ask.price,
         team=str(config.team.id) if config.team else "",
+        holds_slot=bool(config.limits.max_concurrent_requests),
     )
 
 

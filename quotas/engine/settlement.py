@@ -22,7 +22,7 @@ from quotas.exceptions import StoreUnavailable
 from quotas.signals import usage_settled
 from quotas.telemetry import record_settled
 
-__all__ = ["flush_settle_batch", "refund", "settle", "settle_later"]
+__all__ = ["flush_settle_batch", "refund", "settle", "settle_charges", "settle_later"]
 
 logger = logging.getLogger("quotas")
 
@@ -85,6 +85,25 @@ def settle_later(
     else:
         _settle_batch([job])
     return job.reservation.estimated_tokens if job.actual is None else job.actual
+
+
+def settle_charges(
+    reservation: Reservation,
+    *,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    total_tokens: int | None = None,
+) -> tuple[int, int]:
+    """What settling ``reservation`` with these figures will charge, without settling it:
+    ``(tokens, cost in micro-dollars)`` (the estimate's where no usage is given). Bad
+    figures raise ``ValueError``, as ``settle`` does. ``QuotaMiddleware`` tells a response's
+    headers from it when its settle runs after the response (``SETTLE_AFTER_RESPONSE``)."""
+    actual = _actual_tokens(prompt_tokens, completion_tokens, total_tokens)
+    cost = actual_cost(reservation, prompt_tokens, completion_tokens, actual)
+    return (
+        reservation.estimated_tokens if actual is None else actual,
+        reservation.estimated_cost if cost is None else cost,
+    )
 
 
 def flush_settle_batch() -> int:

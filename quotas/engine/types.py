@@ -44,6 +44,9 @@ class Reservation:
     prompt_tokens: int | None = None
     price: Price | None = None
     team: str = ""
+    # Whether it holds one of the user's concurrent-request slots (the plan has
+    # ``max_concurrent_requests``): the slot is freed by the settle.
+    holds_slot: bool = False
     # What ``settle`` made of this object: a later automatic settle (the middleware's, after a
     # view settled itself) then knows there is nothing left to do, without asking Redis.
     settlements: list[Settlement] = field(default_factory=list, compare=False, repr=False)
