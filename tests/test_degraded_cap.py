@@ -130,6 +130,22 @@ def test_a_refund_while_degraded_gives_the_local_room_back(
         assert services.reserve(user, 1000).degraded
 
 
+def test_requests_in_flight_are_counted_locally_under_a_concurrency_limit(
+    make_plan, make_user, private_redis, isolated_quotas
+):
+    user = make_user(plan=make_plan(tokens_per_hour=BUDGET, max_concurrent_requests=2))
+    with on_private(private_redis, isolated_quotas):
+        private_redis.stop()
+        first, second = services.reserve(user, 10), services.reserve(user, 10)
+        assert first.degraded and second.degraded
+        with pytest.raises(QuotaExceeded) as refused:
+            services.reserve(user, 10)  # a third at once: over the plan's two slots
+        assert (refused.value.scope, refused.value.limit) == ("concurrency", 2)
+        assert refused.value.retry_after == 1.0
+        services.settle(first, total_tokens=5)  # a finished request frees its slot
+        assert services.reserve(user, 10).degraded
+
+
 def test_every_layer_is_counted_locally_the_global_limit_across_users(
     make_plan, make_user, private_redis, isolated_quotas
 ):

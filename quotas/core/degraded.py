@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from quotas.core.limits import Limit
 
-__all__ = ["LocalVerdict", "LocalWindows"]
+__all__ = ["Concurrency", "LocalVerdict", "LocalWindows"]
 
 
 @dataclass
@@ -76,15 +76,19 @@ def _slot(limit: Limit, at_ms: int) -> int:
 @dataclass(frozen=True)
 class LocalVerdict:
     """What this process decided alone. ``refusing`` is the 1-based index of the limit that
-    refused (0: allowed); ``used`` and ``allowed`` are each limit's local usage before this
-    request and its local allowance (``share`` of the budget); ``retry_ms`` is when the
-    refusing limit has room again in this process (``None``: never in this process, the
-    request is larger than the allowance)."""
+    refused (0: allowed; -1: the concurrent-request limit); ``used`` and ``allowed`` are each
+    limit's local usage before this request and its local allowance (``share`` of the
+    budget); ``retry_ms`` is when the refusing limit has room again in this process
+    (``None``: never in this process, the request is larger than the allowance);
+    ``in_flight`` and ``slots`` are the scope's requests in flight here and its local
+    allowance of them, when a concurrent-request limit applies."""
 
     refusing: int
     used: tuple[int, ...]
     allowed: tuple[int, ...]
     retry_ms: int | None = 0
+    in_flight: int = 0
+    slots: int = 0
 
     @property
     def admitted(self) -> bool:
@@ -104,6 +108,19 @@ class _Charge:
     keys: tuple[str, ...]
     limits: tuple[Limit, ...]
     at_ms: int
+    scope: str = ""  # counted among the scope's requests in flight until settled ...
+    until_ms: int = 0  # ... or until it expires, as in Redis
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """A concurrent-request limit for ``admit``: ``scope``'s requests in flight (admitted
+    here, not settled, younger than their ``ttl_ms``) may be at most ``share`` of ``slots``
+    (never less than one)."""
+
+    scope: str
+    slots: int
+    ttl_ms: int
 
 
 class LocalWindows:
@@ -129,21 +146,39 @@ class LocalWindows:
         amounts: Sequence[int],
         share: float,
         now_ms: int,
+        concurrency: Concurrency | None = None,
     ) -> LocalVerdict:
         """Charge ``amounts`` to every limit if each stays within ``share`` of its budget in
-        this process, else charge nothing and say which refused (all or nothing, as Redis)."""
+        this process (and the scope within its share of ``concurrency``), else charge
+        nothing and say which refused (all or nothing, as Redis)."""
         allowed = tuple(math.floor(limit.budget * share) for limit in limits)
         with self._lock:
             counts = [self._count(key) for key in keys]
             used = tuple(c.total(lim, now_ms) for c, lim in zip(counts, limits, strict=True))
+            in_flight = slots = 0
+            if concurrency is not None:
+                slots = max(math.floor(concurrency.slots * share), 1)
+                in_flight = self._in_flight(concurrency.scope, now_ms)
             for i, (amount, room) in enumerate(zip(amounts, allowed, strict=True)):
                 if amount > 0 and used[i] + amount > room:
                     retry = _retry_ms(counts[i], limits[i], now_ms, used[i], amount, room)
-                    return LocalVerdict(i + 1, used, allowed, retry)
+                    return LocalVerdict(i + 1, used, allowed, retry, in_flight, slots)
+            if concurrency is not None and in_flight >= slots:
+                return LocalVerdict(-1, used, allowed, 0, in_flight, slots)
             for count, limit, amount in zip(counts, limits, amounts, strict=True):
                 count.add(limit, now_ms, amount)
-            self._remember(reservation_id, _Charge(tuple(keys), tuple(limits), now_ms))
-        return LocalVerdict(0, used, allowed)
+            charge = _Charge(tuple(keys), tuple(limits), now_ms)
+            if concurrency is not None:
+                charge = _Charge(
+                    charge.keys, charge.limits, now_ms, concurrency.scope,
+                    now_ms + concurrency.ttl_ms,
+                )  # fmt: skip
+            self._remember(reservation_id, charge)
+        return LocalVerdict(0, used, allowed, 0, in_flight, slots)
+
+    def _in_flight(self, scope: str, now_ms: int) -> int:
+        """``scope``'s charges not settled and not expired (their slots, as Redis counts)."""
+        return sum(1 for c in self._charges.values() if c.scope == scope and c.until_ms > now_ms)
 
     def settle(self, reservation_id: str, deltas: Sequence[int]) -> bool:
         """Add ``deltas`` (actual minus charged, per limit) to the reservation's charge, once;

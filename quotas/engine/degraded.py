@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from quotas.conf import quota_settings
 from quotas.core.decisions import Counter
-from quotas.core.degraded import LocalVerdict
+from quotas.core.degraded import Concurrency, LocalVerdict
 from quotas.core.limits import Metric
 from quotas.core.types import QuotaState
 from quotas.engine.runtime import degraded_windows, get_breaker
@@ -35,12 +35,21 @@ def admit_degraded(
     amounts: Sequence[int],
     now_ms: int,
     state: QuotaState,
+    concurrency: Concurrency | None = None,
 ) -> None:
     """Charge a degraded request locally, or raise ``QuotaExceeded`` (nothing charged) when
-    one of its limits has no room left in this process's share."""
+    one of its limits has no room left in this process's share (its requests in flight
+    too, under ``concurrency``: until settled or expired)."""
     share = float(quota_settings.DEGRADED_SHARE)
     limits = [counter.limit for counter in counters]
-    verdict = degraded_windows().admit(rid, _local_keys(counters), limits, amounts, share, now_ms)
+    verdict = degraded_windows().admit(
+        rid, _local_keys(counters), limits, amounts, share, now_ms, concurrency
+    )
+    if verdict.refusing == -1:
+        raise QuotaExceeded(
+            limit=verdict.slots, remaining=0, requested=1, retry_after=1.0,
+            scope="concurrency", state=_with_retry(state, 1.0),
+        )  # fmt: skip
     if not verdict.admitted:
         raise _refusal(counters, amounts, verdict, state)
 

@@ -13,6 +13,7 @@ from typing import Any
 from quotas.conf import quota_settings
 from quotas.core.bounds import check_model_name, check_reservation_id, check_token_figure
 from quotas.core.decisions import Decision, DecisionStatus
+from quotas.core.degraded import Concurrency
 from quotas.core.limits import Limit, Metric
 from quotas.core.pricing import Price
 from quotas.core.types import QuotaState
@@ -364,8 +365,12 @@ def _degraded(request: Request) -> Reservation:
     limits, window = ask.config.limits, window_spec().window_seconds
     state = QuotaState(limits.tokens_per_window, 0, 0.0, window, degraded=True)
     at_ms = now_ms()
+    slots = limits.max_concurrent_requests
+    concurrency = Concurrency(request.scope, slots, reservation_ttl_ms()) if slots else None
     try:
-        admit_degraded(request.rid, ask.charges.counters, ask.charges.amounts, at_ms, state)
+        admit_degraded(
+            request.rid, ask.charges.counters, ask.charges.amounts, at_ms, state, concurrency
+        )
     except QuotaExceeded as exc:
         quota_exceeded.send(
             sender=Reservation, user=request.user, scope=request.scope, exception=exc

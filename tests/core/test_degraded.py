@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime
 
-from quotas.core.degraded import LocalWindows
+from quotas.core.degraded import Concurrency, LocalWindows
 from quotas.core.limits import Limit, Metric, Period, Scope, Window
 
 HOUR = Limit(Scope.USER, Metric.TOKENS, 1000, Window.sliding(3600, 60), counter="w")
@@ -93,3 +93,31 @@ def test_threads_together_never_admit_more_than_the_allowance():
     for thread in threads:
         thread.join()
     assert sum(admitted) == 1000 // 7 * 7
+
+
+def test_requests_in_flight_are_counted_until_settled_or_expired():
+    local = LocalWindows()
+    two = Concurrency("u", slots=2, ttl_ms=30_000)
+    assert local.admit("a", ("u/w",), (HOUR,), (10,), 1.0, T0, two).admitted
+    assert local.admit("b", ("u/w",), (HOUR,), (10,), 1.0, T0, two).admitted
+    refused = local.admit("c", ("u/w",), (HOUR,), (10,), 1.0, T0 + 1, two)
+    assert (refused.refusing, refused.in_flight, refused.slots) == (-1, 2, 2)
+    assert refused.used == (20,)  # a refusal charges nothing
+    # Another scope has slots of its own.
+    assert local.admit("x", ("v/w",), (HOUR,), (10,), 1.0, T0, Concurrency("v", 2, 30_000)).admitted
+    assert local.settle("a", (0,))  # a settled request frees its slot
+    assert local.admit("c", ("u/w",), (HOUR,), (10,), 1.0, T0 + 2, two).admitted
+    assert not local.admit("d", ("u/w",), (HOUR,), (10,), 1.0, T0 + 3, two).admitted
+    # An expired reservation no longer holds its slot (Redis forgets it too).
+    assert local.admit("d", ("u/w",), (HOUR,), (10,), 1.0, T0 + 30_001, two).admitted
+
+
+def test_the_share_scales_the_slots_but_leaves_at_least_one():
+    local = LocalWindows()
+    four = Concurrency("u", slots=4, ttl_ms=30_000)
+    for rid in "ab":
+        assert local.admit(rid, ("u/w",), (HOUR,), (1,), 0.5, T0, four).admitted
+    assert local.admit("c", ("u/w",), (HOUR,), (1,), 0.5, T0, four).slots == 2
+    one = Concurrency("v", slots=1, ttl_ms=30_000)
+    assert local.admit("d", ("v/w",), (HOUR,), (1,), 0.1, T0, one).admitted
+    assert local.admit("e", ("v/w",), (HOUR,), (1,), 0.1, T0, one).refusing == -1
