@@ -11,7 +11,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from quotas import services
 from quotas.models import UsageRecord
 from tests.asgi_server import running_asgi_gateway
 from tests.llm.conftest import chat
-from tests.upstream_server import Upstream, running_upstream
+from tests.upstream_server import Upstream
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -173,13 +172,6 @@ def test_a_client_that_hangs_up_is_settled_with_what_was_produced(
     assert (budget["used"], budget["reserved"]) == (row.actual_tokens, 0)
 
 
-@pytest.fixture
-def one_request_per_model() -> Iterator[Upstream]:
-    limits = {"gpt-4o": {"rpm": 1}, "gpt-4o-mini": {"rpm": 1}}
-    with running_upstream("--rpm", "1000", "--model-limits", json.dumps(limits)) as server:
-        yield server
-
-
 def test_the_ladder_serves_a_stream_with_a_cheaper_model(
     isolated_quotas, one_request_per_model, make_plan, make_user
 ):
@@ -198,7 +190,7 @@ def test_the_ladder_serves_a_stream_with_a_cheaper_model(
         first = stream(port, token, body)  # gpt-4o's one request of the minute
         plain = stream(port, token, body)
         degraded = stream(port, token, body, **{"X-Quota-Degrade": "allow"})
-        rows = ledger_rows(3)  # the plain request's refund too
+        rows = ledger_rows(4)
     assert first["status"] == 200 and first["headers"]["x-quota-rung"] == "preferred"
     # Without consent the provider's refusal is the answer, as under WSGI.
     assert plain["status"] == 429 and int(plain["headers"]["retry-after"]) >= 1
@@ -215,9 +207,13 @@ def test_the_ladder_serves_a_stream_with_a_cheaper_model(
         ("gpt-4o", usages[0]["total_tokens"]),
         ("gpt-4o-mini", usages[1]["total_tokens"]),
     ]
+    # Refunded: the plain request's reservation, and the degraded one's for gpt-4o.
     assert [(row.status, row.actual_tokens) for row in rows if row.status != "settled"] == [
-        ("refunded", 0)
+        ("refunded", 0),
+        ("refunded", 0),
     ]
+    budget = settled(user)
+    assert (budget["used"], budget["reserved"]) == (sum(u["total_tokens"] for u in usages), 0)
 
 
 def test_an_upstream_error_is_answered_and_refunded(isolated_quotas, fresh_upstream, user):
