@@ -14,7 +14,9 @@ deterministic fake model, behind rate limits of its own, as a real provider beha
   ``"hang_seconds"`` (default 3600) before closing it unanswered, ``{"mode": "normal"}``;
   ``"fail_count": n`` fails only the next n requests, ``"retry_after_ms"`` adds that header to
 the failures; ``"pace"``, ``"answer_tokens"`` and
-  ``"reset": true`` (new windows, zero counters) too. ``GET /_stats`` counts what happened.
+  ``"reset": true`` (new windows, zero counters) too. ``GET /_stats`` counts what happened
+  (the chat requests by client too: ``agent:AsyncOpenAI``, the product of their
+  ``User-Agent``).
 
 Standard library only (plus the demo's fake model), one thread per connection:
 ``python -m project.fake_upstream --port 8100``; ``--port 0`` picks a free port, and the
@@ -112,7 +114,8 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             self._json(400, _error("A JSON body with a model.", "invalid_request_error", None))
             return
-        self.server.count("requests", f"requests:{body['model']}")
+        agent = str(self.headers.get("User-Agent") or "").split("/")[0] or "unknown"
+        self.server.count("requests", f"requests:{body['model']}", f"agent:{agent}")
         failure = self.server.failure_now()
         if failure == "hang":
             self.server.count("hung")

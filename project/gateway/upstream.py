@@ -3,6 +3,9 @@ through the quota-aware client (``quotas.llm``): the provider's limits learned f
 headers and 429s, retries within a deadline, a circuit breaker, and (when the request says
 ``X-Quota-Degrade: allow``) the user's plan's degradation ladder.
 
+Under ASGI a streamed chat is forwarded with the async client (``open_async_stream``): the
+stream is opened on the event loop and its chunks are read there, holding no thread.
+
 Every outcome becomes one HTTP answer here, in the app's vocabulary: the answer (streamed
 or not, with ``X-Quota-Rung``), a 202 for a deferred job, a 429 with an exact
 ``Retry-After`` (the user's budget, or the provider's), a 503 (the provider's circuit is
@@ -11,12 +14,15 @@ open), or a 502 / 504 / the upstream's own 4xx for what the upstream did.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
+import weakref
 from functools import lru_cache
 from typing import Any
 
 import openai
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.http import HttpResponseBase, JsonResponse
 
@@ -26,7 +32,14 @@ from quotas.exceptions import QuotaExceeded, RequestTooLarge
 from quotas.http import error_body, error_payload, error_status
 from quotas.llm.retries import provider_retry_after
 
-__all__ = ["DEGRADE_HEADER", "RUNG_HEADER", "client_for_provider", "forward", "may_degrade"]
+__all__ = [
+    "DEGRADE_HEADER",
+    "RUNG_HEADER",
+    "client_for_provider",
+    "forward",
+    "may_degrade",
+    "open_async_stream",
+]
 
 DEGRADE_HEADER = "X-Quota-Degrade"
 RUNG_HEADER = "X-Quota-Rung"
@@ -56,23 +69,37 @@ def client_for_provider(provider: str) -> openai.OpenAI:
     return _sdk(gateway["UPSTREAM_URL"], gateway.get("UPSTREAM_API_KEY", ""), timeout)
 
 
+# One AsyncOpenAI client (one connection pool) per event loop and upstream: its connections
+# belong to the loop they were opened on.
+_async_sdks: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, str, float], openai.AsyncOpenAI]
+] = weakref.WeakKeyDictionary()
+
+
+def async_client_for_provider(provider: str) -> openai.AsyncOpenAI:
+    """``client_for_provider``'s async twin, for the running event loop."""
+    gateway = settings.GATEWAY
+    timeout = float(gateway.get("UPSTREAM_TIMEOUT_SECONDS", UPSTREAM_TIMEOUT_SECONDS))
+    key = (gateway["UPSTREAM_URL"], gateway.get("UPSTREAM_API_KEY", ""), timeout)
+    clients = _async_sdks.setdefault(asyncio.get_running_loop(), {})
+    if key not in clients:
+        clients[key] = openai.AsyncOpenAI(
+            base_url=key[0], api_key=key[1] or "none", timeout=timeout
+        )
+    return clients[key]
+
+
 def forward(request: Any, body: dict[str, Any]) -> Any:
-    """Call the upstream for ``request`` (a DRF request); the answer object or stream, or
-    an ``UpstreamAnswer`` (an HTTP response for every other outcome)."""
-    provider = settings.GATEWAY.get("UPSTREAM_PROVIDER") or "upstream"
+    """Call the upstream for ``request`` (a DRF request) with the sync client; the answer
+    object or stream, or an HTTP response for every other outcome."""
+    provider = _provider()
     client = llm.wrap(
         client_for_provider(provider),
         request=request,
         provider=provider,
         degrade=may_degrade(request),
     )
-    if body.get("stream"):  # the gateway's streams always end with the usage chunk
-        body = {
-            **body,
-            "stream_options": {**(body.get("stream_options") or {}), "include_usage": True},
-        }
-    arguments = {k: v for k, v in body.items() if k in SDK_PARAMETERS}
-    extra = {k: v for k, v in body.items() if k not in SDK_PARAMETERS}
+    arguments, extra = _sdk_arguments(body)
     try:
         return client.chat.completions.create(**arguments, extra_body=extra or None)
     except Exception as exc:
@@ -80,6 +107,58 @@ def forward(request: Any, body: dict[str, Any]) -> Any:
         if answer is None:
             raise
         return answer
+
+
+def open_async_stream(request: Any, body: dict[str, Any]) -> Any:
+    """``forward`` for a streamed chat under ASGI, called from the sync view's thread: the
+    stream is opened with the async client on the request's event loop, and returned as an
+    async stream (read there by the response's async generator), or an HTTP response.
+
+    ``async_to_sync`` is used for the opening only, because the view is a sync DRF view and
+    must return the response: its status and headers (429, 202, 502..., ``X-Quota-Rung``, the
+    quota headers of the reservation that serves) depend on how the opening went, and are
+    sent before the body. The view's thread waits meanwhile (the reservation, the provider's
+    admission and the upstream's first answer, as the sync client would take); the quota
+    steps of the async client run in this same thread (asgiref's thread-sensitive calls), and
+    the stream itself, for its whole length, holds no thread. The opening runs on the
+    request's own loop (asgiref hands it to the loop that called the view), where the stream
+    is read afterwards.
+    """
+    return async_to_sync(_open_async_stream)(request, body)
+
+
+async def _open_async_stream(request: Any, body: dict[str, Any]) -> Any:
+    provider = _provider()
+    client = llm.wrap(
+        async_client_for_provider(provider),
+        request=request,
+        provider=provider,
+        degrade=may_degrade(request),
+    )
+    arguments, extra = _sdk_arguments(body)
+    try:
+        return await client.chat.completions.create(**arguments, extra_body=extra or None)
+    except Exception as exc:
+        answer = refusal_response(exc)
+        if answer is None:
+            raise
+        return answer
+
+
+def _provider() -> str:
+    return str(settings.GATEWAY.get("UPSTREAM_PROVIDER") or "upstream")
+
+
+def _sdk_arguments(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``create``'s named arguments and the rest of the body (sent as ``extra_body``)."""
+    if body.get("stream"):  # the gateway's streams always end with the usage chunk
+        body = {
+            **body,
+            "stream_options": {**(body.get("stream_options") or {}), "include_usage": True},
+        }
+    arguments = {k: v for k, v in body.items() if k in SDK_PARAMETERS}
+    extra = {k: v for k, v in body.items() if k not in SDK_PARAMETERS}
+    return arguments, extra
 
 
 def refusal_response(exc: Exception) -> HttpResponseBase | None:

@@ -5,7 +5,8 @@ budget), then ``TokenQuotaThrottle`` reserves its estimate, then the fake model 
 upstream API, through the quota-aware client ``quotas.llm``: see ``upstream.py``) answers
 with a true ``usage`` block, from which the reservation is settled. Streams end with a chunk
 carrying ``usage`` (always, not only when ``stream_options.include_usage`` asks for it) so
-they settle exactly too.
+they settle exactly too. Under ASGI a stream is an async generator on the event loop: the
+fake model's, and the upstream's (opened and read with the async client, ``AsyncOpenAI``).
 
 With an upstream, a request that says ``X-Quota-Degrade: allow`` may be served by the
 user's plan's degradation ladder when the requested model refuses (the throttle's 429 among
@@ -16,6 +17,7 @@ header the OpenAI contract is unchanged: a 429 with an exact ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 import uuid
@@ -36,7 +38,7 @@ from rest_framework.views import APIView
 from project.gateway import fake_model
 from project.gateway.openapi import CHAT_RESPONSES
 from project.gateway.serializers import ChatCompletionRequestSerializer, first_error
-from project.gateway.upstream import RUNG_HEADER, forward, may_degrade
+from project.gateway.upstream import RUNG_HEADER, forward, may_degrade, open_async_stream
 from quotas.api.schema import documented
 from quotas.conf import quota_settings
 from quotas.core.bounds import MAX_JSON_DEPTH, InvalidRequest, check_depth
@@ -127,12 +129,20 @@ class ChatCompletionsView(APIView):
         return Response(completion_object(answer))
 
     def forward_upstream(self, request: Request) -> Any:
-        answer = forward(request, dict(request.data))
+        # Under ASGI a stream is forwarded with the async client and read on the event loop
+        # (no thread per stream); everything else with the sync client, in this thread.
+        on_loop = bool(self.chat.get("stream")) and isinstance(request._request, ASGIRequest)
+        if on_loop:
+            answer = open_async_stream(request, dict(request.data))
+        else:
+            answer = forward(request, dict(request.data))
         if isinstance(answer, HttpResponseBase):  # refused, deferred, or an upstream error
             return answer
         rung = getattr(answer, "quota_rung", "preferred")
-        if self.chat.get("stream"):
-            response: Any = sse_response(_chunk_dicts(answer))
+        if on_loop:
+            response: Any = async_sse_response(_async_chunk_batches(answer))
+        elif self.chat.get("stream"):
+            response = sse_response(_chunk_dicts(answer))
         else:
             response = Response(answer.model_dump(exclude_unset=True))
         response[RUNG_HEADER] = rung
@@ -147,6 +157,19 @@ def _chunk_dicts(stream: Any) -> Iterator[dict[str, Any]]:
             yield chunk.model_dump(exclude_unset=True)
     finally:
         stream.close()
+
+
+async def _async_chunk_batches(stream: Any) -> AsyncIterator[list[dict[str, Any]]]:
+    """``_chunk_dicts`` for the async client's stream, one chunk per batch as it comes;
+    closing this (the stream ended, failed, or the client went away: Django cancels the
+    response) closes the stream, which settles what it produced."""
+    try:
+        async for chunk in stream:
+            yield [chunk.model_dump(exclude_unset=True)]
+    finally:
+        closed = stream.close()  # a cached answer's stream closes at once
+        if inspect.isawaitable(closed):
+            await closed
 
 
 def _ladder_may_serve(request: Request, refusal: QuotaRejected) -> bool:

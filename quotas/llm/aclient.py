@@ -66,7 +66,7 @@ class AsyncQuotaClient:
         answer = raw.parse()
         if not call.stream:
             return await sync_to_async(call.served)(rung, hold, answer)
-        call.attach(hold)
+        await sync_to_async(call.attach)(hold)  # may refund the request's own reservation
         ended = sync_to_async(call.stream_ended)
         return AsyncMeteredStream(
             answer,

@@ -78,6 +78,8 @@ class LogicalCall:
         self.deadline = time.monotonic() + deadline
         self.refusals: list[RungRefused] = []
         self.hold: Hold | None = None
+        # The wrapped request's own reservation, once the requested model's rung saw it.
+        self.request_reservation: Any = None
 
     # -- the ladder ---------------------------------------------------------------------
     def first_rung(self) -> Rung:
@@ -189,6 +191,7 @@ class LogicalCall:
         reservation = reservation_of(request)
         if reservation is None or reservation.settlements or reservation.model != rung.model:
             return None
+        self.request_reservation = reservation
         return reservation
 
     def _adopt_by_id(self, rung: Rung, tokens: int, prompt: int) -> Hold:
@@ -270,10 +273,22 @@ class LogicalCall:
             self._keep(hold, cached)
 
     def attach(self, hold: Hold) -> None:
-        """Tell the quota middleware which reservation served the wrapped HTTP request."""
+        """Tell the quota middleware which reservation served the wrapped HTTP request. The
+        request's own reservation (the throttle's), when this call saw it but another one
+        served (a lower rung, after the provider refused the requested model before it was
+        sent), is refunded: the middleware settles only the one that served."""
         reservation = hold.reservation
-        if self.options.request is not None and not isinstance(reservation, str):
-            use_reservation(self.options.request, reservation)
+        request = self.options.request
+        if request is None or isinstance(reservation, str):
+            return
+        self._refund_unused(serving=reservation)
+        use_reservation(request, reservation)
+
+    def _refund_unused(self, serving: Any = None) -> None:
+        """Refund the request's own reservation when it did not serve (and is not settled)."""
+        unused = self.request_reservation
+        if unused is not None and unused is not serving and not unused.settlements:
+            services.refund(unused)
 
     def _keep(self, hold: Hold, answer: dict[str, Any]) -> None:
         if isinstance(hold.reservation, str) or not answer.get("choices"):
@@ -309,7 +324,9 @@ class LogicalCall:
             record_degraded(rung.label)
 
     def defer(self) -> Deferred:
-        """Queue the request as a job; the ``Deferred`` to raise."""
+        """Queue the request as a job (which reserves and settles when it runs: the
+        request's own reservation is refunded); the ``Deferred`` to raise."""
+        self._refund_unused()
         retry_after = self.retry_after()
         job = services.defer_job(self.options.user, self.options.provider, self.body, retry_after)
         record_degraded(DEFERRED)

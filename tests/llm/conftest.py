@@ -3,6 +3,7 @@ short deadlines and quick breakers."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,6 +12,7 @@ import openai
 import pytest
 
 from quotas import llm, services
+from quotas.engine import dispatch
 from tests.upstream_server import Upstream, running_upstream
 
 
@@ -26,6 +28,27 @@ def upstream() -> Iterator[Upstream]:
 def fresh_upstream(upstream: Upstream) -> Upstream:
     upstream.control(reset=True, mode="normal", fail_count=None, pace=0.0, answer_tokens=60)
     return upstream
+
+
+@pytest.fixture
+def queued_jobs() -> Iterator[list[tuple[str, float]]]:
+    """Deferred jobs are recorded instead of queued (the worker has its own test)."""
+    queued: list[tuple[str, float]] = []
+    saved = dispatch._senders.get(dispatch.RUN_JOB)
+    dispatch.register(
+        dispatch.RUN_JOB, lambda job_id, countdown=0: queued.append((job_id, countdown))
+    )
+    yield queued
+    if saved is not None:
+        dispatch.register(dispatch.RUN_JOB, saved)
+
+
+@pytest.fixture
+def one_request_per_model() -> Iterator[Upstream]:
+    """A fake upstream of its own serving one request per model a minute."""
+    limits = {"gpt-4o": {"rpm": 1}, "gpt-4o-mini": {"rpm": 1}}
+    with running_upstream("--rpm", "1000", "--model-limits", json.dumps(limits)) as server:
+        yield server
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from quotas import llm, services
-from quotas.engine import dispatch
 from quotas.models import DeferredJob, UsageRecord
 from tests.llm.conftest import chat, used
 from tests.upstream_server import Upstream, running_upstream
@@ -52,19 +51,6 @@ def fast(quota_config: Any) -> None:
         PROVIDER_BREAKER_RESET_SECONDS=1.5,
         PROVIDER_BACKOFF_SECONDS=0.3,
     )
-
-
-@pytest.fixture
-def queued_jobs() -> Iterator[list[tuple[str, float]]]:
-    """Deferred jobs are recorded instead of queued (the worker has its own test)."""
-    queued: list[tuple[str, float]] = []
-    saved = dispatch._senders.get(dispatch.RUN_JOB)
-    dispatch.register(
-        dispatch.RUN_JOB, lambda job_id, countdown=0: queued.append((job_id, countdown))
-    )
-    yield queued
-    if saved is not None:
-        dispatch.register(dispatch.RUN_JOB, saved)
 
 
 def ladder_plan(make_plan: Any, **fields: Any) -> Any:

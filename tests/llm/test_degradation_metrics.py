@@ -11,10 +11,9 @@ from quotas import llm
 from tests.llm import test_degradation as ladder
 from tests.llm.conftest import chat
 
-# The ladder tests' fixtures.
+# The ladder tests' fixtures (queued_jobs is in the conftest).
 limited = ladder.limited
 upstream_1rpm = ladder.upstream_1rpm
-queued_jobs = ladder.queued_jobs
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
