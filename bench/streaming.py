@@ -242,7 +242,7 @@ async def _closed_loops(ports: list[int], token: str, clients: int) -> tuple[lis
     async def client(index: int) -> None:
         await asyncio.sleep(max(origin + index * STREAM_SECONDS / clients - time.monotonic(), 0))
         while True:
-            now = time.monotonic() - origin
+            now = max(time.monotonic() - origin, 0.0)  # a timer may wake a little early
             current = next((s for s in plan if s.start <= now < s.end), None)
             if current is None:
                 return  # the plan is over: in-flight streams have been read to their end
