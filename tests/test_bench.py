@@ -45,6 +45,9 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "BENCH_LEDGER_DATABASE_URL": ledger_database_url(),
         "BENCH_CLUSTER_SECONDS": "1",
         "BENCH_STREAM_LEVELS": "4",
+        "BENCH_STREAM_ROUNDS": "1",
+        "BENCH_STREAM_WARMUP": "1",
+        "BENCH_STREAM_MEASURE": "1",
         "BENCH_E2E_SEQUENTIAL": "50",
     }
     run = subprocess.run(
@@ -92,4 +95,5 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
     assert re.search(
         r"quotas drain of a 200-record burst +[\d,]+ rows/s, [\d.]+ s, backlog 0 ", out
     )
+    assert not re.search(r"streams\), \d+ failed", out), out  # every stream was served whole
     assert not list(redis_client.scan_iter(match=f"*{prefix}*"))  # it cleaned up after itself
