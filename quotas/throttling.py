@@ -3,6 +3,10 @@
     class ChatView(APIView):
         throttle_classes = [TokenQuotaThrottle]
 
+On async DRF (``adrf``) views, ``TokenQuotaThrottle`` works as it is (adrf runs a view's
+sync throttles in the thread of its ``initial``), and ``AsyncTokenQuotaThrottle`` is its
+coroutine form, for hosts whose throttles are all async.
+
 The throttle estimates the request body (``QUOTAS["ESTIMATOR"]``; a view can give its own
 figure with ``get_token_estimate(request)``), reserves it atomically, and turns a refusal
 into the 429 / 413 responses clients expect. DRF has no hook after the response, so
@@ -13,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
 from rest_framework import exceptions, status
 from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
@@ -36,7 +42,7 @@ from quotas.http import (
     unavailable_retry_after,
 )
 
-__all__ = ["QuotaRejected", "TokenQuotaThrottle"]
+__all__ = ["AsyncTokenQuotaThrottle", "QuotaRejected", "TokenQuotaThrottle"]
 
 
 class QuotaRejected(exceptions.APIException):
@@ -118,6 +124,25 @@ class TokenQuotaThrottle(BaseThrottle):
 
     def wait(self) -> float | None:
         return self.retry_after
+
+
+class AsyncTokenQuotaThrottle(TokenQuotaThrottle):
+    """``TokenQuotaThrottle`` with a coroutine ``allow_request``, for async DRF (``adrf``)
+    views: adrf awaits it on the event loop. The routine itself reads the user and, on a
+    miss, the limits from the database and makes a blocking reserve, so it runs in a worker
+    thread (never on the event loop), whose database connection is then closed or kept as
+    ``CONN_MAX_AGE`` says."""
+
+    async def allow_request(self, request: Request, view: Any) -> bool:  # type: ignore[override]
+        return bool(
+            await sync_to_async(self._allow_in_thread, thread_sensitive=False)(request, view)
+        )
+
+    def _allow_in_thread(self, request: Request, view: Any) -> bool:
+        try:
+            return TokenQuotaThrottle.allow_request(self, request, view)
+        finally:
+            close_old_connections()
 
 
 def _body(request: Request) -> Any:
