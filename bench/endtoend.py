@@ -10,6 +10,11 @@ the load in turn, two seconds each, ``BENCH_E2E_ROUNDS`` rounds in alternating o
 on a shared machine reaches every mode within seconds. The user has a budget it cannot
 exhaust, so every answer is a 200.
 
+The sequential part (one client, one request at a time) runs on one more server process,
+with one worker, that answers every mode at a path of its own (``e2e_urls``): the modes take
+turns request by request, so enforcement's added latency is measured on the same server in
+the same run, beside what one ``PING`` and DRF's throttle add.
+
 Load: ``wrk`` when it is installed, else a Python load generator (one process per connection,
 ``http.client``), which is slower, so its figures are lower but the ratio still holds.
 
