@@ -65,20 +65,26 @@ end
 
 -- Opens a sliding window at `now`: drops the buckets that left it (amortised O(1): each
 -- bucket is dropped once, and the cursor never scans past the newest bucket charged), and
--- reads the hash's bookkeeping fields in the same call.
+-- reads the hash's bookkeeping fields in the same call, with the units of the bucket holding
+-- `at` (ms; the current bucket when nil): the one bucket the script will charge or correct,
+-- which then takes no read of its own (w.held_bucket, w.held).
 -- A bucket leaves the window when its *end* is a window old, so no unit ever stops counting
 -- before it is a full window old: window / bucket + 1 buckets are live at once.
-local function open_window(key, now, window_ms, bucket_ms)
+local function open_window(key, now, window_ms, bucket_ms, at)
   local nb = math.floor(window_ms / bucket_ms) + 1
   local cur = math.floor(now / bucket_ms)
+  local held_bucket = cur
+  if at then held_bucket = math.floor(at / bucket_ms) end
   local w = {key = key, nb = nb, bms = bucket_ms, ttl = window_ms + 2 * bucket_ms,
-             cur = cur, first = cur - nb + 1}
-  local vals = redis.call('HMGET', key, 't', 'o', 'n', 'e', 'rv')
+             cur = cur, first = cur - nb + 1, at = at, held_bucket = held_bucket}
+  local held_slot = slot(nb, held_bucket)
+  local vals = redis.call('HMGET', key, 't', 'o', 'n', 'e', 'rv', held_slot)
   local total = tonumber(vals[1]) or 0
   local oldest = tonumber(vals[2])
   w.newest = tonumber(vals[3])
   w.epoch = vals[4] or nil
   w.reserved = tonumber(vals[5]) or 0
+  w.held = tonumber(vals[6]) or 0
   w.has_cursor = oldest ~= nil
   if oldest and oldest < w.first then
     local stop = w.first - 1
@@ -88,6 +94,9 @@ local function open_window(key, now, window_ms, bucket_ms)
       if v then
         total = total - tonumber(v)
         redis.call('HDEL', key, slot(nb, b))
+        -- What was read there belonged to a bucket that left (a slot is reused only after
+        -- its bucket was dropped here): the held bucket holds nothing yet.
+        if slot(nb, b) == held_slot then w.held = 0 end
       end
     end
     if total < 0 then total = 0 end
@@ -97,17 +106,26 @@ local function open_window(key, now, window_ms, bucket_ms)
   return w
 end
 
--- Adds units to the current bucket and writes the bookkeeping (plus any `extra` field/value
--- pairs) in one HSET. The TTL is refreshed once per bucket: one set earlier in the same bucket
--- already outlives every bucket charged so far (and the hash never empties while it holds
--- units, so it cannot have been recreated without one). Returns whether this was the first
--- charge of the bucket.
+-- Adds units to the current bucket and writes it with the bookkeeping (plus any `extra`
+-- field/value pairs) in one HSET: the bucket's units were read when the window opened (the
+-- script is atomic, so nothing changed them since); a window opened for another bucket
+-- adds them with an HINCRBY of their own. The TTL is refreshed once per bucket: one set
+-- earlier in the same bucket already outlives every bucket charged so far (and the hash
+-- never empties while it holds units, so it cannot have been recreated without one).
+-- Returns whether this was the first charge of the bucket.
 local function charge(w, units, extra)
-  redis.call('HINCRBY', w.key, slot(w.nb, w.cur), units)
+  local fields = {}
+  if w.held_bucket == w.cur then
+    w.held = w.held + units
+    fields = {slot(w.nb, w.cur), w.held}
+  else
+    redis.call('HINCRBY', w.key, slot(w.nb, w.cur), units)
+  end
   w.total = w.total + units
   local first_in_bucket = not w.newest or w.newest < w.cur
   if first_in_bucket then w.newest = w.cur end
-  local fields = {'t', w.total, 'n', w.newest}
+  fields[#fields + 1], fields[#fields + 2] = 't', w.total
+  fields[#fields + 1], fields[#fields + 2] = 'n', w.newest
   if not w.has_cursor then
     fields[#fields + 1], fields[#fields + 2] = 'o', w.first
     w.has_cursor = true
@@ -145,23 +163,36 @@ end
 
 -- Applies `delta` to the bucket a reservation made at `created` was charged to, if that
 -- bucket is still in the window (a bucket already gone takes nothing). Never below zero.
--- Writes the total with the `extra` field/value pairs (one HSET). Returns the units really
+-- Writes the bucket (unless it empties: then it is deleted) and the total with the `extra`
+-- field/value pairs in one HSET, when the window was opened for that bucket (its units
+-- read then); otherwise the bucket takes an HINCRBY of its own. Returns the units really
 -- applied.
 local function correct(w, created, delta, extra)
   local bucket = math.floor(created / w.bms)
-  local fields = extra or {}
+  local fields = {}
   local applied = 0
   if delta ~= 0 and bucket >= w.first then
     local field = slot(w.nb, bucket)
-    local after = redis.call('HINCRBY', w.key, field, delta)
+    local read = bucket == w.held_bucket
+    local after
+    if read then
+      after = w.held + delta
+    else
+      after = redis.call('HINCRBY', w.key, field, delta)
+    end
     applied = delta
     if after <= 0 then  -- emptied (or below zero: an admin reset came between)
       redis.call('HDEL', w.key, field)
       applied = delta - after
+      if read then w.held = 0 end
+    elseif read then
+      w.held = after
+      fields = {field, after}
     end
     w.total = math.max(w.total + applied, 0)
-    fields = {'t', w.total, unpack(fields)}
+    fields[#fields + 1], fields[#fields + 2] = 't', w.total
   end
+  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
   if #fields > 0 then redis.call('HSET', w.key, unpack(fields)) end
   return applied
 end
@@ -183,7 +214,7 @@ local function seed_window(w, now, epoch, from, count)
   redis.call('HSET', w.key, 'e', epoch, 't', total, 'o', oldest or w.first)
   if newest then redis.call('HSET', w.key, 'n', newest) end
   redis.call('PEXPIRE', w.key, w.ttl)
-  return open_window(w.key, now, w.bms * (w.nb - 1), w.bms)
+  return open_window(w.key, now, w.bms * (w.nb - 1), w.bms, w.at)
 end
 
 -- Opens a calendar counter: the period holding `now` among the client's boundaries. A
@@ -243,7 +274,9 @@ local function seed_period(w, epoch, from, count)
 end
 
 -- Layers: the limits of one decision, parsed from ARGV (see the top of this file).
-local function read_layers(first_key, from, count, now)
+-- `at`: the moment whose bucket the script will charge or correct (nil: now; see
+-- open_window).
+local function read_layers(first_key, from, count, now, at)
   local layers = {}
   for i = 1, count do
     local a = from + (i - 1) * LAYER_ARGS
@@ -254,7 +287,7 @@ local function read_layers(first_key, from, count, now)
       w = open_period(key, now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
                       tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
     else
-      w = open_window(key, now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
+      w = open_window(key, now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), at)
     end
     w.budget, w.amount = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
     if not w.epoch and (kind == 'S' or kind == 'C') then w.epoch = '-' end
