@@ -43,6 +43,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/core/test_attempts_store.py", "tests/test_http_rejected_attempts.py"),
     ),
     Mutation(
+        "attempts: an attempt leaves the counter's 'no attempt counts after' moment as it was",
+        f"{LUA}/attempt.lua",
+        "if redis.call('HEXISTS', KEYS[2], 'ab') == 1 then",
+        "if false then",
+        ("tests/core/test_attempts_store.py",),
+    ),
+    Mutation(
         "reserve: a request that exactly fills a calendar period is refused",
         f"{LUA}/_window.lua",
         "  if w.total + w.amount <= w.budget then return 0 end",

@@ -15,6 +15,8 @@
 -- The user's primary token counter (the plan's hourly budget) also holds
 --   rv  -> tokens held by reservations not yet settled
 --   rs  -> when an admin last reset the window (ms): older usage no longer counts
+--   ab  -> no rejected attempt counts after this ms (see attempt.lua): written by a reserve
+--          that read the attempts window, kept true by every attempt while it is there
 -- Every script uses the Redis server clock (TIME) unless ARGV[1] overrides it (tests only).
 --
 -- A *layer* is one limit a request is decided against, passed in ARGV as 7 values:
@@ -81,13 +83,14 @@ local function open_window(key, now, window_ms, bucket_ms, at)
   local w = {key = key, nb = nb, bms = bucket_ms, ttl = window_ms + 2 * bucket_ms,
              cur = cur, first = cur - nb + 1, at = at, held_bucket = held_bucket}
   local held_slot = slot(nb, held_bucket)
-  local vals = redis.call('HMGET', key, 't', 'o', 'n', 'e', 'rv', held_slot)
+  local vals = redis.call('HMGET', key, 't', 'o', 'n', 'e', 'rv', 'ab', held_slot)
   local total = tonumber(vals[1]) or 0
   local oldest = tonumber(vals[2])
   w.newest = tonumber(vals[3])
   w.epoch = vals[4] or nil
   w.reserved = tonumber(vals[5]) or 0
-  w.held = tonumber(vals[6]) or 0
+  w.attempts_until = tonumber(vals[6])
+  w.held = tonumber(vals[7]) or 0
   w.has_cursor = oldest ~= nil
   if oldest and oldest < w.first then
     local stop = w.first - 1
