@@ -342,6 +342,13 @@ MUTATIONS: list[Mutation] = [
         "found = (price, True) if price else (Price('', 0, 0), False)",
     ),
     Mutation(
+        "calendar: a month opened without a charge keeps the TTL of the month before",
+        f"{LUA}/_window.lua",
+        "  w.expiring = tonumber(vals[4]) == start",
+        "  w.expiring = tonumber(vals[2]) == start",
+        ("tests/core/test_layers_store.py",),
+    ),
+    Mutation(
         "calendar: a month resets a period late (the client's period is trusted)",
         f"{LUA}/_window.lua",
         "  if now < b2 then start, stop = b1, b2 elseif now >= b3 then start, stop = b3, b4 end",

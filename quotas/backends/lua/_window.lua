@@ -9,6 +9,8 @@
 --   n   -> newest bucket index charged
 -- A *calendar* counter (a day or a month that resets at its boundary) holds
 --   t   -> total of the current period, ps -> the period's start (ms)
+--   px  -> the start of the period whose end (plus PERIOD_GRACE_MS) the key's TTL was set
+--          to: written with each PEXPIRE, so a charge in the same period sets none
 -- Both hold
 --   e   -> epoch: set when the counter is created or rebuilt from the ledger; a counter
 --          without one was never built (or Redis lost it), so the caller must seed it first
@@ -228,11 +230,14 @@ end
 local function open_period(key, now, b1, b2, b3, b4)
   local start, stop = b2, b3
   if now < b2 then start, stop = b1, b2 elseif now >= b3 then start, stop = b3, b4 end
-  local vals = redis.call('HMGET', key, 't', 'ps', 'e')
+  local vals = redis.call('HMGET', key, 't', 'ps', 'e', 'px')
   local w = {key = key, calendar = true, start = start, stop = stop, cur = start,
              epoch = vals[3] or nil, ttl = stop - now + PERIOD_GRACE_MS}
   local ps = tonumber(vals[2])
   w.total = tonumber(vals[1]) or 0
+  -- The TTL already lasts until this period's end plus the grace: TIME and key expiry run
+  -- on the same clock, so `ttl` set at any moment of the period is that same moment.
+  w.expiring = tonumber(vals[4]) == start
   if ps and ps < start then
     w.total = 0
     redis.call('HSET', key, 't', 0, 'ps', start)
@@ -243,13 +248,25 @@ local function open_period(key, now, b1, b2, b3, b4)
   return w
 end
 
-local function charge_period(w, units)
-  w.total = redis.call('HINCRBY', w.key, 't', units)
+-- Adds units to the period's total, in one HSET with the period's start on its first charge
+-- and any `extra` field/value pairs (the total was read when the counter opened: the script
+-- is atomic). The TTL is set once per period (see open_period).
+local function charge_period(w, units, extra)
+  w.total = w.total + units
+  local fields = {'t', w.total}
   if w.fresh then
-    redis.call('HSET', w.key, 'ps', w.start)
+    fields[3], fields[4] = 'ps', w.start
     w.fresh = false
   end
-  redis.call('PEXPIRE', w.key, w.ttl)
+  if not w.expiring then
+    fields[#fields + 1], fields[#fields + 2] = 'px', w.start
+  end
+  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
+  redis.call('HSET', w.key, unpack(fields))
+  if not w.expiring then
+    redis.call('PEXPIRE', w.key, w.ttl)
+    w.expiring = true
+  end
 end
 
 local function correct_period(w, created, delta, extra)
@@ -272,9 +289,9 @@ local function seed_period(w, epoch, from, count)
   for i = from, from + 2 * count - 1, 2 do
     if tonumber(ARGV[i]) == w.start then total = total + tonumber(ARGV[i + 1]) end
   end
-  redis.call('HSET', w.key, 'e', epoch, 't', total, 'ps', w.start)
+  redis.call('HSET', w.key, 'e', epoch, 't', total, 'ps', w.start, 'px', w.start)
   redis.call('PEXPIRE', w.key, w.ttl)
-  w.total, w.fresh = total, false
+  w.total, w.fresh, w.expiring = total, false, true
   w.newest = total > 0 and w.start or nil
   return w
 end
@@ -304,8 +321,7 @@ end
 
 local function layer_charge(w, units, extra)
   if w.calendar then
-    charge_period(w, units)
-    if extra and #extra > 0 then redis.call('HSET', w.key, unpack(extra)) end
+    charge_period(w, units, extra)
     return false
   end
   return charge(w, units, extra)
