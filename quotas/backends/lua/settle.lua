@@ -54,9 +54,9 @@ local function to_outbox(estimate, reserved_at, model, cost_est, team)
   -- The outbox's TTL is set when its first waiting record is written (the backlog registry
   -- then gains its entry) and refreshed by every sweep that leaves records in it (ack.lua);
   -- expire.lua sets it too. So no record expires sooner than OUTBOX_TTL_MS after the last
-  -- sweep (when every settle refreshed it: after its own settle), without a PEXPIRE per
-  -- settle. An outbox Redis dropped while the registry kept its entry is written again
-  -- without a TTL until the next sweep acknowledges it: its records then wait longer.
+  -- sweep, as when every settle refreshed it, without a PEXPIRE per settle. An outbox Redis
+  -- dropped while the registry kept its entry is written again without a TTL until the next
+  -- sweep acknowledges it: then its records wait longer, never shorter.
   if note_backlog(KEYS[5], KEYS[3], now) == 1 then
     redis.call('PEXPIRE', KEYS[3], OUTBOX_TTL_MS)
   end
