@@ -358,35 +358,6 @@ def test_a_settle_before_the_window_is_rebuilt_still_records_the_callers_figures
     ]
 
 
-WEEK_MS = 7 * 24 * 3600 * 1000
-
-
-def test_the_outbox_lives_a_week_from_its_first_record_and_from_each_sweep(store: Any) -> None:
-    """Real time (PEXPIRE counts in it). A settle sets the outbox's TTL only for its first
-    waiting record; a sweep that leaves records restarts it: none expires sooner than a
-    week after the last sweep."""
-    outbox = store.keys("u")[4]
-    for rid in "abcd":
-        reserve(store, 100, None, rid=rid)
-    settle(store, "a", 50, None)
-    assert store.client.pttl(outbox) > WEEK_MS - 60_000
-    store.client.pexpire(outbox, 60_000)  # as if the week were nearly over
-    settle(store, "b", 50, None)
-    store.ack_outbox("u", ["a"])  # the sweep: "b" still waits
-    assert store.client.pttl(outbox) > WEEK_MS - 60_000
-    store.ack_outbox("u", ["b"])
-    assert not store.client.exists(outbox)
-    settle(store, "c", 50, None)
-    assert store.client.pttl(outbox) > WEEK_MS - 60_000
-    # Redis dropped the outbox while the registry kept its entry: the next record waits
-    # without a TTL until the sweep acknowledges the outbox, which gives it one.
-    store.client.delete(outbox)
-    settle(store, "d", 50, None)
-    store.ack_outbox("u", [])
-    assert store.client.pttl(outbox) > WEEK_MS - 60_000
-    assert [e.reservation_id for e in store.outbox("u")] == ["d"]
-
-
 def test_a_lost_window_is_seeded_from_the_caller(store: Any) -> None:
     spec = store.spec
     seed = [(spec.bucket_of(T0 - 7_000), 999), (spec.bucket_of(T0 - 1_000), 700)]

@@ -50,9 +50,6 @@
 --                 then finds nothing due there and corrects it).
 -- The registries have no TTL: their entries leave when the sweep finds their keys empty,
 -- and an entry whose key expired costs the sweep one look.
--- An outbox's TTL (OUTBOX_TTL_MS) is set when the backlog registry gains its entry (its first
--- waiting record) and refreshed by each sweep that leaves records in it (ack.lua) and by
--- expire.lua: no record expires sooner than OUTBOX_TTL_MS after the last sweep.
 
 -- An outbox record waits at most this long for its ledger row (a week without a sweep).
 local OUTBOX_TTL_MS = 7 * 24 * 3600 * 1000
@@ -378,9 +375,8 @@ local function parse_pending(rec)
 end
 
 -- The outbox `outbox` has a record waiting since `now` (unless an older one already waits).
--- Returns 1 when the registry had no entry for it (its first waiting record), else 0.
 local function note_backlog(registry, outbox, now)
-  return redis.call('ZADD', registry, 'NX', now, outbox)
+  redis.call('ZADD', registry, 'NX', now, outbox)
 end
 
 -- Records the earliest deadline left in the pending zset `pending` (or that it has none).

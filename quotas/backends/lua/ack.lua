@@ -1,8 +1,7 @@
 -- ack: forget outbox records whose ledger rows are written, and keep the backlog registry
 -- true: the outbox leaves it once empty; otherwise its score becomes the time its oldest
 -- remaining record has waited since (read from the records, when there are at most 1000 of
--- them: a larger outbox is a backlog anyway, and keeps the older score it has), and restart
--- the TTL of an outbox that still holds records.
+-- them: a larger outbox is a backlog anyway, and keeps the older score it has).
 -- KEYS[1] outbox hash, KEYS[2] backlog registry (see _window.lua). ARGV[1] now ms override or
 -- "", ARGV[2..] reservation ids. Returns the records left in the outbox.
 local now = clock(ARGV[1])
@@ -14,9 +13,6 @@ if left == 0 then
   redis.call('ZREM', KEYS[2], KEYS[1])
   return 0
 end
--- Records still wait: their TTL restarts (a settle sets it only for an outbox's first
--- waiting record, see settle.lua), so none expires sooner than OUTBOX_TTL_MS after a sweep.
-redis.call('PEXPIRE', KEYS[1], OUTBOX_TTL_MS)
 if left > 1000 then
   note_backlog(KEYS[2], KEYS[1], now)
   return left

@@ -51,15 +51,8 @@ local function to_outbox(estimate, reserved_at, model, cost_est, team)
   if model == '' then model = ARGV[11] end
   redis.call('HSET', KEYS[3], rid, table.concat({'s2', estimate, actual, reserved_at, now,
              ARGV[7], ARGV[8], ARGV[6], cost_est, actual_cost, team, model}, ':'))
-  -- The outbox's TTL is set when its first waiting record is written (the backlog registry
-  -- then gains its entry) and refreshed by every sweep that leaves records in it (ack.lua);
-  -- expire.lua sets it too. So no record expires sooner than OUTBOX_TTL_MS after the last
-  -- sweep, as when every settle refreshed it, without a PEXPIRE per settle. An outbox Redis
-  -- dropped while the registry kept its entry is written again without a TTL until the next
-  -- sweep acknowledges it: then its records wait longer, never shorter.
-  if note_backlog(KEYS[5], KEYS[3], now) == 1 then
-    redis.call('PEXPIRE', KEYS[3], OUTBOX_TTL_MS)
-  end
+  redis.call('PEXPIRE', KEYS[3], OUTBOX_TTL_MS)
+  note_backlog(KEYS[5], KEYS[3], now)
 end
 
 local function result(status, applied, estimate, created, model, cost_est, team)
