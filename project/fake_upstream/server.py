@@ -13,7 +13,8 @@ deterministic fake model, behind rate limits of its own, as a real provider beha
   answers 500 (``"fail_status"``), ``{"mode": "hang"}`` holds each request
   ``"hang_seconds"`` (default 3600) before closing it unanswered, ``{"mode": "normal"}``;
   ``"fail_count": n`` fails only the next n requests, ``"retry_after_ms"`` adds that header to
-the failures; ``"pace"``, ``"answer_tokens"`` and
+the failures; ``"pace"``, ``"first_byte_seconds"`` (a wait before a stream's first byte, as a
+  model thinks), ``"answer_tokens"`` and
   ``"reset": true`` (new windows, zero counters) too. ``GET /_stats`` counts what happened
   (the chat requests by client too: ``agent:AsyncOpenAI``, the product of their
   ``User-Agent``).
@@ -57,6 +58,7 @@ class FakeUpstream(ThreadingHTTPServer):
             "retry_after_ms": None,
             "hang_seconds": 3600.0,
             "pace": 0.0,
+            "first_byte_seconds": 0.0,
             "answer_tokens": 60,
         }
         self.mode.update(mode)
@@ -158,6 +160,9 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, _completion(answer), headers)
 
     def _stream(self, body: dict[str, Any], answer: Any, headers: dict[str, str]) -> None:
+        first_byte = float(self.server.mode["first_byte_seconds"])
+        if first_byte:
+            time.sleep(first_byte)
         self.send_response(200)
         for name, value in {**headers, "Content-Type": "text/event-stream"}.items():
             self.send_header(name, value)

@@ -39,6 +39,7 @@ __all__ = [
     "forward",
     "may_degrade",
     "open_async_stream",
+    "open_stream_on_loop",
 ]
 
 DEGRADE_HEADER = "X-Quota-Degrade"
@@ -124,10 +125,12 @@ def open_async_stream(request: Any, body: dict[str, Any]) -> Any:
     request's own loop (asgiref hands it to the loop that called the view), where the stream
     is read afterwards.
     """
-    return async_to_sync(_open_async_stream)(request, body)
+    return async_to_sync(open_stream_on_loop)(request, body)
 
 
-async def _open_async_stream(request: Any, body: dict[str, Any]) -> Any:
+async def open_stream_on_loop(request: Any, body: dict[str, Any]) -> Any:
+    """``open_async_stream``'s coroutine, for a caller already on the request's event loop
+    (the demo's pool wrapper, ``project.gateway.threads``: no thread waits for the opening)."""
     provider = _provider()
     client = llm.wrap(
         async_client_for_provider(provider),

@@ -38,7 +38,14 @@ from rest_framework.views import APIView
 from project.gateway import fake_model
 from project.gateway.openapi import CHAT_RESPONSES
 from project.gateway.serializers import ChatCompletionRequestSerializer, first_error
-from project.gateway.upstream import RUNG_HEADER, forward, may_degrade, open_async_stream
+from project.gateway.threads import OPENS_ON_LOOP, OpenOnLoop
+from project.gateway.upstream import (
+    RUNG_HEADER,
+    forward,
+    may_degrade,
+    open_async_stream,
+    open_stream_on_loop,
+)
 from quotas.api.schema import documented
 from quotas.conf import quota_settings
 from quotas.core.bounds import MAX_JSON_DEPTH, InvalidRequest, check_depth
@@ -132,10 +139,19 @@ class ChatCompletionsView(APIView):
         # Under ASGI a stream is forwarded with the async client and read on the event loop
         # (no thread per stream); everything else with the sync client, in this thread.
         on_loop = bool(self.chat.get("stream")) and isinstance(request._request, ASGIRequest)
-        if on_loop:
-            answer = open_async_stream(request, dict(request.data))
-        else:
-            answer = forward(request, dict(request.data))
+        body = dict(request.data)
+        if on_loop and getattr(request._request, OPENS_ON_LOOP, False):
+            # In the pool: the opening is left to the wrapper, on the event loop, so this
+            # thread does not wait for the upstream's first answer.
+            async def finish() -> HttpResponseBase:
+                return self.upstream_response(await open_stream_on_loop(request, body), True)
+
+            return OpenOnLoop(finish)
+        answer = open_async_stream(request, body) if on_loop else forward(request, body)
+        return self.upstream_response(answer, on_loop)
+
+    def upstream_response(self, answer: Any, on_loop: bool) -> Any:
+        """The HTTP answer of what the upstream call gave (``on_loop``: an async stream)."""
         if isinstance(answer, HttpResponseBase):  # refused, deferred, or an upstream error
             return answer
         rung = getattr(answer, "quota_rung", "preferred")

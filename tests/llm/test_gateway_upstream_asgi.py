@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -39,8 +40,7 @@ def gateway(prefix: str, upstream: Upstream, **env: str) -> Any:
         prefix,
         GATEWAY_UPSTREAM_URL=upstream.url,
         GATEWAY_UPSTREAM_PROVIDER=f"asgi-{uuid.uuid4().hex[:8]}",
-        GATEWAY_SYNC_THREADS="2",
-        **env,
+        **{"GATEWAY_SYNC_THREADS": "2", **env},
     )
 
 
@@ -227,3 +227,22 @@ def test_an_upstream_error_is_answered_and_refunded(isolated_quotas, fresh_upstr
     assert fresh_upstream.stats()["agent:AsyncOpenAI"] == 1
     budget = settled(user)
     assert (budget["used"], budget["reserved"]) == (0, 0)
+
+
+def test_openings_do_not_queue_for_the_pools_threads(isolated_quotas, fresh_upstream, user):
+    """The upstream takes 0.6 s to its first byte (a model thinking): with one pool thread,
+    four streams opened at once all start within about that time, since the opening is
+    awaited on the event loop, not in the pool's thread (which would serve them one after
+    the other: the fourth first byte after 2.4 s)."""
+    fresh_upstream.control(pace=0.01, answer_tokens=20)
+    token = Token.objects.create(user=user).key
+    with gateway(isolated_quotas, fresh_upstream, GATEWAY_SYNC_THREADS="1") as port:
+        assert stream(port, token, chat(stream=True, max_tokens=40))["done"]  # warm
+        fresh_upstream.control(first_byte_seconds=0.6)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            body = chat(stream=True, max_tokens=40)
+            results = list(pool.map(lambda _: stream(port, token, body), range(4)))
+    assert all(r["status"] == 200 and r["done"] for r in results)
+    firsts = sorted(r["first"] for r in results)
+    assert firsts[0] >= 0.6  # each waited for the upstream's first byte ...
+    assert firsts[-1] < 1.8, firsts  # ... at the same time, not one after the other
