@@ -102,7 +102,7 @@ QUOTAS = {
     "FAILURE_POLICY": os.environ.get("QUOTAS_FAILURE_POLICY", "open"),
     "LEDGER_BATCH_SECONDS": float(os.environ.get("QUOTAS_LEDGER_BATCH_SECONDS", "0.05")),
     "SETTLE_BATCH_SECONDS": float(os.environ.get("QUOTAS_SETTLE_BATCH_SECONDS", "0")),
-    "SETTLE_AFTER_RESPONSE": os.environ.get("QUOTAS_SETTLE_AFTER_RESPONSE", "1") != "0",
+    "SETTLE_AFTER_RESPONSE": os.environ.get("QUOTAS_SETTLE_AFTER_RESPONSE", "0") == "1",
     # The provider side (quotas.llm, used when the gateway forwards to an upstream).
     "LLM_CLIENT_FACTORY": "project.gateway.upstream.client_for_provider",
     # GET /metrics: staff users, or this bearer token (unset: staff only).

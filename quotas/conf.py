@@ -71,11 +71,12 @@ DEFAULTS: dict[str, Any] = {
     # QuotaMiddleware settles in the request (0), or hands its settles to a per-process batch
     # sent every this many seconds, one Redis round trip per batch (see the README).
     "SETTLE_BATCH_SECONDS": 0,
-    # With SETTLE_BATCH_SECONDS 0, QuotaMiddleware settles a response that is not a stream
-    # once it has been sent (Django closes it), so the client never waits for the settle's
-    # round trip; False: before it is sent. A reservation holding a concurrent-request slot
-    # always settles before (the client's next request must find the slot free).
-    "SETTLE_AFTER_RESPONSE": True,
+    # With SETTLE_BATCH_SECONDS 0: True makes QuotaMiddleware settle a response that is not a
+    # stream under WSGI once it has been sent (Django closes it), so the client never waits
+    # for the settle's round trip; False (the default): before it is sent. A reservation
+    # holding a concurrent-request slot always settles before (the client's next request
+    # must find the slot free).
+    "SETTLE_AFTER_RESPONSE": False,
     # A ledger record waiting longer than this in Redis (no Celery worker or beat writes the
     # ledger) makes GET /quotas/health/ "degraded" and each process log a warning ...
     "LEDGER_BACKLOG_WARN_SECONDS": 60,

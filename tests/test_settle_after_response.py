@@ -14,6 +14,7 @@ from django.http.response import HttpResponseBase
 from rest_framework.test import APIClient
 
 from quotas import checks, services
+from quotas.conf import DEFAULTS
 from quotas.models import ModelPrice, PlanLimit
 
 from .test_enforcement_http import BODY, ESTIMATE
@@ -53,7 +54,16 @@ def remaining_at_close(seen: Seen, user: Any) -> Seen:
     return seen
 
 
-def test_the_settle_runs_once_the_response_is_sent(make_plan, make_user, at_close_list):
+@pytest.fixture
+def after(quota_config: Any) -> None:
+    quota_config(SETTLE_AFTER_RESPONSE=True)
+
+
+def test_off_by_default():
+    assert DEFAULTS["SETTLE_AFTER_RESPONSE"] is False
+
+
+def test_the_settle_runs_once_the_response_is_sent(make_plan, make_user, at_close_list, after):
     user = make_user(plan=make_plan(tokens_per_hour=1000, max_tokens_per_request=600))
     seen = remaining_at_close(at_close_list, user)
     response = client_of(user).post("/completion/", BODY, format="json")
@@ -65,7 +75,7 @@ def test_the_settle_runs_once_the_response_is_sent(make_plan, make_user, at_clos
     assert response["RateLimit"].startswith('"tokens-hour";r=960;t=')
 
 
-def test_a_failed_request_is_refunded_once_sent(make_plan, make_user, at_close_list):
+def test_a_failed_request_is_refunded_once_sent(make_plan, make_user, at_close_list, after):
     user = make_user(plan=make_plan(tokens_per_hour=1000, max_tokens_per_request=600))
     seen = remaining_at_close(at_close_list, user)
     response = client_of(user).post("/failing/", BODY, format="json")
@@ -85,7 +95,7 @@ def test_off_settles_before_the_response_is_sent(make_plan, make_user, at_close_
 
 
 def test_a_request_holding_a_concurrency_slot_settles_before_it_is_sent(
-    make_plan, make_user, at_close_list
+    make_plan, make_user, at_close_list, after
 ):
     # The client's next request must find the slot free.
     plan = make_plan(tokens_per_hour=1000, max_tokens_per_request=600, max_concurrent_requests=1)
