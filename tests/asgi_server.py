@@ -4,12 +4,13 @@ serving ``tests.asgi_lag`` (the demo's ASGI app plus a loop-lag sampler)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -18,7 +19,21 @@ from django.conf import settings
 
 from tests.gateway_server import _stop, _wait_until_ready, server_env
 
-__all__ = ["running_asgi_gateway"]
+__all__ = ["chunked_lines", "running_asgi_gateway"]
+
+
+async def chunked_lines(reader: asyncio.StreamReader) -> AsyncIterator[str]:
+    """The lines of a chunked body (``Transfer-Encoding: chunked``), as they arrive."""
+    pending = b""
+    while True:
+        size = int((await asyncio.wait_for(reader.readline(), 60)).strip() or b"0", 16)
+        if size == 0:
+            break
+        pending += await reader.readexactly(size + 2)
+        pending = pending[:-2] if pending.endswith(b"\r\n") else pending
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.decode()
 
 
 @contextmanager

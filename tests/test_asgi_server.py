@@ -21,7 +21,7 @@ from rest_framework.authtoken.models import Token
 from project.devtools.redis_server import start_private_redis
 from quotas import services
 from quotas.models import UsageRecord
-from tests.asgi_server import running_asgi_gateway
+from tests.asgi_server import chunked_lines, running_asgi_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -77,7 +77,7 @@ async def stream(port: int, token: str, *, hang_up_after: int | None = None) -> 
         result["status"] = int((await asyncio.wait_for(reader.readline(), 60)).split()[1])
         while (await reader.readline()).strip():  # the headers
             pass
-        async for line in _lines(reader):
+        async for line in chunked_lines(reader):
             if result["first"] is None:
                 result["first"] = time.monotonic() - start
             _note(result, line)
@@ -87,20 +87,6 @@ async def stream(port: int, token: str, *, hang_up_after: int | None = None) -> 
         writer.close()
     result["total"] = time.monotonic() - start
     return result
-
-
-async def _lines(reader: asyncio.StreamReader) -> Any:
-    """The lines of a chunked body (``Transfer-Encoding: chunked``)."""
-    pending = b""
-    while True:
-        size = int((await asyncio.wait_for(reader.readline(), 60)).strip() or b"0", 16)
-        if size == 0:
-            break
-        pending += await reader.readexactly(size + 2)
-        pending = pending[:-2] if pending.endswith(b"\r\n") else pending
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line.decode()
 
 
 def _note(result: dict[str, Any], line: str) -> None:

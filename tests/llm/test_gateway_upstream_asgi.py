@@ -19,7 +19,7 @@ from rest_framework.authtoken.models import Token
 
 from quotas import services
 from quotas.models import UsageRecord
-from tests.asgi_server import running_asgi_gateway
+from tests.asgi_server import chunked_lines, running_asgi_gateway
 from tests.llm.conftest import chat
 from tests.upstream_server import Upstream
 
@@ -74,7 +74,9 @@ def stream(
             if result["headers"].get("transfer-encoding") != "chunked":
                 result["body"] = json.loads(await reader.read())
                 return result
-            async for event in _lines(reader):
+            async for event in chunked_lines(reader):
+                if not event.strip():
+                    continue
                 if result["first"] is None:
                     result["first"] = time.monotonic() - start
                 if event == "data: [DONE]":
@@ -90,21 +92,6 @@ def stream(
         return result
 
     return asyncio.run(run())
-
-
-async def _lines(reader: asyncio.StreamReader) -> Any:
-    """The non-empty lines of a chunked body."""
-    pending = b""
-    while True:
-        size = int((await asyncio.wait_for(reader.readline(), 60)).strip() or b"0", 16)
-        if size == 0:
-            break
-        pending += await reader.readexactly(size + 2)
-        pending = pending[:-2] if pending.endswith(b"\r\n") else pending
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.strip():
-                yield line.decode()
 
 
 def _content(chunk: dict[str, Any]) -> str:
