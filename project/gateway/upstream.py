@@ -93,16 +93,8 @@ def async_client_for_provider(provider: str) -> openai.AsyncOpenAI:
 def forward(request: Any, body: dict[str, Any]) -> Any:
     """Call the upstream for ``request`` (a DRF request) with the sync client; the answer
     object or stream, or an HTTP response for every other outcome."""
-    provider = _provider()
-    client = llm.wrap(
-        client_for_provider(provider),
-        request=request,
-        provider=provider,
-        degrade=may_degrade(request),
-    )
-    arguments, extra = _sdk_arguments(body)
     try:
-        return client.chat.completions.create(**arguments, extra_body=extra or None)
+        return _create(client_for_provider, request, body)
     except Exception as exc:
         answer = refusal_response(exc)
         if answer is None:
@@ -131,16 +123,8 @@ def open_async_stream(request: Any, body: dict[str, Any]) -> Any:
 async def open_stream_on_loop(request: Any, body: dict[str, Any]) -> Any:
     """``open_async_stream``'s coroutine, for a caller already on the request's event loop
     (the demo's pool wrapper, ``project.gateway.threads``: no thread waits for the opening)."""
-    provider = _provider()
-    client = llm.wrap(
-        async_client_for_provider(provider),
-        request=request,
-        provider=provider,
-        degrade=may_degrade(request),
-    )
-    arguments, extra = _sdk_arguments(body)
     try:
-        return await client.chat.completions.create(**arguments, extra_body=extra or None)
+        return await _create(async_client_for_provider, request, body)
     except Exception as exc:
         answer = refusal_response(exc)
         if answer is None:
@@ -148,8 +132,15 @@ async def open_stream_on_loop(request: Any, body: dict[str, Any]) -> Any:
         return answer
 
 
-def _provider() -> str:
-    return str(settings.GATEWAY.get("UPSTREAM_PROVIDER") or "upstream")
+def _create(client_for: Any, request: Any, body: dict[str, Any]) -> Any:
+    """``chat.completions.create`` on the quota-aware wrap of ``client_for(provider)``, the
+    sync client or the async one (whose call is then awaited)."""
+    provider = str(settings.GATEWAY.get("UPSTREAM_PROVIDER") or "upstream")
+    client = llm.wrap(
+        client_for(provider), request=request, provider=provider, degrade=may_degrade(request)
+    )
+    arguments, extra = _sdk_arguments(body)
+    return client.chat.completions.create(**arguments, extra_body=extra or None)
 
 
 def _sdk_arguments(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
