@@ -167,13 +167,12 @@ class LocalWindows:
                 return LocalVerdict(-1, used, allowed, 0, in_flight, slots)
             for count, limit, amount in zip(counts, limits, amounts, strict=True):
                 count.add(limit, now_ms, amount)
-            charge = _Charge(tuple(keys), tuple(limits), now_ms)
+            scope, until = "", 0
             if concurrency is not None:
-                charge = _Charge(
-                    charge.keys, charge.limits, now_ms, concurrency.scope,
-                    now_ms + concurrency.ttl_ms,
-                )  # fmt: skip
-            self._remember(reservation_id, charge)
+                scope, until = concurrency.scope, now_ms + concurrency.ttl_ms
+            self._remember(
+                reservation_id, _Charge(tuple(keys), tuple(limits), now_ms, scope, until)
+            )
         return LocalVerdict(0, used, allowed, 0, in_flight, slots)
 
     def _in_flight(self, scope: str, now_ms: int) -> int:
