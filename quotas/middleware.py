@@ -181,17 +181,17 @@ class QuotaMiddleware:
         else:
             usage = {"total_tokens": 0} if failed else _usage_of(response)
             status = "refunded" if failed else "settled"
-            if quota_settings.SETTLE_BATCH_SECONDS > 0:
-                charged = services.settle_later(reservation, status=status, **usage)
-                # As of the reserve, plus this request's own settle (Redis gets it shortly).
-                settled = None
-                if state is not None:
-                    settled = _corrected(state, reservation.estimated_tokens - charged)
-            elif not self.async_mode and _after_response(reservation, response):
+            batched = quota_settings.SETTLE_BATCH_SECONDS > 0
+            if batched or (not self.async_mode and _after_response(reservation, response)):
+                # Not sent yet: the headers tell the budget as of the reserve, plus this
+                # request's own settle (Redis gets it from the batch, or once sent).
                 tokens, cost = services.settle_charges(reservation, **usage)
-                response._resource_closers.append(  # type: ignore[attr-defined]
-                    partial(_settle_sent, reservation, status, usage)
-                )
+                if batched:
+                    services.settle_later(reservation, status=status, **usage)
+                else:
+                    response._resource_closers.append(  # type: ignore[attr-defined]
+                        partial(_settle_sent, reservation, status, usage)
+                    )
                 settled = None
                 if state is not None:
                     settled = _corrected(

@@ -4,6 +4,7 @@ to Redis in one pipelined round trip, instead of settling in the request. Real R
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from typing import Any
 from unittest import mock
 
@@ -13,7 +14,7 @@ from rest_framework.test import APIClient
 from quotas import services
 from quotas.backends import scripts as redis_backend
 from quotas.engine import settlement
-from quotas.models import UsageRecord
+from quotas.models import ModelPrice, PlanLimit, UsageRecord
 
 from .test_enforcement_http import BODY, ESTIMATE
 
@@ -112,6 +113,23 @@ def test_a_settle_sent_twice_changes_nothing(client, user, on_commit):
         assert services.flush_settle_batch() == 2
     assert used(client) == 40
     assert UsageRecord.objects.filter(user=user).count() == 1
+
+
+def test_cost_limits_are_told_after_the_real_cost_too(user, make_plan, make_user, on_commit):
+    """A settle still in the batch: the headers count the request's real cost, not its
+    estimate's (as a settle in the request does); ``user`` turns the batch on."""
+    ModelPrice.objects.create(
+        model="gpt-4*", input_per_million=Decimal("30"), output_per_million=Decimal("60")
+    )
+    plan = make_plan(tokens_per_hour=1000, max_tokens_per_request=600)
+    PlanLimit.objects.create(plan=plan, metric="cost", period="month", budget=1_000_000)
+    api = APIClient()
+    api.force_authenticate(make_user(plan=plan))
+    response = post(api, "/completion/")
+    # 11 prompt and 29 completion tokens (the view's usage) at $30 / $60 per million.
+    assert f"r={1_000_000 - (11 * 30 + 29 * 60)};" in response["RateLimit"]
+    with on_commit(execute=True):
+        assert services.flush_settle_batch() == 1
 
 
 def test_the_setting_is_checked(quota_config):
