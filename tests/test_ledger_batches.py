@@ -6,6 +6,8 @@ is on, as it is by default."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Sum
 
@@ -198,6 +201,63 @@ def test_a_failing_send_is_logged_not_raised(caplog):
     batcher.add({"n": 1})  # full at once: sent (and failed) in the caller's thread
     assert "quotas-ledger-batch could not send 1 records" in caplog.text
     assert len(batcher) == 0
+
+
+# A process whose batch thread is sending when the process exits: the exit hook must wait
+# for that batch (the thread is a daemon, stopped where it stands once the hooks have run).
+EXIT_WHILE_SENDING = """
+import sys, threading, time
+from quotas.engine.batching import Batcher
+
+out = open(sys.argv[1], "a")
+sending = threading.Event()
+
+def send(batch):
+    if threading.current_thread().name == "quotas-ledger-batch":
+        sending.set()
+        time.sleep(0.5)  # a slow database: still sending when the main thread ends
+    out.write(repr([p["n"] for p in batch]) + "\\n")
+    out.flush()
+
+batcher = Batcher(send, interval=lambda: 0.01, size=lambda: 100)
+batcher.add({"n": 1})
+assert sending.wait(10)
+batcher.add({"n": 2})  # left for the exit hook
+"""
+
+
+def test_the_exit_hook_waits_for_the_batch_the_thread_is_sending(tmp_path):
+    sent = tmp_path / "sent"
+    subprocess.run(
+        [sys.executable, "-c", EXIT_WHILE_SENDING, str(sent)],
+        cwd=settings.BASE_DIR,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings"},
+        check=True,
+        timeout=60,
+    )
+    assert sent.read_text().splitlines() == ["[1]", "[2]"]
+
+
+def test_the_exit_hook_waits_for_a_stuck_send_only_so_long(caplog):
+    release = threading.Event()
+    batches, _arrived, collect = collector()
+
+    def send(batch: list[Any]) -> None:
+        release.wait(10)
+        collect(batch)
+
+    batcher = Batcher(send, interval=lambda: 3600, size=lambda: 1)
+    stuck = threading.Thread(target=batcher.add, args=({"n": 1},))  # full: sent by this thread
+    stuck.start()
+    while not batcher._sending:
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert batcher.flush_at_exit(timeout=0.2) == 0
+    assert 0.2 <= time.monotonic() - started < 5
+    assert "quotas-ledger-batch still sending a batch after 0.2 s at exit" in caplog.text
+    release.set()
+    stuck.join()
+    assert batches == [[1]]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

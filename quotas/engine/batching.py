@@ -10,9 +10,12 @@ the cost of one task per batch rather than one per request.
 
 One daemon thread per process and kind sends the batch every ``LEDGER_BATCH_SECONDS`` (or
 ``SETTLE_BATCH_SECONDS``); a batch of ``LEDGER_BATCH_SIZE`` is sent at once by the thread
-that filled it; what is left at exit is sent by an ``atexit`` hook. The thread is started on
-first use in each process, so a forking server (gunicorn, Celery's prefork pool) gets one
-per worker.
+that filled it; what is left at exit is sent by an ``atexit`` hook, which first waits (up to
+``EXIT_WAIT_SECONDS``) for a batch another thread is still sending: the background thread is
+a daemon, stopped where it stands once the hooks have run, so a batch it had taken but not
+yet sent would otherwise be lost (records made without Redis have no outbox copy). The
+thread is started on first use in each process, so a forking server (gunicorn, Celery's
+prefork pool) gets one per worker.
 """
 
 from __future__ import annotations
@@ -27,11 +30,15 @@ from typing import Generic, TypeVar
 
 from django.db import close_old_connections
 
-__all__ = ["Batcher", "batch_interval"]
+__all__ = ["EXIT_WAIT_SECONDS", "Batcher", "batch_interval"]
 
 logger = logging.getLogger("quotas")
 
 Payload = TypeVar("Payload")
+
+# How long the exit hook waits for a batch another thread is sending (a server's graceful
+# timeout, 30 s in gunicorn by default, bounds the whole exit).
+EXIT_WAIT_SECONDS = 5.0
 
 
 class Batcher(Generic[Payload]):
@@ -50,9 +57,11 @@ class Batcher(Generic[Payload]):
         self._size = size
         self._name = name
         self._lock = threading.Lock()
+        self._sent = threading.Condition(self._lock)  # notified when a send ends
+        self._sending = 0  # batches taken and not yet sent
         self._pending: list[Payload] = []
         self._started = False
-        atexit.register(self.flush)
+        atexit.register(self.flush_at_exit)
         # A forked child starts empty (the parent's records are the parent's), with a fresh
         # lock (another thread may have held it at the fork), and starts its own thread.
         os.register_at_fork(after_in_child=self._after_fork)
@@ -69,14 +78,32 @@ class Batcher(Generic[Payload]):
         """Send what is waiting now (in the caller's thread); returns how many were sent."""
         with self._lock:
             batch, self._pending = self._pending, []
-        if batch:
-            try:
-                self._send(batch)
-            except Exception:
-                # Ledger records: the outbox still has them for the sweep. Settles: their
-                # reservations expire at RESERVATION_TTL_SECONDS, charged at the estimate.
-                logger.exception("quotas: %s could not send %d records", self._name, len(batch))
+            if not batch:
+                return 0
+            self._sending += 1
+        try:
+            self._send(batch)
+        except Exception:
+            # Ledger records: the outbox still has them for the sweep. Settles: their
+            # reservations expire at RESERVATION_TTL_SECONDS, charged at the estimate.
+            logger.exception("quotas: %s could not send %d records", self._name, len(batch))
+        finally:
+            with self._lock:
+                self._sending -= 1
+                self._sent.notify_all()
         return len(batch)
+
+    def flush_at_exit(self, timeout: float = EXIT_WAIT_SECONDS) -> int:
+        """Wait for the batches other threads are sending (up to ``timeout`` seconds), then
+        send what is waiting; returns how many this call sent. The ``atexit`` hook."""
+        with self._lock:
+            if not self._sent.wait_for(lambda: self._sending == 0, timeout):
+                logger.error(
+                    "quotas: %s still sending a batch after %.1f s at exit",
+                    self._name,
+                    timeout,
+                )
+        return self.flush()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -88,6 +115,8 @@ class Batcher(Generic[Payload]):
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
+        self._sent = threading.Condition(self._lock)
+        self._sending = 0  # the parent's sends are the parent's
         self._pending = []
         self._started = False
 
