@@ -11,6 +11,9 @@ limit):
 - process CPU: the server's ``used_cpu_user + used_cpu_sys`` per request, the scripts plus
   reading requests and writing replies: what sizes a Redis for a traffic.
 
+Also the commands the scripts run per request (``redis.call``, from the same statistics):
+on a host where each costs a few microseconds, what the script time mostly is.
+
 Ledger records go to a sender that drops them (``quotas.engine.dispatch``), so the broker is
 not part of the figure. Run alone: ``python bench/redis_cost.py``.
 """
@@ -95,16 +98,26 @@ def quotas_on(url: str) -> Iterator[None]:
         common.reset_quota_runtime()
 
 
-def server_figures(client: Any) -> tuple[int, float]:
-    """(script microseconds so far, server CPU seconds so far)."""
+SCRIPT_COMMANDS = ("cmdstat_evalsha", "cmdstat_eval")
+
+
+def server_figures(client: Any) -> tuple[int, float, int]:
+    """(script microseconds so far, server CPU seconds so far, commands run by scripts so
+    far: every command but the script calls and the bench's own ``INFO``)."""
     stats = client.info("commandstats")
-    usec = sum(stats.get(name, {}).get("usec", 0) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+    usec = sum(stats.get(name, {}).get("usec", 0) for name in SCRIPT_COMMANDS)
+    calls = sum(
+        figures.get("calls", 0)
+        for name, figures in stats.items()
+        if name not in SCRIPT_COMMANDS and name != "cmdstat_info"
+    )
     cpu = client.info("cpu")
-    return usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), calls
 
 
-def measure(url: str, user: Any, model: str, requests: int) -> tuple[float, float]:
-    """Script microseconds and server CPU microseconds per request (reserve + settle)."""
+def measure(url: str, user: Any, model: str, requests: int) -> tuple[float, float, float]:
+    """Script microseconds, server CPU microseconds and commands run by the scripts, per
+    request (reserve + settle)."""
     import redis
 
     from quotas import services
@@ -112,11 +125,15 @@ def measure(url: str, user: Any, model: str, requests: int) -> tuple[float, floa
     client = redis.Redis.from_url(url)
     for _ in range(50):  # counters built, limits cached, scripts loaded
         services.settle(services.reserve(user, 500, model=model), total_tokens=400)
-    usec_before, cpu_before = server_figures(client)
+    usec_before, cpu_before, calls_before = server_figures(client)
     for _ in range(requests):
         services.settle(services.reserve(user, 500, model=model), total_tokens=400)
-    usec_after, cpu_after = server_figures(client)
-    return (usec_after - usec_before) / requests, (cpu_after - cpu_before) * 1e6 / requests
+    usec_after, cpu_after, calls_after = server_figures(client)
+    return (
+        (usec_after - usec_before) / requests,
+        (cpu_after - cpu_before) * 1e6 / requests,
+        (calls_after - calls_before) / requests,
+    )
 
 
 def run() -> list[Row]:
@@ -128,7 +145,7 @@ def run() -> list[Row]:
                 user = common.make_user(f"redis-cost-{count}", 10**13)
                 common.make_limits(user, count, f"redis-cost-{count}")
                 model = f"{common.PREFIX}-redis-cost-{count}"
-                script_us, cpu_us = measure(url, user, model, REQUESTS)
+                script_us, cpu_us, calls = measure(url, user, model, REQUESTS)
                 label = "limit" if count == 1 else "limits"
                 rows += [
                     Row(
@@ -145,6 +162,7 @@ def run() -> list[Row]:
                         f"{cpu_us:.1f} us",
                         f"{1e6 / cpu_us:,.0f}/s",
                     ),
+                    Row(SECTION, f"script commands per request ({count} {label})", f"{calls:.1f}"),
                 ]
             return rows
     except FileNotFoundError as exc:

@@ -43,6 +43,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/core/test_attempts_store.py", "tests/test_http_rejected_attempts.py"),
     ),
     Mutation(
+        "attempts: an attempt leaves the counter's 'no attempt counts after' moment as it was",
+        f"{LUA}/attempt.lua",
+        "if redis.call('HEXISTS', KEYS[2], 'ab') == 1 then",
+        "if false then",
+        ("tests/core/test_attempts_store.py",),
+    ),
+    Mutation(
         "reserve: a request that exactly fills a calendar period is refused",
         f"{LUA}/_window.lua",
         "  if w.total + w.amount <= w.budget then return 0 end",
@@ -333,6 +340,13 @@ MUTATIONS: list[Mutation] = [
         "quotas/core/pricing.py",
         "found = (price, True) if price else (self.conservative(), False)",
         "found = (price, True) if price else (Price('', 0, 0), False)",
+    ),
+    Mutation(
+        "calendar: a month opened without a charge keeps the TTL of the month before",
+        f"{LUA}/_window.lua",
+        "  w.expiring = tonumber(vals[4]) == start",
+        "  w.expiring = tonumber(vals[2]) == start",
+        ("tests/core/test_layers_store.py",),
     ),
     Mutation(
         "calendar: a month resets a period late (the client's period is trusted)",

@@ -242,7 +242,8 @@ class RedisWindowStore(LedgerOutbox):
     def record_attempt(self, scope: str, limit: int, *, now_ms: int | None = None) -> float:
         """Count one rejected attempt; return the seconds the client is now refused for (0
         while it is under ``limit`` attempts in the request window)."""
-        keys, args = [self.attempts_key(scope)], [*self._common(now_ms), int(limit)]
+        keys = [self.attempts_key(scope), self.keys(scope)[0]]
+        args = [*self._common(now_ms), int(limit)]
         _, blocked_ms = self.scripts.run("attempt", keys, args)
         return max(int(blocked_ms), 0) / 1000
 

@@ -9,7 +9,8 @@ every request until its count falls under the allowance. ``0`` turns the limit o
 What it costs, by design:
 
 - an admitted request pays nothing more: the reserve script reads the client's attempts
-  window in the same round trip (one more hash read inside Redis, no extra call);
+  window in the same round trip, and only while the user's primary counter says a rejected
+  attempt may still count (its ``ab`` field, which ``attempt.lua`` keeps true);
 - a rejected request pays one round trip to count it (``attempt.lua``); a 413 decided by the
   reserve script is counted by that same script;
 - a client over its allowance is refused from memory in every process that has learned it

@@ -71,3 +71,34 @@ def test_no_allowance_means_no_check(store):
     for i in range(5):
         store.record_attempt("u1", 3, now_ms=T0 + i)
     assert ok(reserve(store, 10, T0 + 10, allowed=0))
+
+
+def test_a_counter_that_knows_its_window_empty_still_sees_every_attempt(store):
+    """A reserve that read the attempts window leaves the primary counter its "no attempt
+    counts after" moment, and skips the read while that is past; every attempt moves it."""
+    window = store.keys("u1")[0]
+    assert ok(reserve(store, 10, T0))
+    assert store.client.hexists(window, "ab")
+    for i in range(3):
+        store.record_attempt("u1", 3, now_ms=T0 + 10 + i)
+    refused = reserve(store, 10, T0 + 20)
+    assert refused.status is DecisionStatus.OVER_ATTEMPTS
+    assert refused.retry_ms == 60_980  # as when the window is always read
+    assert ok(reserve(store, 10, T0 + 61_000))  # the attempts have left
+    # A counter rebuilt while attempts count (here: peeked, then seeded) knows nothing of
+    # them: the window is read again.
+    for i in range(3):
+        store.record_attempt("u1", 3, now_ms=T0 + 62_000 + i)
+    store.client.delete(window)
+    peek = store.peek(
+        "u1",
+        [replace(c, tag="u1") for c in counters(store)],
+        primary=1,
+        seeds={1: ("e2", [])},
+        now_ms=T0 + 62_010,
+    )
+    assert peek.figures[0].total == 0
+    assert reserve(store, 10, T0 + 62_020).status is DecisionStatus.OVER_ATTEMPTS
+    # An admin reset forgets the attempts with the counter's "ab".
+    store.reset("u1", [replace(c, tag="u1") for c in counters(store)])
+    assert ok(reserve(store, 10, T0 + 62_030))

@@ -220,3 +220,28 @@ def test_every_counter_key_carries_its_scopes_hash_tag_and_a_ttl(store: Any) -> 
     assert [
         key.split("{")[1].split("}")[0] for key in store.counter_keys(charges(store, layers, 0))
     ] == ["u", "t:9", "g"]
+
+
+def test_a_calendar_counter_outlives_its_period_also_after_a_rollover_no_charge_made(
+    store: Any,
+) -> None:
+    """The TTL is set once per period (PEXPIRE runs on Redis's clock, the period's end is a
+    moment): a month opened anew by a peek (which charges nothing) gets its own at the next
+    charge."""
+    layers = [("u", primary(store)), ("u", month(10**9))]
+    key = store.counter_keys(charges(store, layers, 0))[1]
+    grace = 3600 * 1000
+
+    def lasts_until_the_end_of(at: int, end: datetime) -> bool:
+        return store.client.pttl(key) >= ms(end) - at + grace - 5_000
+
+    jan_20 = ms(datetime(2026, 1, 20, tzinfo=PARIS))
+    jan_25 = ms(datetime(2026, 1, 25, tzinfo=PARIS))
+    feb_3 = ms(datetime(2026, 2, 3, tzinfo=PARIS))
+    reserve(store, layers, 10, jan_20)
+    assert lasts_until_the_end_of(jan_20, datetime(2026, 2, 1, tzinfo=PARIS))
+    reserve(store, layers, 10, jan_25)
+    assert lasts_until_the_end_of(jan_25, datetime(2026, 2, 1, tzinfo=PARIS))
+    assert totals(store, layers, feb_3)[1] == 0  # February opened by the peek
+    reserve(store, layers, 10, feb_3 + 1)
+    assert lasts_until_the_end_of(feb_3 + 1, datetime(2026, 3, 1, tzinfo=PARIS))

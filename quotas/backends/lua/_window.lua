@@ -9,12 +9,16 @@
 --   n   -> newest bucket index charged
 -- A *calendar* counter (a day or a month that resets at its boundary) holds
 --   t   -> total of the current period, ps -> the period's start (ms)
+--   px  -> the start of the period whose end (plus PERIOD_GRACE_MS) the key's TTL was set
+--          to: written with each PEXPIRE, so a charge in the same period sets none
 -- Both hold
 --   e   -> epoch: set when the counter is created or rebuilt from the ledger; a counter
 --          without one was never built (or Redis lost it), so the caller must seed it first
 -- The user's primary token counter (the plan's hourly budget) also holds
 --   rv  -> tokens held by reservations not yet settled
 --   rs  -> when an admin last reset the window (ms): older usage no longer counts
+--   ab  -> no rejected attempt counts after this ms (see attempt.lua): written by a reserve
+--          that read the attempts window, kept true by every attempt while it is there
 -- Every script uses the Redis server clock (TIME) unless ARGV[1] overrides it (tests only).
 --
 -- A *layer* is one limit a request is decided against, passed in ARGV as 7 values:
@@ -65,20 +69,27 @@ end
 
 -- Opens a sliding window at `now`: drops the buckets that left it (amortised O(1): each
 -- bucket is dropped once, and the cursor never scans past the newest bucket charged), and
--- reads the hash's bookkeeping fields in the same call.
+-- reads the hash's bookkeeping fields in the same call, with the units of the bucket holding
+-- `at` (ms; the current bucket when nil): the one bucket the script will charge or correct,
+-- which then takes no read of its own (w.held_bucket, w.held).
 -- A bucket leaves the window when its *end* is a window old, so no unit ever stops counting
 -- before it is a full window old: window / bucket + 1 buckets are live at once.
-local function open_window(key, now, window_ms, bucket_ms)
+local function open_window(key, now, window_ms, bucket_ms, at)
   local nb = math.floor(window_ms / bucket_ms) + 1
   local cur = math.floor(now / bucket_ms)
+  local held_bucket = cur
+  if at then held_bucket = math.floor(at / bucket_ms) end
   local w = {key = key, nb = nb, bms = bucket_ms, ttl = window_ms + 2 * bucket_ms,
-             cur = cur, first = cur - nb + 1}
-  local vals = redis.call('HMGET', key, 't', 'o', 'n', 'e', 'rv')
+             cur = cur, first = cur - nb + 1, at = at, held_bucket = held_bucket}
+  local held_slot = slot(nb, held_bucket)
+  local vals = redis.call('HMGET', key, 't', 'o', 'n', 'e', 'rv', 'ab', held_slot)
   local total = tonumber(vals[1]) or 0
   local oldest = tonumber(vals[2])
   w.newest = tonumber(vals[3])
   w.epoch = vals[4] or nil
   w.reserved = tonumber(vals[5]) or 0
+  w.attempts_until = tonumber(vals[6])
+  w.held = tonumber(vals[7]) or 0
   w.has_cursor = oldest ~= nil
   if oldest and oldest < w.first then
     local stop = w.first - 1
@@ -88,6 +99,9 @@ local function open_window(key, now, window_ms, bucket_ms)
       if v then
         total = total - tonumber(v)
         redis.call('HDEL', key, slot(nb, b))
+        -- What was read there belonged to a bucket that left (a slot is reused only after
+        -- its bucket was dropped here): the held bucket holds nothing yet.
+        if slot(nb, b) == held_slot then w.held = 0 end
       end
     end
     if total < 0 then total = 0 end
@@ -97,17 +111,26 @@ local function open_window(key, now, window_ms, bucket_ms)
   return w
 end
 
--- Adds units to the current bucket and writes the bookkeeping (plus any `extra` field/value
--- pairs) in one HSET. The TTL is refreshed once per bucket: one set earlier in the same bucket
--- already outlives every bucket charged so far (and the hash never empties while it holds
--- units, so it cannot have been recreated without one). Returns whether this was the first
--- charge of the bucket.
+-- Adds units to the current bucket and writes it with the bookkeeping (plus any `extra`
+-- field/value pairs) in one HSET: the bucket's units were read when the window opened (the
+-- script is atomic, so nothing changed them since); a window opened for another bucket
+-- adds them with an HINCRBY of their own. The TTL is refreshed once per bucket: one set
+-- earlier in the same bucket already outlives every bucket charged so far (and the hash
+-- never empties while it holds units, so it cannot have been recreated without one).
+-- Returns whether this was the first charge of the bucket.
 local function charge(w, units, extra)
-  redis.call('HINCRBY', w.key, slot(w.nb, w.cur), units)
+  local fields = {}
+  if w.held_bucket == w.cur then
+    w.held = w.held + units
+    fields = {slot(w.nb, w.cur), w.held}
+  else
+    redis.call('HINCRBY', w.key, slot(w.nb, w.cur), units)
+  end
   w.total = w.total + units
   local first_in_bucket = not w.newest or w.newest < w.cur
   if first_in_bucket then w.newest = w.cur end
-  local fields = {'t', w.total, 'n', w.newest}
+  fields[#fields + 1], fields[#fields + 2] = 't', w.total
+  fields[#fields + 1], fields[#fields + 2] = 'n', w.newest
   if not w.has_cursor then
     fields[#fields + 1], fields[#fields + 2] = 'o', w.first
     w.has_cursor = true
@@ -145,23 +168,36 @@ end
 
 -- Applies `delta` to the bucket a reservation made at `created` was charged to, if that
 -- bucket is still in the window (a bucket already gone takes nothing). Never below zero.
--- Writes the total with the `extra` field/value pairs (one HSET). Returns the units really
+-- Writes the bucket (unless it empties: then it is deleted) and the total with the `extra`
+-- field/value pairs in one HSET, when the window was opened for that bucket (its units
+-- read then); otherwise the bucket takes an HINCRBY of its own. Returns the units really
 -- applied.
 local function correct(w, created, delta, extra)
   local bucket = math.floor(created / w.bms)
-  local fields = extra or {}
+  local fields = {}
   local applied = 0
   if delta ~= 0 and bucket >= w.first then
     local field = slot(w.nb, bucket)
-    local after = redis.call('HINCRBY', w.key, field, delta)
+    local read = bucket == w.held_bucket
+    local after
+    if read then
+      after = w.held + delta
+    else
+      after = redis.call('HINCRBY', w.key, field, delta)
+    end
     applied = delta
     if after <= 0 then  -- emptied (or below zero: an admin reset came between)
       redis.call('HDEL', w.key, field)
       applied = delta - after
+      if read then w.held = 0 end
+    elseif read then
+      w.held = after
+      fields = {field, after}
     end
     w.total = math.max(w.total + applied, 0)
-    fields = {'t', w.total, unpack(fields)}
+    fields[#fields + 1], fields[#fields + 2] = 't', w.total
   end
+  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
   if #fields > 0 then redis.call('HSET', w.key, unpack(fields)) end
   return applied
 end
@@ -183,7 +219,7 @@ local function seed_window(w, now, epoch, from, count)
   redis.call('HSET', w.key, 'e', epoch, 't', total, 'o', oldest or w.first)
   if newest then redis.call('HSET', w.key, 'n', newest) end
   redis.call('PEXPIRE', w.key, w.ttl)
-  return open_window(w.key, now, w.bms * (w.nb - 1), w.bms)
+  return open_window(w.key, now, w.bms * (w.nb - 1), w.bms, w.at)
 end
 
 -- Opens a calendar counter: the period holding `now` among the client's boundaries. A
@@ -191,11 +227,14 @@ end
 local function open_period(key, now, b1, b2, b3, b4)
   local start, stop = b2, b3
   if now < b2 then start, stop = b1, b2 elseif now >= b3 then start, stop = b3, b4 end
-  local vals = redis.call('HMGET', key, 't', 'ps', 'e')
+  local vals = redis.call('HMGET', key, 't', 'ps', 'e', 'px')
   local w = {key = key, calendar = true, start = start, stop = stop, cur = start,
              epoch = vals[3] or nil, ttl = stop - now + PERIOD_GRACE_MS}
   local ps = tonumber(vals[2])
   w.total = tonumber(vals[1]) or 0
+  -- The TTL already lasts until this period's end plus the grace: TIME and key expiry run
+  -- on the same clock, so `ttl` set at any moment of the period is that same moment.
+  w.expiring = tonumber(vals[4]) == start
   if ps and ps < start then
     w.total = 0
     redis.call('HSET', key, 't', 0, 'ps', start)
@@ -206,13 +245,25 @@ local function open_period(key, now, b1, b2, b3, b4)
   return w
 end
 
-local function charge_period(w, units)
-  w.total = redis.call('HINCRBY', w.key, 't', units)
+-- Adds units to the period's total, in one HSET with the period's start on its first charge
+-- and any `extra` field/value pairs (the total was read when the counter opened: the script
+-- is atomic). The TTL is set once per period (see open_period).
+local function charge_period(w, units, extra)
+  w.total = w.total + units
+  local fields = {'t', w.total}
   if w.fresh then
-    redis.call('HSET', w.key, 'ps', w.start)
+    fields[3], fields[4] = 'ps', w.start
     w.fresh = false
   end
-  redis.call('PEXPIRE', w.key, w.ttl)
+  if not w.expiring then
+    fields[#fields + 1], fields[#fields + 2] = 'px', w.start
+  end
+  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
+  redis.call('HSET', w.key, unpack(fields))
+  if not w.expiring then
+    redis.call('PEXPIRE', w.key, w.ttl)
+    w.expiring = true
+  end
 end
 
 local function correct_period(w, created, delta, extra)
@@ -235,15 +286,17 @@ local function seed_period(w, epoch, from, count)
   for i = from, from + 2 * count - 1, 2 do
     if tonumber(ARGV[i]) == w.start then total = total + tonumber(ARGV[i + 1]) end
   end
-  redis.call('HSET', w.key, 'e', epoch, 't', total, 'ps', w.start)
+  redis.call('HSET', w.key, 'e', epoch, 't', total, 'ps', w.start, 'px', w.start)
   redis.call('PEXPIRE', w.key, w.ttl)
-  w.total, w.fresh = total, false
+  w.total, w.fresh, w.expiring = total, false, true
   w.newest = total > 0 and w.start or nil
   return w
 end
 
 -- Layers: the limits of one decision, parsed from ARGV (see the top of this file).
-local function read_layers(first_key, from, count, now)
+-- `at`: the moment whose bucket the script will charge or correct (nil: now; see
+-- open_window).
+local function read_layers(first_key, from, count, now, at)
   local layers = {}
   for i = 1, count do
     local a = from + (i - 1) * LAYER_ARGS
@@ -254,7 +307,7 @@ local function read_layers(first_key, from, count, now)
       w = open_period(key, now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
                       tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
     else
-      w = open_window(key, now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
+      w = open_window(key, now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), at)
     end
     w.budget, w.amount = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
     if not w.epoch and (kind == 'S' or kind == 'C') then w.epoch = '-' end
@@ -265,8 +318,7 @@ end
 
 local function layer_charge(w, units, extra)
   if w.calendar then
-    charge_period(w, units)
-    if extra and #extra > 0 then redis.call('HSET', w.key, unpack(extra)) end
+    charge_period(w, units, extra)
     return false
   end
   return charge(w, units, extra)

@@ -10,7 +10,7 @@
 -- Returns {total, reset ms} of every layer, flattened.
 local now = clock(ARGV[1])
 local at = tonumber(ARGV[2])
-local layers = read_layers(1, 4, tonumber(ARGV[3]), now)
+local layers = read_layers(1, 4, tonumber(ARGV[3]), now, at)
 for _, w in ipairs(layers) do
   if w.amount ~= 0 and w.epoch then layer_correct(w, at, w.amount) end
 end

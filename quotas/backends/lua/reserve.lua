@@ -10,7 +10,8 @@
 --       of the version, and the caller restores a lost copy from the others),
 --       [3] the config version the caller's limits were read at, or "" (not checked here),
 --       [4] reservation id, [5] reservation TTL ms, [6] concurrency limit (0: none),
---       [7] rejected attempts allowed per window (0: none), [8] its window ms, [9] its
+--       [7] rejected attempts allowed per window (0: none; the window is read only while
+--       the primary counter's 'ab' is not past, see _window.lua), [8] its window ms, [9] its
 --       bucket ms, [10] index of the primary layer (its counter keeps `rv`; 0: none),
 --       [11] estimated tokens, [12] estimated cost (micro-dollars), [13] team,
 --       [14] the layers' counter names, [15] model: kept in the reservation record,
@@ -58,10 +59,19 @@ if #unbuilt > 1 then return unbuilt end
 
 local status, refusing, retry, in_flight = 1, 0, 0, 0
 local attempts_limit = tonumber(ARGV[7])
+local primary = layers[tonumber(ARGV[10])]
+local attempts_until = nil
 if records and attempts_limit > 0 then
-  local a = open_window(KEYS[3], now, tonumber(ARGV[8]), tonumber(ARGV[9]))
-  if a.total >= attempts_limit then
-    status, retry = 7, wait_ms(a, 1, attempts_limit, now)
+  -- The attempts window is read unless the primary counter's 'ab' says no attempt counts
+  -- any more: every attempt updates an 'ab' it finds (attempt.lua), and a counter without
+  -- one (new, rebuilt, reset) has the window read and learns 'ab' with its charge.
+  local known = primary and primary.attempts_until
+  if not known or known > now then
+    local a = open_window(KEYS[3], now, tonumber(ARGV[8]), tonumber(ARGV[9]))
+    if a.total >= attempts_limit then
+      status, retry = 7, wait_ms(a, 1, attempts_limit, now)
+    end
+    attempts_until = now + reset_ms(a, now)
   end
 end
 if status == 1 then
@@ -84,7 +94,6 @@ if status == 1 then
   end
 end
 
-local primary = layers[tonumber(ARGV[10])]
 local reserved = primary and primary.reserved or 0
 local bucket = primary and primary.cur or 0
 if status == 1 and records then
@@ -97,7 +106,9 @@ if status == 1 then
   for _, w in ipairs(layers) do
     if w == primary then
       reserved = reserved + tonumber(ARGV[11])
-      first_in_bucket = layer_charge(w, w.amount, {'rv', reserved})
+      local extra = {'rv', reserved}
+      if attempts_until then extra[3], extra[4] = 'ab', attempts_until end
+      first_in_bucket = layer_charge(w, w.amount, extra)
     elseif w.amount > 0 then
       layer_charge(w, w.amount)
     end

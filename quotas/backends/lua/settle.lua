@@ -27,6 +27,11 @@
 local now = clock(ARGV[1])
 local rid, actual, actual_cost = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local n = tonumber(ARGV[15])
+-- The reservation first: each window then reads the bucket it was charged to when it opens
+-- (see open_window), so correcting that bucket takes no call of its own. An unknown id may
+-- charge the current bucket instead (status 2), the one a window reads by default.
+local rec = redis.call('HGET', KEYS[2], rid)
+local held = rec and parse_pending(rec)
 local layers = {}
 for i = 1, n do
   local a = 16 + (i - 1) * 7
@@ -34,7 +39,8 @@ for i = 1, n do
     layers[i] = open_period(KEYS[5 + i], now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
                             tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
   else
-    layers[i] = open_window(KEYS[5 + i], now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
+    layers[i] = open_window(KEYS[5 + i], now, tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+                            held and held.at)
   end
   layers[i].metric = ARGV[a + 2]
   if ARGV[a] == 'S' or ARGV[a] == 'C' then layers[i].epoch = layers[i].epoch or '-' end
@@ -56,7 +62,6 @@ local function result(status, applied, estimate, created, model, cost_est, team)
   return out
 end
 
-local rec = redis.call('HGET', KEYS[2], rid)
 if not rec then
   -- Unknown id: a repeated settle (same epoch, or the caller does not know it) changes
   -- nothing. Otherwise Redis lost the reservation; a known actual figure is still charged
@@ -84,7 +89,6 @@ if not rec then
   return result(status, charged, 0, now, '', ARGV[12], ARGV[13])
 end
 
-local held = parse_pending(rec)
 local estimate, created, cost_est = held.tokens, held.at, held.cost
 local team, model = held.team, held.model
 if actual < 0 then actual = estimate end
