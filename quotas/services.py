@@ -74,6 +74,7 @@ from quotas.engine.runtime import (
 )
 from quotas.engine.seeding import ledger_seed
 from quotas.engine.settlement import (
+    flush_batches_at_exit,
     flush_settle_batch,
     refund,
     settle,
@@ -120,6 +121,7 @@ __all__ = [
     "estimate",
     "fail_job",
     "finish_job",
+    "flush_batches_at_exit",
     "flush_ledger_batch",
     "flush_settle_batch",
     "forget_limits_of",

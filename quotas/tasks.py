@@ -5,7 +5,9 @@ re-delivered), so retries and re-deliveries never count usage twice. A host sche
 ``flush_ledger`` (e.g. every 5 s: it sets how fresh the ledger is) and ``audit_windows`` (e.g.
 every 5 min) with Celery beat. ``record_usage`` is queued by ``services.settle``, one task per
 batch of records (``LEDGER_BATCH_SECONDS``); the settle also puts each record in the Redis
-outbox, so ``flush_ledger`` writes the rows of a batch that was never sent.
+outbox, so ``flush_ledger`` writes the rows of a batch that was never sent. A prefork pool's
+child leaves with ``os._exit`` (no ``atexit`` hook runs), so the batches its tasks filled are
+sent when Celery tells it to shut down (``worker_process_shutdown``).
 
 A dead broker must not slow requests down either: batches are published with
 ``retry=False``, and the rows are written directly when publishing fails. Give the broker
@@ -18,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_process_shutdown
 from django.db import DatabaseError
 
 from quotas import ledger, services
@@ -186,3 +189,11 @@ dispatch.register(dispatch.AUDIT_WINDOW, _send_audit)
 dispatch.register(dispatch.RUN_JOB, _send_job)
 dispatch.register(dispatch.ALERT_WEBHOOK, _send_alert(send_alert_webhook_task))
 dispatch.register(dispatch.ALERT_EMAIL, _send_alert(send_alert_email_task))
+
+
+@worker_process_shutdown.connect
+def _send_batches_at_shutdown(**kwargs: Any) -> None:
+    """A prefork child's exit skips the ``atexit`` hook that sends what its tasks' settles
+    left in this process's batches (records made while Redis was down have no outbox copy):
+    send them here. Other pools exit normally and run the hook."""
+    services.flush_batches_at_exit()

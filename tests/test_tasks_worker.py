@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = """
 import json, os, sys
 from project.celery import app
+app.conf.imports = [*app.conf.imports, "tests.worker_tasks"]  # a task that settles
 app.conf.broker_transport_options = {
     **app.conf.broker_transport_options, **json.loads(os.environ["TEST_BROKER_OPTIONS"])
 }
@@ -76,7 +77,7 @@ def start_worker(broker: dict[str, Any]) -> Iterator[Callable[[], subprocess.Pop
 
 
 def _workers(
-    broker: dict[str, Any], extra_env: dict[str, str]
+    broker: dict[str, Any], extra_env: dict[str, str], pool: tuple[str, ...] = ("solo",)
 ) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
     """``start()`` starts a worker on ``broker``'s queue; all are stopped afterwards."""
     env = {
@@ -94,7 +95,7 @@ def _workers(
 
     def start() -> subprocess.Popen[bytes]:
         command = [
-            sys.executable, "-c", WORKER, "--pool", "solo", "-Q", broker["queue"],
+            sys.executable, "-c", WORKER, "--pool", *pool, "-Q", broker["queue"],
             "-n", f"{broker['queue']}-{len(workers)}@%h", "--loglevel", "WARNING",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
@@ -253,3 +254,42 @@ def test_the_audit_a_rebuild_schedules_runs_in_a_worker_and_repairs_the_window(
     # Nothing in this process audits: the worker runs the audit the rebuild queued.
     assert wait_until(lambda: services.budget_for(user)["used"] == 360, timeout=30)
     assert UsageRecord.objects.filter(user=user).count() == 2
+
+
+@pytest.fixture
+def start_prefork_quota_worker(
+    private_broker: dict[str, Any], isolated_quotas: str
+) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """A prefork worker (one child) like ``start_quota_worker``'s, whose ledger batch is sent
+    only when it must be: at exit."""
+    from django.conf import settings
+
+    env = {
+        "QUOTAS_KEY_PREFIX": isolated_quotas,
+        "REDIS_URL": settings.REDIS_URL,
+        "QUOTAS_LEDGER_BATCH_SECONDS": "3600",
+    }
+    yield from _workers(private_broker, env, pool=("prefork", "--concurrency", "1"))
+
+
+def test_a_prefork_child_sends_its_ledger_batch_when_the_worker_shuts_down(
+    start_prefork_quota_worker, start_quota_worker, make_plan, make_user
+):
+    """A pool child leaves with ``os._exit``: no ``atexit`` hook runs there, so the record a
+    task's settle left in its batch is sent at ``worker_process_shutdown``, and reaches the
+    ledger through the next worker (nothing here sweeps the outbox)."""
+    from quotas import services
+    from tests.worker_tasks import reserve_and_settle
+
+    user = make_user(plan=make_plan(tokens_per_hour=1000))
+    worker = start_prefork_quota_worker()
+    reserve_and_settle.apply_async(args=[user.pk, 70])
+    assert wait_until(lambda: services.budget_for(user)["used"] == 70, timeout=60)
+    assert wait_until(lambda: services.budget_for(user)["reserved"] == 0, timeout=10)
+    time.sleep(0.5)  # the batch waits for its hour: no row yet
+    assert not UsageRecord.objects.filter(user=user).exists()
+    worker.send_signal(signal.SIGTERM)  # a warm shutdown: the child is told to leave
+    worker.wait(30)
+    start_quota_worker()  # writes the row of the batch the child sent at its exit
+    assert wait_until(lambda: UsageRecord.objects.filter(user=user).count() == 1, timeout=60)
+    assert UsageRecord.objects.get(user=user).actual_tokens == 70

@@ -111,6 +111,15 @@ def flush_settle_batch() -> int:
     return _settle_batcher().flush()
 
 
+def flush_batches_at_exit() -> int:
+    """Send this process's batches as its ``atexit`` hooks would: the settles first (their
+    ledger records join the ledger batch), then the ledger records, each after the batch
+    another thread is still sending. For processes that leave without running ``atexit``
+    hooks (a Celery prefork pool's child); returns how many were sent."""
+    sent = _settler.flush_at_exit() if _settler is not None else 0
+    return sent + ledger_batcher().flush_at_exit()
+
+
 @dataclass(frozen=True)
 class _SettleJob:
     """A settle's validated figures, ready for the store."""
