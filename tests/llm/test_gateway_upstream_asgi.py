@@ -2,26 +2,32 @@
 upstream call is made with the async client (the upstream counts the ``User-Agent`` of each
 call: ``AsyncOpenAI``, never ``OpenAI``), the first byte comes before the upstream has
 finished, the ledger holds the stream's usage, a client that hangs up is settled with what
-was produced, the degradation ladder serves a stream, and upstream errors are answered as
-under WSGI."""
+was produced, the degradation ladder serves a stream (with a cheaper model, or as a job a
+real Celery worker runs later), and upstream errors are answered as under WSGI."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import os
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from rest_framework.authtoken.models import Token
 
 from quotas import services
-from quotas.models import UsageRecord
+from quotas.models import DeferredJob, UsageRecord
 from tests.asgi_server import chunked_lines, running_asgi_gateway
+from tests.gateway_server import server_env
 from tests.llm.conftest import chat
-from tests.upstream_server import Upstream
+from tests.test_tasks_worker import _workers, wait_until
+from tests.upstream_server import Upstream, running_upstream
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -233,3 +239,126 @@ def test_openings_do_not_queue_for_the_pools_threads(isolated_quotas, fresh_upst
     firsts = sorted(r["first"] for r in results)
     assert firsts[0] >= 0.6  # each waited for the upstream's first byte ...
     assert firsts[-1] < 1.8, firsts  # ... at the same time, not one after the other
+
+
+# -- the last rung: a job a real Celery worker runs --------------------------------------
+WINDOW_SECONDS = 10  # the windows of the upstream the deferred job waits for
+
+
+@pytest.fixture
+def one_request_per_short_window() -> Iterator[Upstream]:
+    """A fake upstream of its own serving gpt-4o once per 10 s window (the first window
+    starts when it is reset), so a job deferred until the next one runs within the test."""
+    limits = json.dumps({"gpt-4o": {"rpm": 1}})
+    args = ("--rpm", "1000", "--window", str(WINDOW_SECONDS), "--model-limits", limits)
+    with running_upstream(*args) as server:
+        yield server
+
+
+@contextmanager
+def celery_worker(prefix: str, **env: str) -> Iterator[None]:
+    """A Celery worker with the settings the test's servers get (``server_env``): it takes
+    the tasks they queue on the default queue, under the test's own broker key prefix."""
+    settings = server_env(prefix, env)
+    own = {name: value for name, value in settings.items() if os.environ.get(name) != value}
+    url = settings.get("CELERY_BROKER_URL") or settings["REDIS_URL"]
+    broker = {"url": url, "queue": "celery", "options": {}}
+    with contextmanager(_workers)(broker, own) as start:
+        start()
+        yield
+
+
+def job_of(port: int, token: str, url: str) -> dict[str, Any]:
+    """The job as its owner reads it from the server (``GET /quotas/jobs/<id>/``)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", url, headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        return dict(json.loads(response.read()))
+    finally:
+        conn.close()
+
+
+def test_the_ladder_defers_a_stream_to_a_job_a_worker_runs_when_the_provider_can(
+    isolated_quotas, one_request_per_short_window, make_plan, make_user
+):
+    upstream = one_request_per_short_window
+    plan = make_plan(
+        tokens_per_hour=1_000_000,
+        fallback_models=[],
+        serve_from_cache=False,
+        defer_when_refused=True,
+    )
+    user, other = make_user(plan=plan), make_user(plan=plan)
+    token = Token.objects.create(user=user).key
+    body = chat(stream=True)
+    # Tasks are queued by the server and run by a worker, as in production (not eagerly in
+    # the request, where the job would run at once).
+    queued = {"CELERY_TASK_ALWAYS_EAGER": "0"}
+    with (
+        gateway(isolated_quotas, upstream, **queued) as port,
+        celery_worker(isolated_quotas, GATEWAY_UPSTREAM_URL=upstream.url, **queued),
+    ):
+        # Another user's request warms the server up (a model without a limit) ...
+        warm = chat(stream=True, model="gpt-4o-mini")
+        assert stream(port, Token.objects.create(user=other).key, warm)["done"]
+        upstream.control(reset=True)  # ... then gpt-4o's first window starts
+        first = stream(port, token, body)  # gpt-4o's one request of the window
+        deferred = stream(port, token, body, **{"X-Quota-Degrade": "allow"})
+        assert deferred["status"] == 202, deferred
+        budget = settled(user)
+        job = DeferredJob.objects.get(pk=deferred["body"]["id"])
+        assert wait_until(lambda: _done(job), timeout=WINDOW_SECONDS + 30), _status(job)
+        answer = job_of(port, token, deferred["body"]["url"])
+        rows = ledger_rows(4)
+
+    # The provider refused gpt-4o before it was sent (the learned window is spent): the
+    # request was queued as a job, and the throttle's reservation given back.
+    assert first["status"] == 200 and first["headers"]["x-quota-rung"] == "preferred"
+    headers, queued_job = deferred["headers"], deferred["body"]
+    assert headers["x-quota-rung"] == "deferred"
+    assert 1 <= int(headers["retry-after"]) <= WINDOW_SECONDS
+    assert queued_job["object"] == "quota.deferred_job" and queued_job["status"] == "queued"
+    assert queued_job["url"] == f"/quotas/jobs/{queued_job['id']}/"
+    first_tokens = first["chunks"][-1]["usage"]["total_tokens"]
+    assert (budget["used"], budget["reserved"], budget["in_flight"]) == (first_tokens, 0, 0)
+
+    # The worker ran the job once, when the provider's next window began, with its client.
+    assert answer["status"] == "succeeded" and answer["attempts"] == 1, answer
+    assert answer["model"] == "gpt-4o" and answer["result"]["choices"][0]["message"]["content"]
+    done = DeferredJob.objects.get(pk=job.pk)
+    assert done.started_at is not None
+    waited = (done.started_at - done.created_at).total_seconds()
+    assert waited >= int(headers["retry-after"]) - 1, waited
+    stats = upstream.stats()
+    # Since the reset: the first request and the job's (the deferred one was never sent).
+    assert stats["requests:gpt-4o"] == stats["served:gpt-4o"] == 2
+    assert stats["agent:OpenAI"] == 1  # the worker's sync client
+
+    # Charged once: the first request and the job; the throttle's reservation refunded.
+    job_tokens = answer["result"]["usage"]["total_tokens"]
+    mine = sorted(
+        (row.status, row.request_id.endswith(f"/job-{job.pk}"), row.actual_tokens)
+        for row in rows
+        if row.user_id == user.pk
+    )
+    assert mine == [
+        ("refunded", False, 0),
+        ("settled", False, first_tokens),
+        ("settled", True, job_tokens),
+    ]
+    budget = settled(user)
+    assert (budget["used"], budget["reserved"], budget["in_flight"]) == (
+        first_tokens + job_tokens,
+        0,
+        0,
+    )
+
+
+def _status(job: DeferredJob) -> str:
+    return str(DeferredJob.objects.get(pk=job.pk).status)
+
+
+def _done(job: DeferredJob) -> bool:
+    return _status(job) not in ("queued", "running")
