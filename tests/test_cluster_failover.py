@@ -42,6 +42,18 @@ def post(user: Any) -> tuple[int, bool, str | None, float]:
     )
 
 
+def busiest_master(users: list[Any]) -> tuple[int, list[Any], list[Any]]:
+    """The port of the master that serves most of ``users``' slots, the users it serves
+    and the others (each side at least one)."""
+    nodes = services.get_store().client.nodes_manager
+    port_of = {u.pk: nodes.get_node_from_slot(hash_slot(str(u.pk))).port for u in users}
+    victim = Tally(port_of.values()).most_common(1)[0][0]
+    hit = [u for u in users if port_of[u.pk] == victim]
+    spared = [u for u in users if port_of[u.pk] != victim]
+    assert hit and spared
+    return victim, hit, spared
+
+
 def ledger_total(user: Any) -> int:
     return UsageRecord.objects.filter(user=user).aggregate(t=Sum("actual_tokens"))["t"] or 0
 
@@ -56,12 +68,7 @@ def test_a_master_killed_under_load_degrades_only_the_users_on_its_slots(
     users = [make_user(plan=plan) for _ in range(12)]
     for user in users:
         assert post(user)[:2] == (200, False)
-    nodes = services.get_store().client.nodes_manager
-    port_of = {u.pk: nodes.get_node_from_slot(hash_slot(str(u.pk))).port for u in users}
-    victim = Tally(port_of.values()).most_common(1)[0][0]
-    hit = [u for u in users if port_of[u.pk] == victim]
-    spared = [u for u in users if port_of[u.pk] != victim]
-    assert hit and spared
+    victim, hit, spared = busiest_master(users)
 
     cluster.stop(victim)
     try:

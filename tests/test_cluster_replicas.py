@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ from quotas import ledger, services
 from quotas.backends.cluster import hash_slot
 from quotas.models import UsageRecord
 from tests.cluster_support import ClusterUnavailable, LocalCluster
-from tests.test_cluster_failover import ledger_total, post
+from tests.test_cluster_failover import busiest_master, ledger_total, post
 
 pytestmark = [
     pytest.mark.integration,
@@ -72,12 +71,7 @@ def test_a_master_killed_with_a_replica_fails_over_and_enforcement_follows_the_r
     load.round()  # the first requests (connections, scripts, caches) are not timed
     load.round()
     assert {r[1:3] for r in load.of(users)} == {(200, False)}
-    nodes = services.get_store().client.nodes_manager
-    port_of = {u.pk: nodes.get_node_from_slot(hash_slot(str(u.pk))).port for u in users}
-    victim = Tally(port_of.values()).most_common(1)[0][0]
-    hit = [u for u in users if port_of[u.pk] == victim]
-    spared = [u for u in users if port_of[u.pk] != victim]
-    assert hit and spared
+    victim, hit, spared = busiest_master(users)
 
     promoted: dict[str, Any] = {}
 
@@ -137,6 +131,7 @@ def test_a_master_killed_with_a_replica_fails_over_and_enforcement_follows_the_r
     # breaker lets a call through again (once a second): that call finds the new master.
     assert all(r[0] + r[4] <= promoted["at"] + BREAKER_RESET + SLOWEST for r in degraded)
     assert victim not in cluster.processes  # the dead node stayed dead: the app followed
+    nodes = services.get_store().client.nodes_manager
     assert {nodes.get_node_from_slot(hash_slot(str(u.pk))).port for u in hit} == {promoted["port"]}
 
     services.flush_ledger_batch()
