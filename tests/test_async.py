@@ -7,6 +7,7 @@ mode); the streams are metered by ``AsyncStreamMeter``; ``areserve`` / ``asettle
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -15,8 +16,10 @@ from django.test import AsyncClient
 
 from quotas import services
 from quotas.core.tokens import encoding_for_model
+from quotas.engine import ledger as ledger_engine
 from quotas.exceptions import QuotaExceeded, StoreUnavailable
 from quotas.models import UsageRecord
+from quotas.signals import usage_settled
 from quotas.streaming import AsyncStreamMeter
 from tests.async_urls import USAGE, WORD, endless_words, events_with_usage, failing_words
 
@@ -146,6 +149,47 @@ def test_arefund_gives_everything_back_and_asettle_by_id_works(user):
     assert used(user) == 10
     statuses = sorted(UsageRecord.objects.values_list("status", flat=True))
     assert statuses == ["refunded", "settled"]
+
+
+@pytest.mark.parametrize("receiver", [False, True])
+def test_asettle_hands_the_ledger_record_to_the_batch_on_the_loop_unless_a_receiver_may_block(
+    user, quota_config, receiver
+):
+    quota_config(LEDGER_BATCH_SECONDS=3600)  # the batch waits: the test sends it
+    batcher = ledger_engine.ledger_batcher()
+    batcher._pending.clear()
+    added_on: list[str] = []
+    add_nowait, add = batcher.add_nowait, batcher.add
+
+    def spy(real: Any) -> Any:
+        def call(payload: Any) -> None:
+            added_on.append(threading.current_thread().name)
+            real(payload)
+
+        return call
+
+    def users_in_receiver(**kwargs: Any) -> None:  # the ORM: refused on an event loop
+        seen.append(UsageRecord.objects.count())
+
+    seen: list[int] = []
+    if receiver:
+        usage_settled.connect(users_in_receiver)
+    batcher.add_nowait, batcher.add = spy(add_nowait), spy(add)  # type: ignore[method-assign]
+
+    async def scenario() -> str:
+        await services.asettle(await services.areserve(user, 300), total_tokens=40)
+        return threading.current_thread().name
+
+    try:
+        loop_thread = async_to_sync(scenario)()
+    finally:
+        del batcher.add_nowait, batcher.add
+        usage_settled.disconnect(users_in_receiver)
+    assert len(added_on) == 1
+    assert (added_on[0] == loop_thread) is not receiver
+    assert seen == ([0] if receiver else [])
+    assert services.flush_ledger_batch() == 1
+    assert UsageRecord.objects.get().actual_tokens == 40
 
 
 def test_areserve_refuses_as_reserve_does(user):

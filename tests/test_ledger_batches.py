@@ -193,6 +193,21 @@ def test_the_batcher_thread_sends_every_interval():
     assert batches == [[0, 1, 2]]
 
 
+def test_add_nowait_leaves_a_full_batch_to_the_batch_thread():
+    senders: list[str] = []
+    batches, arrived, collect = collector()
+
+    def send(batch: list[Any]) -> None:
+        senders.append(threading.current_thread().name)
+        collect(batch)
+
+    batcher = Batcher(send, interval=lambda: 3600, size=lambda: 2)
+    batcher.add_nowait({"n": 1})
+    batcher.add_nowait({"n": 2})  # full: the thread is woken, the caller sends nothing
+    assert arrived.wait(5)  # long before the hour the thread would otherwise sleep
+    assert batches == [[1, 2]] and senders == ["quotas-ledger-batch"]
+
+
 def test_a_failing_send_is_logged_not_raised(caplog):
     def send(batch: list[Any]) -> None:
         raise RuntimeError("down")

@@ -10,7 +10,8 @@ the cost of one task per batch rather than one per request.
 
 One daemon thread per process and kind sends the batch every ``LEDGER_BATCH_SECONDS`` (or
 ``SETTLE_BATCH_SECONDS``); a batch of ``LEDGER_BATCH_SIZE`` is sent at once by the thread
-that filled it; what is left at exit is sent by an ``atexit`` hook, which first waits (up to
+that filled it (filled from an event loop, ``add_nowait``: by the background thread, woken
+for it); what is left at exit is sent by an ``atexit`` hook, which first waits (up to
 ``EXIT_WAIT_SECONDS``) for a batch another thread is still sending: the background thread is
 a daemon, stopped where it stands once the hooks have run, so a batch it had taken but not
 yet sent would otherwise be lost (records made without Redis have no outbox copy). The
@@ -24,7 +25,6 @@ import atexit
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -61,6 +61,7 @@ class Batcher(Generic[Payload]):
         self._sending = 0  # batches taken and not yet sent
         self._pending: list[Payload] = []
         self._started = False
+        self._wake = threading.Event()  # set: the thread sends now, not at its next tick
         atexit.register(self.flush_at_exit)
         # A forked child starts empty (the parent's records are the parent's), with a fresh
         # lock (another thread may have held it at the fork), and starts its own thread.
@@ -73,6 +74,16 @@ class Batcher(Generic[Payload]):
             full = len(self._pending) >= self._size()
         if full:
             self.flush()
+
+    def add_nowait(self, payload: Payload) -> None:
+        """``add`` that never sends in the caller's thread (for an event loop): a full batch
+        wakes the background thread, which sends it at once."""
+        with self._lock:
+            self._start_if_needed()
+            self._pending.append(payload)
+            full = len(self._pending) >= self._size()
+        if full:
+            self._wake.set()
 
     def flush(self) -> int:
         """Send what is waiting now (in the caller's thread); returns how many were sent."""
@@ -119,10 +130,12 @@ class Batcher(Generic[Payload]):
         self._sending = 0  # the parent's sends are the parent's
         self._pending = []
         self._started = False
+        self._wake = threading.Event()
 
     def _run(self) -> None:
         while True:
-            time.sleep(self._interval())
+            if self._wake.wait(self._interval()):
+                self._wake.clear()
             if self.flush():
                 # A batch written to the database directly (the broker was down) opened
                 # this thread's connection: close it as a request would.

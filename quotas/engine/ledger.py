@@ -57,13 +57,18 @@ def usage_payload(
     }
 
 
-def send_to_ledger(payload: dict[str, Any]) -> None:
+def send_to_ledger(payload: dict[str, Any], *, nowait: bool = False) -> None:
     """Send a ledger record to the Celery worker: in this process's next batch (every
     ``LEDGER_BATCH_SECONDS``), or alone after the current transaction commits when that is 0.
-    Rows are written directly when the broker cannot take the task, so no usage is lost."""
+    Rows are written directly when the broker cannot take the task, so no usage is lost.
+    ``nowait`` (batching on only): a batch this record fills is sent by the batch's own
+    thread, never by the caller's (an event loop's)."""
     backlog_watch().start()  # no Redis call: a flag check once its thread runs
     if quota_settings.LEDGER_BATCH_SECONDS > 0:
-        ledger_batcher().add(payload)
+        if nowait:
+            ledger_batcher().add_nowait(payload)
+        else:
+            ledger_batcher().add(payload)
     else:
         transaction.on_commit(lambda: _enqueue_or_write([payload]))
 

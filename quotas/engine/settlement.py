@@ -173,8 +173,12 @@ def _settle_job(
     return _SettleJob(reservation, actual, status, prompt, completion, cost)
 
 
-def _finish_settle(job: _SettleJob, result: SettleOutcome | StoreUnavailable) -> Settlement:
-    """The settlement of the store's answer; sends the ledger record and the signal."""
+def _finish_settle(
+    job: _SettleJob, result: SettleOutcome | StoreUnavailable, *, on_loop: bool = False
+) -> Settlement:
+    """The settlement of the store's answer; sends the ledger record and the signal.
+    ``on_loop``: called from an event loop, so the record must not send a batch it fills
+    (see ``send_to_ledger``)."""
     reservation = job.reservation
     if isinstance(result, StoreUnavailable):
         # The ledger row is still written; the window keeps the estimate until the audit
@@ -209,7 +213,8 @@ def _finish_settle(job: _SettleJob, result: SettleOutcome | StoreUnavailable) ->
                 job.completion,
                 job.status,
                 cost=outcome.cost,
-            )
+            ),
+            nowait=on_loop,
         )
         usage_settled.send(
             sender=Reservation,
