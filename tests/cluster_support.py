@@ -176,20 +176,6 @@ class LocalCluster:
             return []
         return sorted(n.port for n in nodes if n.master_id == master.id)
 
-    def replica_of(self, port: int) -> int:
-        """The port of the (first) replica of the master on ``port``."""
-        replicas = self.replicas_of(port)
-        if not replicas:
-            raise ClusterUnavailable(f"the node on {port} has no replica")
-        return replicas[0]
-
-    def master_of_slot(self, slot: int) -> int | None:
-        """The port of the master serving ``slot``, as the cluster sees it now."""
-        for node in self.nodes():
-            if node.master and not node.failed and node.serves(slot):
-                return node.port
-        return None
-
     def promoted(self, replica: int, slots: tuple[tuple[int, int], ...]) -> bool:
         """Whether the node on ``replica`` is a master now, serving ``slots`` as every running
         node sees it, and every running node says ``cluster_state:ok``."""
@@ -270,13 +256,6 @@ class Node:
     @property
     def master(self) -> bool:
         return "master" in self.flags
-
-    @property
-    def failed(self) -> bool:
-        return "fail" in self.flags
-
-    def serves(self, slot: int) -> bool:
-        return any(first <= slot <= last for first, last in self.slots)
 
 
 def _fields(info: str) -> dict[str, str]:

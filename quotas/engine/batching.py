@@ -68,22 +68,21 @@ class Batcher(Generic[Payload]):
         os.register_at_fork(after_in_child=self._after_fork)
 
     def add(self, payload: Payload) -> None:
-        with self._lock:
-            self._start_if_needed()
-            self._pending.append(payload)
-            full = len(self._pending) >= self._size()
-        if full:
+        if self._append(payload):
             self.flush()
 
     def add_nowait(self, payload: Payload) -> None:
         """``add`` that never sends in the caller's thread (for an event loop): a full batch
         wakes the background thread, which sends it at once."""
+        if self._append(payload):
+            self._wake.set()
+
+    def _append(self, payload: Payload) -> bool:
+        """Queue ``payload``; whether the batch is full now."""
         with self._lock:
             self._start_if_needed()
             self._pending.append(payload)
-            full = len(self._pending) >= self._size()
-        if full:
-            self._wake.set()
+            return len(self._pending) >= self._size()
 
     def flush(self) -> int:
         """Send what is waiting now (in the caller's thread); returns how many were sent."""
