@@ -30,7 +30,7 @@ from quotas.engine.alert_delivery import deliver_webhook as deliver_alert_webhoo
 from quotas.engine.alerts import alert_rules
 from quotas.engine.attempts import block, blocked_for, record_rejected, refusal
 from quotas.engine.budgets import budget_for, reset_window
-from quotas.engine.config import config_changed
+from quotas.engine.config import config_changed, publish_config_changes
 from quotas.engine.config import time_zone as calendar_time_zone
 from quotas.engine.estimation import estimate
 from quotas.engine.health import backlog_watch, health, ledger_backlog
@@ -140,6 +140,7 @@ __all__ = [
     "move_to_plan",
     "observe_call",
     "provider_states",
+    "publish_config_changes",
     "record_rejected",
     "redis_key_prefix",
     "refund",

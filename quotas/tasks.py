@@ -84,7 +84,9 @@ def record_usage_task(payloads: list[dict[str, Any]] | dict[str, Any]) -> int:
 @shared_task(name="quotas.tasks.flush_ledger", **PERIODIC)
 def flush_ledger_task() -> int:
     """Write the ledger rows waiting in the Redis outbox (settled requests, and reservations
-    never settled within their TTL, charged at their estimate); returns the rows created."""
+    never settled within their TTL, charged at their estimate); returns the rows created.
+    First publishes a limits change Redis was not told of (``publish_config_changes``)."""
+    services.publish_config_changes()
     return ledger.flush_ledger()
 
 

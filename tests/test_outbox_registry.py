@@ -6,6 +6,7 @@ Also: a limits change made while Redis cannot take it applies once Redis is back
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from django.test import override_settings
 from project.devtools.redis_server import RedisServer, start_private_redis
 from quotas import ledger, services
 from quotas.exceptions import QuotaExceeded
-from quotas.models import UsageRecord
+from quotas.models import ConfigRevision, UsageRecord
 from tests.conftest import quotas_settings
 from tests.support import refusing_port, sleep_until_redis_ms, wait_until
 
@@ -143,3 +144,58 @@ def test_a_limits_change_made_while_redis_is_unreachable_applies_once_it_is_back
     services.reserve(user, 40)
     with pytest.raises(QuotaExceeded):
         services.reserve(user, 20)
+
+
+def test_a_limits_change_whose_process_is_gone_before_redis_is_back_applies_at_the_sweep(
+    private_redis, isolated_quotas, make_plan, make_user
+):
+    from quotas.engine import config, runtime
+    from quotas.tasks import flush_ledger_task
+
+    plan = make_plan(tokens_per_hour=1000)
+    user = make_user(plan=plan)
+    services.reserve(user, 100)
+    store = services.get_store()
+    before = store.current_version()
+    elsewhere = config.configs()  # limits another process read before the edit
+    with refusing_port() as port:
+        dead = {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{port}/0",
+        }
+        unreachable = quotas_settings(KEY_PREFIX=isolated_quotas, CACHE_ALIAS="dead")
+        with override_settings(CACHES={**settings.CACHES, "dead": dead}, QUOTAS=unreachable):
+            services.reset_runtime()
+            plan.tokens_per_hour = 150
+            plan.save()
+            # The saving process dies: its retry thread stops at its next wake-up (2 s).
+            config._pending_bump.clear()
+    services.reset_runtime()
+    runtime._runtime["configs"] = elsewhere  # this process now plays the other one
+    time.sleep(2.5)  # past the retry thread's wake-up: it must have stopped, not bumped
+    assert store.current_version() == before
+    services.reserve(user, 100)  # the other process still decides on 1,000: 200 taken
+
+    # The beat's next sweep, in any worker, finds the database ahead of Redis and publishes.
+    flush_ledger_task.apply()
+    assert store.current_version() != before
+    assert store.published_revision() == ConfigRevision.objects.get(pk=1).revision
+    with pytest.raises(QuotaExceeded):
+        services.reserve(user, 1)  # 200 taken of the new 150
+    # Published once: the next sweep leaves the version alone.
+    after = store.current_version()
+    flush_ledger_task.apply()
+    assert store.current_version() == after
+
+
+def test_a_redis_restarted_empty_gets_a_version_no_process_can_hold(
+    private_redis, isolated_quotas, make_plan
+):
+    """A bump on a Redis that lost the version starts from the clock, not from 1 (a version
+    processes could hold limits tagged with from an earlier loss)."""
+    store = services.get_store()
+    make_plan(tokens_per_hour=1000)  # a change: the database's revision is ahead of none
+    store.client.delete(store.version_key, store.revision_key)
+    assert services.publish_config_changes()
+    assert int(store.current_version()) > 1_000_000_000_000
+    assert not services.publish_config_changes()

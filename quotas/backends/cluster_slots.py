@@ -178,8 +178,10 @@ class SlottedStore(RedisWindowStore):
         raw = self._call(self.client.smembers, self.slots_key)
         return sorted(int(slot) for slot in raw)
 
-    def bump_version(self) -> None:
-        """A limit changed: a new version, written to every slot's copy."""
+    def _new_version(self) -> None:
+        """A limit changed: a new version (made first where Redis lost it, as on one Redis),
+        written to every slot's copy."""
+        self._call(self.client.set, self.version_key, str(now_ms_local()), nx=True)
         version = self._call(self.client.incr, self.version_key)
         self._write_version(str(version))
 

@@ -221,9 +221,33 @@ class RedisWindowStore(LedgerOutbox):
         ]
         return Peek.from_script(self.scripts.run("peek", keys, args))
 
-    def bump_version(self) -> None:
-        """A plan, limit, team, quota or price changed: every process reloads its limits."""
-        self._call(self.client.incr, self.version_key)
+    @property
+    def revision_key(self) -> str:
+        """The database's config revision the version was last bumped for (see
+        ``quotas.engine.config.publish_config_changes``)."""
+        return f"{self.prefix}:config:revision"
+
+    def bump_version(self, revision: int | None = None) -> None:
+        """A plan, limit, team, quota or price changed: every process reloads its limits.
+        ``revision``: the database's config revision this publishes, noted after the bump
+        (a plain write: two bumps racing may note the older one, which costs one more bump
+        at the next sweep, never a missed one)."""
+        self._new_version()
+        if revision is not None:
+            self._call(self.client.set, self.revision_key, revision)
+
+    def _new_version(self) -> None:
+        # Made first where Redis lost it: a bare INCR would start again at 1, a version
+        # processes may already hold limits tagged with.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.version_key, str(_clock(None)), nx=True)
+        pipe.incr(self.version_key)
+        self._call(pipe.execute)
+
+    def published_revision(self) -> int:
+        """The config revision Redis's version was last bumped for (0: none, or Redis lost it)."""
+        raw = self._call(self.client.get, self.revision_key)
+        return int(raw) if raw else 0
 
     def current_version(self) -> str:
         """The config version (made when Redis has none)."""

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from django.db import DatabaseError, transaction
+from django.db.models import F
+from django.utils import timezone
 
 from quotas.conf import quota_settings
 from quotas.core.limits import Limit, Metric, Scope, Window
@@ -26,7 +29,7 @@ from quotas.core.pricing import Price, PriceTable
 from quotas.core.types import Limits
 from quotas.engine.runtime import get_store, guarded, per_process, window_spec
 from quotas.exceptions import ConfigurationError, StoreUnavailable
-from quotas.models import GlobalLimit, ModelPrice, Plan, Team, UserQuota
+from quotas.models import ConfigRevision, GlobalLimit, ModelPrice, Plan, Team, UserQuota
 
 __all__ = [
     "ConfigCache",
@@ -35,6 +38,7 @@ __all__ = [
     "config_changed",
     "configs",
     "load_config",
+    "publish_config_changes",
     "time_zone",
 ]
 
@@ -240,24 +244,63 @@ def anonymous_config() -> QuotaConfig:
 # -- invalidation ----------------------------------------------------------------------------
 _pending_bump = threading.Event()
 _bump_lock = threading.Lock()
+_pending_revision: list[int | None] = [None]  # the revision the retry thread publishes
 
 
 def config_changed() -> None:
-    """A plan, limit, team, membership, global limit or price changed: bump the version so
-    every process reloads. If Redis cannot take it now, a background thread retries until it
-    can, so an edit made while Redis is down takes effect once it is back."""
+    """A plan, limit, team, membership, global limit or price changed: count it in the
+    database (``ConfigRevision``), then bump the version so every process reloads. If Redis
+    cannot take it now, a background thread retries until it can; and should this process
+    be gone first, the next ledger sweep once Redis is back sees the database's revision
+    ahead of the one Redis last published and bumps it (``publish_config_changes``)."""
+    revision = _count_revision()
     try:
-        guarded(get_store().bump_version)
+        guarded(get_store().bump_version, revision)
     except StoreUnavailable:
         logger.warning("quotas: Redis unavailable; the limits change will apply when it is back")
-        _retry_bump_later()
+        _retry_bump_later(revision)
     else:
         _pending_bump.clear()
     configs().stale("")  # this process reloads at once in any case
 
 
-def _retry_bump_later() -> None:
+def publish_config_changes() -> bool:
+    """Bump the config version if the database counts a limits change Redis was not told
+    of (saved while Redis was unreachable by a process that did not live to retry, or Redis
+    restarted empty); whether it did. Run by ``flush_ledger``: one primary-key read and one
+    Redis ``GET`` a sweep."""
+    revision = ConfigRevision.objects.filter(pk=1).values_list("revision", flat=True).first()
+    if not revision:
+        return False
+    store = get_store()
+    if guarded(store.published_revision) >= revision:
+        return False
+    guarded(store.bump_version, revision)
+    configs().stale("")
+    logger.info("quotas: limits revision %d published; every process reloads its limits", revision)
+    return True
+
+
+def _count_revision() -> int | None:
+    """One more limits change in the database; the new revision (``None``: the database
+    refused, and only this process's retry can publish the change)."""
+    now = timezone.now()
+    bump = {"revision": F("revision") + 1, "changed_at": now}
+    try:
+        with transaction.atomic():
+            if not ConfigRevision.objects.filter(pk=1).update(**bump):
+                ConfigRevision.objects.get_or_create(pk=1)
+                ConfigRevision.objects.filter(pk=1).update(**bump)
+            revision: int = ConfigRevision.objects.values_list("revision", flat=True).get(pk=1)
+            return revision
+    except DatabaseError:
+        logger.exception("quotas: could not count the limits change in the database")
+        return None
+
+
+def _retry_bump_later(revision: int | None) -> None:
     with _bump_lock:
+        _pending_revision[0] = revision
         if _pending_bump.is_set():
             return
         _pending_bump.set()
@@ -266,10 +309,14 @@ def _retry_bump_later() -> None:
 
 def _bump_until_done(interval: float = 2.0, give_up_after: float = 24 * 3600) -> None:
     deadline = time.monotonic() + give_up_after
-    while _pending_bump.is_set() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
         time.sleep(interval)
+        if not _pending_bump.is_set():  # a later change's bump got through meanwhile
+            return
+        with _bump_lock:
+            revision = _pending_revision[0]
         try:
-            get_store().bump_version()
+            get_store().bump_version(revision)
         except StoreUnavailable:
             continue
         _pending_bump.clear()

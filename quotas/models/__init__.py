@@ -5,7 +5,13 @@ The ledger (``UsageRecord``) is the source of truth: Redis windows can be rebuil
 
 from quotas.models.jobs import DeferredJob
 from quotas.models.ledger import UsageRecord
-from quotas.models.limits import GlobalLimit, LimitFields, ModelPrice, PlanLimit
+from quotas.models.limits import (
+    ConfigRevision,
+    GlobalLimit,
+    LimitFields,
+    ModelPrice,
+    PlanLimit,
+)
 from quotas.models.plans import (
     MAX_BUDGET,
     MODEL_NAME_MAX,
@@ -20,6 +26,7 @@ from quotas.models.rollups import Dashboard, UsageRollup
 __all__ = [
     "MAX_BUDGET",
     "MODEL_NAME_MAX",
+    "ConfigRevision",
     "Dashboard",
     "DeferredJob",
     "GlobalLimit",

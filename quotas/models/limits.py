@@ -18,7 +18,7 @@ from quotas.core.globs import glob_error, globs_overlap, specificity
 from quotas.core.limits import Limit, Metric, Period, Scope, Window
 from quotas.models.plans import MAX_BUDGET, Plan
 
-__all__ = ["GlobalLimit", "LimitFields", "ModelPrice", "PlanLimit"]
+__all__ = ["ConfigRevision", "GlobalLimit", "LimitFields", "ModelPrice", "PlanLimit"]
 
 MAX_WINDOW_SECONDS = 366 * 86_400
 
@@ -197,3 +197,20 @@ class ModelPrice(models.Model):
                         "them more specific."
                     }
                 )
+
+
+class ConfigRevision(models.Model):
+    """How many times the limits changed: one row, counted up by ``config_changed`` before it
+    bumps the config version in Redis. Redis keeps the revision its version was last bumped
+    for, and the ledger sweep (``flush_ledger``) compares the two: a change Redis could not
+    take when it was saved is published by the next sweep once Redis answers, even if the
+    process that saved it is gone (see ``quotas.engine.config.publish_config_changes``)."""
+
+    revision = models.PositiveBigIntegerField(default=0)
+    changed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "config revision"
+
+    def __str__(self) -> str:
+        return f"limits revision {self.revision}"
