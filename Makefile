@@ -7,6 +7,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WITH_REDIS := $(VPY) -m project.devtools.with_redis
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 MUTATE_ARGS ?=
 
 .PHONY: venv run test matrix dist lint bench mutate clean
@@ -27,8 +28,10 @@ run: venv
 	$(VPY) -m project.devtools.run --check-port
 	$(WITH_REDIS) $(VPY) -m project.devtools.run
 
+# Two pytest processes (pytest-xdist; each test file runs whole in one of them), so the tests
+# that wait on servers and workers overlap; PYTEST_WORKERS=0 runs the suite in one process.
 test: venv
-	$(WITH_REDIS) $(VPY) -m pytest $(PYTEST_ARGS)
+	$(WITH_REDIS) $(VPY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Every other cell of the supported-versions matrix (noxfile.py): CI's (tag ci) and the rest.
 matrix: venv
