@@ -285,3 +285,22 @@ def test_async_view_stream_under_wsgi_is_served_and_settled(user):
     response.close()
     assert used(user) == USAGE["total_tokens"]
     assert UsageRecord.objects.get().completion_tokens == USAGE["completion_tokens"]
+
+
+def test_the_async_client_packs_commands_in_c_as_the_sync_client_does(redis_client):
+    """``redis.asyncio`` packs commands in Python (most of an ``asettle``'s CPU went there);
+    the store's async connections pack them with hiredis, as redis-py's sync ones do: the
+    same bytes, the same refusal of a value Redis cannot take."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import DataError
+
+    from quotas.backends.aio import async_client_for
+
+    kind = async_client_for(redis_client).connection_pool.connection_class
+    assert issubclass(kind, aioredis.Connection) and kind is not aioredis.Connection
+    args = ("EVALSHA", "0" * 40, 2, "q:{u1}:w", "k2", 1, -5, 2.5, 0.1, 1e-05, "é", b"\x00y", 10**20)
+    ours, python = kind(host="127.0.0.1"), aioredis.Connection(host="127.0.0.1")
+    assert b"".join(ours.pack_command(*args)) == b"".join(python.pack_command(*args))
+    for connection in (ours, python):
+        with pytest.raises(DataError):
+            connection.pack_command("SET", "k", None)

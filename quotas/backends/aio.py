@@ -22,8 +22,10 @@ import redis.asyncio as aioredis
 from redis import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.utils import HIREDIS_AVAILABLE
 
 from quotas.backends.records import as_text
 from quotas.backends.redis import RedisWindowStore
@@ -51,10 +53,28 @@ PORTABLE_SETTINGS = (
     "ssl_ca_certs",
     "ssl_check_hostname",
 )
+
+
+class _HiredisPacking:
+    """Packs commands with hiredis's C packer, as redis-py's sync connections do when hiredis
+    is installed (its ``redis.asyncio`` connections pack in Python: a settle's 31 arguments
+    cost more CPU there than the rest of ``asettle``). The bytes sent are the same."""
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return self._packer.pack(*args)
+
+
+def _packing(kind: type[Any]) -> type[Any]:
+    if not HIREDIS_AVAILABLE:
+        return kind
+    return type(kind.__name__, (_HiredisPacking, kind), {"__module__": __name__})
+
+
 _CONNECTION_CLASSES = {
-    "Connection": aioredis.Connection,
-    "SSLConnection": aioredis.SSLConnection,
-    "UnixDomainSocketConnection": aioredis.UnixDomainSocketConnection,
+    kind.__name__: _packing(kind)
+    for kind in (aioredis.Connection, aioredis.SSLConnection, aioredis.UnixDomainSocketConnection)
 }
 
 
