@@ -37,8 +37,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    # Static files (the admin's CSS and scripts) from STATIC_ROOT, filled by collectstatic.
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Static files (the admin's CSS and scripts) from STATIC_ROOT, filled by collectstatic:
+    # WhiteNoise, in a form that does not send every ASGI request through a thread.
+    "project.static_files.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
