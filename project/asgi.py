@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 
-from django.core.asgi import get_asgi_application
+import django
 
 # WhiteNoise answers the admin's static files with sync file iterators, which Django reads
 # whole under ASGI (and warns each time): harmless for those few small files. (Serve static
@@ -24,7 +24,12 @@ sys.setswitchinterval(0.001)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 os.environ.setdefault("GATEWAY_ASGI", "1")
-django_application = get_asgi_application()
+django.setup(set_prefix=False)
+
+from project.handler import PooledASGIHandler  # noqa: E402
+
+# Django's handler, without a thread started per request (see project.handler).
+django_application = PooledASGIHandler()
 
 from project.admission import AdmissionLimit  # noqa: E402
 
