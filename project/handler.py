@@ -11,6 +11,11 @@ one-thread executor from a pool instead (asgiref's ``ThreadSensitiveContext(exec
 still one thread per request at a time, so a connection is still opened and closed in one
 thread, but no thread is started or joined per request. Executors idle past ``KEEP_IDLE``
 are shut down (off the event loop).
+
+One difference from asgiref's default: a coroutine that outlives its request and then makes
+a thread-sensitive ``sync_to_async`` call gets asgiref's ``RuntimeError`` instead of a thread
+of its own. Django closes a streaming response's iterator inside the request (also when the
+client goes away), so streams are metered and settled before the request ends.
 """
 
 from __future__ import annotations
