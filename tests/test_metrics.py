@@ -39,6 +39,15 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_label_caps(monkeypatch):
+    """Label values seen so far start empty: a process that ran other tests first may have
+    seen ``MAX_LABEL_VALUES`` plans already, and would count this test's plan as "other"."""
+    from quotas import telemetry
+
+    monkeypatch.setattr(telemetry, "_seen", {})
+
+
 @pytest.fixture
 def plan(make_plan):
     return make_plan(slug="metered", tokens_per_hour=1500, max_tokens_per_request=1480)
