@@ -144,6 +144,19 @@ def test_a_master_killed_with_a_replica_fails_over_and_enforcement_follows_the_r
 
     ledger.audit_windows()  # what the replica had not received yet comes from the ledger
     for user in users:
-        budget = services.budget_for(user)
+        budget = _figures_of(user)
         assert budget["used"] == ledger_total(user), user.pk
         assert budget["reserved"] == 0
+
+
+def _figures_of(user: Any) -> dict[str, Any]:
+    """``budget_for(user)`` once the store answers it: a read made while the cluster client
+    is still refreshing its map of the nodes after the failover reports ``degraded`` (no
+    figures; seen once in CI, for a user of a surviving master), and the next one answers."""
+    deadline = time.monotonic() + 2 * BREAKER_RESET + 5
+    budget = services.budget_for(user)
+    while budget["degraded"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        budget = services.budget_for(user)
+    assert not budget["degraded"], user.pk
+    return budget
