@@ -20,6 +20,7 @@ client goes away), so streams are metered and settled before the request ends.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +29,9 @@ from asgiref.sync import ThreadSensitiveContext
 from django.core.handlers.asgi import ASGIHandler
 
 __all__ = ["PooledASGIHandler"]
+
+# ``ThreadSensitiveContext(executor=...)`` is recent in asgiref; without it, Django's own way.
+POOLED = "executor" in inspect.signature(ThreadSensitiveContext).parameters
 
 
 class PooledASGIHandler(ASGIHandler):
@@ -40,8 +44,8 @@ class PooledASGIHandler(ASGIHandler):
         self._idle: list[ThreadPoolExecutor] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await super().__call__(scope, receive, send)  # Django's own error
+        if scope["type"] != "http" or not POOLED:
+            await super().__call__(scope, receive, send)  # Django's error, or Django's way
             return
         executor = self._idle.pop() if self._idle else _new_executor()
         try:
