@@ -53,12 +53,11 @@ def _scope(path: str) -> dict[str, Any]:
 
 async def _request(handler: PooledASGIHandler, path: str) -> int:
     sent: list[dict[str, Any]] = []
-    hang_up = asyncio.Event()
+    body = [{"type": "http.request", "body": b"", "more_body": False}]
 
     async def receive() -> dict[str, Any]:
-        if not sent and not hang_up.is_set():
-            hang_up.set()
-            return {"type": "http.request", "body": b"", "more_body": False}
+        if body:
+            return body.pop()
         await asyncio.Event().wait()  # the client stays (Django cancels this when done)
         return {"type": "http.disconnect"}
 
