@@ -38,8 +38,10 @@ __all__ = [
     "make_limits",
     "make_user",
     "measure",
+    "postgres_cpu_seconds",
     "print_summary",
     "redis_client",
+    "redis_cpu_seconds",
     "redis_url",
     "setup_django",
     "store_reserve",
@@ -141,6 +143,35 @@ def redis_client() -> Any:
     import redis
 
     return redis.Redis.from_url(redis_url())
+
+
+def redis_cpu_seconds() -> float:
+    """CPU seconds the bench's Redis server has used so far (``INFO cpu``: the whole server,
+    so a figure is this run's only while nothing else uses it)."""
+    info = redis_client().info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def postgres_cpu_seconds() -> float | None:
+    """CPU seconds used so far by every PostgreSQL server process on this machine (the
+    backends and the WAL writer, checkpointer and the rest), read from ``/proc``; ``None``
+    where they cannot be read (another OS, or another user's processes hidden)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, found = 0.0, False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        name, _, rest = stat.partition("(")[2].rpartition(")")
+        if not name.startswith("postgres"):
+            continue
+        fields = rest.split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        found = True
+    return total if found else None
 
 
 def cleanup() -> None:

@@ -296,7 +296,7 @@ def cpu_seconds(server: subprocess.Popen[bytes]) -> tuple[float, float, float]:
             continue
         total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return total, redis_cpu(), children.ru_utime + children.ru_stime
+    return total, common.redis_cpu_seconds(), children.ru_utime + children.ru_stime
 
 
 def child_pids(parent: int) -> list[int]:
@@ -310,11 +310,6 @@ def child_pids(parent: int) -> list[int]:
             if int(stat.rpartition(")")[2].split()[1]) == parent:
                 pids.append(int(entry.name))
     return pids
-
-
-def redis_cpu() -> float:
-    info = common.redis_client().info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 # -- sequential latency -----------------------------------------------------------------------

@@ -5,7 +5,11 @@ it keeps up with a burst from the web tier.
   worker's ``record_usage`` task writes them (``quotas.engine.rows.write_usage``, one batch of
   ``LEDGER_BATCH_SIZE`` records per task, each batch acknowledged in the Redis outboxes).
   Target: at least 5,000 rows/s from one worker process, with the default batches of 200;
-  batches of 1,000 are reported beside it.
+  batches of 1,000 are reported beside it. Beside the worker's own CPU per row: the
+  database's (every PostgreSQL process, from ``/proc``, so the figure assumes nothing else
+  uses this PostgreSQL meanwhile) and Redis's (the outbox acknowledgements). Their sum is
+  what the ledger costs one enforced request (one row each), the part the end-to-end
+  bench's CPU figures leave out (nothing consumes the ledger tasks there).
 - ``burst``: the web tier settles ``BURST`` requests (real ``reserve`` + ``settle`` on the
   bench's Redis: each settle puts its record in the user's outbox) as fast as one process
   can, while the ledger batches that would reach the worker are held back; then one worker
@@ -100,6 +104,13 @@ def rows_of(f: dict[str, Any]) -> list[Row]:
             common.verdict(write_rate >= TARGET_ROWS_PER_SECOND),
         ),
         Row(SECTION, "worker CPU per row (its own process)", f"{f['write_cpu_us']:.0f} us"),
+        Row(SECTION, "database CPU per row (every PostgreSQL process)", _us(f["write_db_us"])),
+        Row(SECTION, "Redis CPU per row (the outbox acknowledgements)", _us(f["write_redis_us"])),
+        Row(
+            SECTION,
+            "the ledger's CPU per enforced request (one row: worker + database + Redis)",
+            _us(_sum(f["write_cpu_us"], f["write_db_us"], f["write_redis_us"])),
+        ),
         Row(
             SECTION,
             f"bulk write, batches of {LARGE_BATCH}",
@@ -115,6 +126,16 @@ def rows_of(f: dict[str, Any]) -> list[Row]:
             common.verdict(drain >= web_peak and f["backlog_after"] == 0),
         ),
     ]
+
+
+def _us(value: float | None) -> str:
+    if value is None:
+        return "not measured (PostgreSQL's processes unreadable)"
+    return f"{value:.0f} us"
+
+
+def _sum(*values: float | None) -> float | None:
+    return None if None in values else sum(v for v in values if v is not None)
 
 
 # -- the child: Django on PostgreSQL -------------------------------------------------------------
@@ -153,13 +174,24 @@ def bulk_write(users: list[Any], size: int = 200, key: str = "write") -> dict[st
     from quotas.engine.rows import write_usage
 
     payloads = [_payload(users[i % len(users)], i) for i in range(ROWS)]
+    database, redis = common.postgres_cpu_seconds(), common.redis_cpu_seconds()
     started, cpu = time.perf_counter(), time.process_time()
     created = sum(write_usage(payloads[i : i + size]) for i in range(0, ROWS, size))
     took, cpu = time.perf_counter() - started, time.process_time() - cpu
+    database_after, redis_after = common.postgres_cpu_seconds(), common.redis_cpu_seconds()
     assert created == ROWS, (created, ROWS)
     again = write_usage(payloads[:size])  # idempotent: a re-delivered task writes nothing
     assert again == 0, again
-    return {f"{key}_rows_per_s": ROWS / took, f"{key}_cpu_us": cpu / ROWS * 1e6}
+    figures = {
+        f"{key}_rows_per_s": ROWS / took,
+        f"{key}_cpu_us": cpu / ROWS * 1e6,
+        # The outbox acknowledgements each batch sends.
+        f"{key}_redis_us": (redis_after - redis) / ROWS * 1e6,
+        f"{key}_db_us": None,
+    }
+    if database is not None and database_after is not None:
+        figures[f"{key}_db_us"] = (database_after - database) / ROWS * 1e6
+    return figures
 
 
 def _payload(user: Any, i: int) -> dict[str, Any]:
