@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -64,6 +65,7 @@ class Contender:
         self.prepare = prepare or (lambda _round: None)
         self.samples: list[float] = []
         self.round_medians: list[float] = []
+        self.round_cpu: list[float] = []  # this process's CPU microseconds per call, by round
 
 
 def drf_throttles() -> tuple[type, type]:
@@ -221,7 +223,10 @@ def run() -> list[Row]:
     for round_no in range(ROUNDS):
         for contender in contenders:
             contender.prepare(round_no)
+            cpu = time.process_time()
             samples = common.measure(contender.call, CALLS_PER_ROUND, warmup=2)
+            cpu = time.process_time() - cpu
+            contender.round_cpu.append(cpu * 1e6 / (CALLS_PER_ROUND + 2))
             contender.samples += samples
             contender.round_medians.append(statistics.median(samples))
     return rows({c.name: c for c in contenders})
@@ -266,8 +271,22 @@ def rows(contenders: dict[str, Contender]) -> list[Row]:
                     common.verdict(speedup >= 2),
                 )
             )
+    out += cpu_rows(contenders)
     out += diagnostic_rows(stats, contenders)
     return out
+
+
+def cpu_rows(contenders: dict[str, Contender]) -> list[Row]:
+    """This process's CPU per call (user and system, the round trip's system calls in it),
+    median of rounds: the client's side of the cost, which a VM's slow scheduling of the
+    round trip does not inflate as it does the wall time above. Informational."""
+    section = "Check cost, client CPU per call (us, median of rounds; ratio to DRF's)"
+    drf = statistics.median(contenders[DRF_USER].round_cpu)
+    return [
+        Row(section, name, f"{cpu:7.1f}", f"{cpu / drf:5.2f}x")
+        for name in (PING, RESERVE, RESERVE_3, STORE, DRF_USER)
+        for cpu in [statistics.median(contenders[name].round_cpu)]
+    ]
 
 
 def diagnostic_rows(stats: dict[str, Stats], contenders: dict[str, Contender]) -> list[Row]:
