@@ -26,13 +26,16 @@ Targets (the async issue's): ASGI holds at least 10x the concurrent streams of W
 at the same TTFT bound); enforcement adds at most 1 ms to TTFT p50 and costs at most 3 % of
 streams/s (ASGI, at the highest level both servers hold).
 
-Informational, not judged: a *burst* of that many streams opened at the same instant (the
-former measure). Each request then waits for the start-up CPU of the ones ahead of it, so any
-per-request cost is multiplied by about half the burst.
+Informational, not judged: before the levels, ``IDLE_STREAMS`` streams per server opened one
+at a time on the idle servers, taking turns (each read to its first byte, then dropped: the
+server settles what it produced), so what enforcement adds to a stream's start on its own is
+told apart from the levels' queueing and noise; and a *burst* of that many streams opened
+at the same instant (the former measure). Each request then waits for the start-up CPU of
+the ones ahead of it, so any per-request cost is multiplied by about half the burst.
 
 Run alone: ``python bench/streaming.py``. Knobs: ``BENCH_STREAM_LEVELS`` (``8,16,32,64,128``),
 ``BENCH_STREAM_ROUNDS`` (2), ``BENCH_STREAM_WARMUP`` (2.5 s), ``BENCH_STREAM_MEASURE``
-(3 s per slice), ``BENCH_STREAM_TTFT_BOUND`` (1 s).
+(3 s per slice), ``BENCH_STREAM_TTFT_BOUND`` (1 s), ``BENCH_STREAM_IDLE`` (100).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -59,6 +63,9 @@ ROUNDS = int(os.environ.get("BENCH_STREAM_ROUNDS", "2"))
 WARMUP_SECONDS = float(os.environ.get("BENCH_STREAM_WARMUP", "2.5"))
 MEASURE_SECONDS = float(os.environ.get("BENCH_STREAM_MEASURE", "3"))
 TTFT_BOUND_SECONDS = float(os.environ.get("BENCH_STREAM_TTFT_BOUND", "1.0"))
+# Streams per server opened one at a time on the idle servers (see ``idle_ttft``).
+IDLE_STREAMS = int(os.environ.get("BENCH_STREAM_IDLE", "100"))
+IDLE_GAP_SECONDS = 0.02
 READ_TIMEOUT_SECONDS = 60
 WSGI_THREADS = 8
 BODY = json.dumps(
@@ -122,6 +129,7 @@ class Slice:
 class KindResult:
     levels: list[tuple[Level, Level]]  # (off, enforced) per level, rising
     burst: tuple[Level, Level] | None
+    idle: tuple[list[float], list[float]] = ([], [])  # TTFTs one stream at a time: off, on
 
 
 # -- the servers ------------------------------------------------------------------------------
@@ -217,6 +225,46 @@ async def one_stream(server: int, port: int, token: str) -> Stream:
         return Stream(server, started, ttft, time.monotonic(), False)
     finally:
         writer.close()
+
+
+async def first_byte(port: int, token: str) -> float:
+    """Seconds to the first byte of one stream's body; the client then goes away (the
+    server settles what it produced when it finds the connection closed)."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Authorization: Bearer {token}\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
+            + BODY
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_SECONDS)
+        await asyncio.wait_for(reader.read(1), READ_TIMEOUT_SECONDS)
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise RuntimeError(f"a stream was answered {head.splitlines()[0]!r}")
+        return time.monotonic() - started
+    finally:
+        writer.close()
+
+
+async def _idle(ports: list[int], token: str) -> tuple[list[float], list[float]]:
+    ttfts: tuple[list[float], list[float]] = ([], [])
+    for i in range(IDLE_STREAMS + 10):  # the first 10 of each warm up, unmeasured
+        for server in (OFF, ON) if i % 2 == 0 else (ON, OFF):
+            ttft = await first_byte(ports[server], token)
+            if i >= 10:
+                ttfts[server].append(ttft)
+            await asyncio.sleep(IDLE_GAP_SECONDS)
+    return ttfts
+
+
+def idle_ttft(ports: list[int], token: str) -> tuple[list[float], list[float]]:
+    """TTFTs of ``IDLE_STREAMS`` streams per server opened one at a time, the two servers
+    taking turns: what enforcement adds to a stream's start on its own, without the
+    queueing and noise of the levels' load."""
+    return run_loop(_idle(ports, token))
 
 
 def slices() -> list[Slice]:
@@ -324,6 +372,7 @@ def measure(kind: Kind, token: str) -> KindResult:
     try:
         for port, process in zip(ports, processes, strict=True):
             wait_ready(port, token, process)
+        idle = idle_ttft(ports, token)
         levels: list[tuple[Level, Level]] = []
         for clients in LEVELS:
             pair = closed_loop_level(ports, token, clients)
@@ -335,7 +384,7 @@ def measure(kind: Kind, token: str) -> KindResult:
         streams = (both or levels)[-1][0].streams
         burst = burst_level(ports, token, streams)
         print(f"  {kind.label}, burst of {streams}: off {burst[0]}, on {burst[1]}", flush=True)
-        return KindResult(levels, burst)
+        return KindResult(levels, burst, idle)
     finally:
         for process in processes:
             stop(process)
@@ -376,6 +425,17 @@ def _kind_rows(section: str, kind: Kind, result: KindResult) -> list[Row]:
         Row(section, f"{kind.label}: clients held, off / enforced",
             f"{held(result.levels, OFF)} / {held(result.levels, ON)}")
     ]  # fmt: skip
+    off_idle, on_idle = result.idle
+    if off_idle and on_idle:
+        base, ours = sorted(off_idle), sorted(on_idle)
+        p50, p90 = statistics.median(base), common.percentile(base, 90)
+        added_p50 = statistics.median(ours) - p50
+        added_p90 = common.percentile(ours, 90) - p90
+        rows.append(
+            Row(section, f"{kind.label}, one stream at a time ({len(base)} each)",
+                f"off TTFT p50 {_ms(p50)} p90 {_ms(p90)}; enforcement adds p50 "
+                f"{added_p50 * 1000:+.2f} ms, p90 {added_p90 * 1000:+.2f} ms")
+        )  # fmt: skip
     for off, on in result.levels:
         rows.append(Row(section, f"{kind.label} at {off.streams}: off", _describe(off)))
         rows.append(Row(section, f"{kind.label} at {on.streams}: enforced", _describe(on)))

@@ -48,6 +48,7 @@ def test_every_part_runs_and_the_exact_figures_hold(tmp_path, redis_client):
         "BENCH_STREAM_ROUNDS": "1",
         "BENCH_STREAM_WARMUP": "1",
         "BENCH_STREAM_MEASURE": "1",
+        "BENCH_STREAM_IDLE": "10",
         "BENCH_E2E_SEQUENTIAL": "50",
     }
     run = subprocess.run(
