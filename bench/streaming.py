@@ -65,6 +65,7 @@ MEASURE_SECONDS = float(os.environ.get("BENCH_STREAM_MEASURE", "3"))
 TTFT_BOUND_SECONDS = float(os.environ.get("BENCH_STREAM_TTFT_BOUND", "1.0"))
 # Streams per server opened one at a time on the idle servers (see ``idle_ttft``).
 IDLE_STREAMS = int(os.environ.get("BENCH_STREAM_IDLE", "100"))
+IDLE_WARMUP = 10  # streams per server first, unmeasured
 IDLE_GAP_SECONDS = 0.02
 READ_TIMEOUT_SECONDS = 60
 WSGI_THREADS = 8
@@ -129,7 +130,7 @@ class Slice:
 class KindResult:
     levels: list[tuple[Level, Level]]  # (off, enforced) per level, rising
     burst: tuple[Level, Level] | None
-    idle: tuple[list[float], list[float]] = ([], [])  # TTFTs one stream at a time: off, on
+    idle: tuple[list[float], list[float]]  # TTFTs of streams one at a time: off, on
 
 
 # -- the servers ------------------------------------------------------------------------------
@@ -199,6 +200,16 @@ def run_loop(coroutine: Coroutine[Any, Any, Any]) -> Any:
         return runner.run(coroutine)
 
 
+def _request(token: str) -> bytes:
+    """One streamed chat request, as the clients send it (the server closes after it)."""
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\n"
+        + f"Authorization: Bearer {token}\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
+        + BODY
+    )
+
+
 async def one_stream(server: int, port: int, token: str) -> Stream:
     """Open one stream, read it to its end; ``ok`` after a 200 that ended with ``[DONE]``."""
     started = time.monotonic()
@@ -208,12 +219,7 @@ async def one_stream(server: int, port: int, token: str) -> Stream:
     except OSError:
         return Stream(server, started, None, time.monotonic(), False)
     try:
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-            b"Content-Type: application/json\r\n"
-            + f"Authorization: Bearer {token}\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
-            + BODY
-        )
+        writer.write(_request(token))
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_SECONDS)
         body = await asyncio.wait_for(reader.read(1), READ_TIMEOUT_SECONDS)  # its first byte
@@ -233,12 +239,7 @@ async def first_byte(port: int, token: str) -> float:
     started = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-            b"Content-Type: application/json\r\n"
-            + f"Authorization: Bearer {token}\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
-            + BODY
-        )
+        writer.write(_request(token))
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_SECONDS)
         await asyncio.wait_for(reader.read(1), READ_TIMEOUT_SECONDS)
@@ -251,10 +252,10 @@ async def first_byte(port: int, token: str) -> float:
 
 async def _idle(ports: list[int], token: str) -> tuple[list[float], list[float]]:
     ttfts: tuple[list[float], list[float]] = ([], [])
-    for i in range(IDLE_STREAMS + 10):  # the first 10 of each warm up, unmeasured
+    for i in range(IDLE_WARMUP + IDLE_STREAMS):
         for server in (OFF, ON) if i % 2 == 0 else (ON, OFF):
             ttft = await first_byte(ports[server], token)
-            if i >= 10:
+            if i >= IDLE_WARMUP:
                 ttfts[server].append(ttft)
             await asyncio.sleep(IDLE_GAP_SECONDS)
     return ttfts
