@@ -281,11 +281,10 @@ def cpu_rows(contenders: dict[str, Contender]) -> list[Row]:
     median of rounds: the client's side of the cost, which a VM's slow scheduling of the
     round trip does not inflate as it does the wall time above. Informational."""
     section = "Check cost, client CPU per call (us, median of rounds; ratio to DRF's)"
-    drf = statistics.median(contenders[DRF_USER].round_cpu)
+    cpu = {name: statistics.median(contenders[name].round_cpu)
+           for name in (PING, RESERVE, RESERVE_3, STORE, DRF_USER)}  # fmt: skip
     return [
-        Row(section, name, f"{cpu:7.1f}", f"{cpu / drf:5.2f}x")
-        for name in (PING, RESERVE, RESERVE_3, STORE, DRF_USER)
-        for cpu in [statistics.median(contenders[name].round_cpu)]
+        Row(section, name, f"{us:7.1f}", f"{us / cpu[DRF_USER]:5.2f}x") for name, us in cpu.items()
     ]
 
 

@@ -109,7 +109,11 @@ def rows_of(f: dict[str, Any]) -> list[Row]:
         Row(
             SECTION,
             "the ledger's CPU per enforced request (one row: worker + database + Redis)",
-            _us(_sum(f["write_cpu_us"], f["write_db_us"], f["write_redis_us"])),
+            _us(
+                None
+                if f["write_db_us"] is None
+                else f["write_cpu_us"] + f["write_db_us"] + f["write_redis_us"]
+            ),
         ),
         Row(
             SECTION,
@@ -132,10 +136,6 @@ def _us(value: float | None) -> str:
     if value is None:
         return "not measured (PostgreSQL's processes unreadable)"
     return f"{value:.0f} us"
-
-
-def _sum(*values: float | None) -> float | None:
-    return None if None in values else sum(v for v in values if v is not None)
 
 
 # -- the child: Django on PostgreSQL -------------------------------------------------------------
