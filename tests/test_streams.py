@@ -3,6 +3,7 @@ settle that raises. The client always gets the whole stream; usage is never lost
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from quotas import ledger, services
 from quotas.core.tokens import encoding_for_model
 from quotas.models import UsageRecord
 from quotas.signals import usage_settled
+from quotas.streaming import StreamMeter
 from tests.enforced_urls import MALFORMED_EVENTS, USAGE
 from tests.support import RedisProxy
 
@@ -102,3 +104,80 @@ def test_a_stream_whose_settle_raises_still_reaches_the_client(
     # The settle got as far as Redis and the ledger before the receiver raised.
     assert used(user) == USAGE["total_tokens"]
     assert UsageRecord.objects.get().actual_tokens == USAGE["total_tokens"]
+
+
+# -- What the meter reads of the events ------------------------------------------------------
+
+
+def _event(payload: dict[str, Any], newline: bytes = b"\n") -> bytes:
+    return b"data: " + json.dumps(payload).encode() + newline + newline
+
+
+def _words(count: int, newline: bytes = b"\n") -> list[bytes]:
+    return [_event({"choices": [{"delta": {"content": " word"}}]}, newline)] * count
+
+
+def _metered(user: Any, chunks: list[bytes]) -> tuple[Any, StreamMeter]:
+    reservation = services.reserve(user, 500, model="gpt-4", prompt_tokens=7)
+    meter = StreamMeter(iter(chunks), reservation, 7)
+    return reservation, meter
+
+
+def _settled(user: Any, chunks: list[bytes]) -> tuple[int, int]:
+    """(prompt, completion) tokens the meter settled ``chunks`` with."""
+    reservation, meter = _metered(user, chunks)
+    assert b"".join(meter) == b"".join(chunks)  # every chunk passes as it came
+    meter.close()
+    assert len(reservation.settlements) == 1
+    row = UsageRecord.objects.get(request_id=reservation.id)
+    return row.prompt_tokens, row.completion_tokens
+
+
+def _text_tokens(count: int) -> int:
+    return len(encoding_for_model("gpt-4").encode(" word" * count))
+
+
+def test_the_usage_event_is_read_when_split_across_chunks(user):
+    usage = _event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 40}})
+    chunks = [*_words(5), usage[:17], usage[17:30], usage[30:], b"data: [DONE]\n\n"]
+    assert _settled(user, chunks) == (3, 40)
+
+
+def test_the_last_usable_usage_block_stands(user):
+    first = _event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 40}})
+    second = _event({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 41}})
+    broken = _event({"choices": [], "usage": {"prompt_tokens": -1, "completion_tokens": "x"}})
+    assert _settled(user, [first, second, broken]) == (4, 41)
+    # "usage" outside an event's data (a comment), or in its text, is not a usage block.
+    chunks = [b': {"usage": {"prompt_tokens": 1}}\n', *_words(2)]
+    chunks.append(_event({"choices": [{"delta": {"content": 'say "usage"'}}]}))
+    text = len(encoding_for_model("gpt-4").encode(' word word say "usage"'))
+    assert _settled(user, chunks) == (7, text)
+
+
+def test_events_with_crlf_line_ends_are_read(user):
+    usage = _event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}}, b"\r\n")
+    assert _settled(user, [*_words(3, b"\r\n"), usage]) == (3, 9)
+    assert _settled(user, _words(3, b"\r\n")) == (7, _text_tokens(3))
+
+
+def test_a_line_never_ended_is_not_read(user):
+    chunks = [*_words(2), b'data: {"choices": [{"delta": {"content": " word"}}]}']
+    assert _settled(user, chunks) == (7, _text_tokens(2))
+
+
+def test_a_long_stream_without_usage_is_read_whole_in_bounded_memory(user):
+    """Past ``PENDING_BYTES`` the events kept so far are read and forgotten: the meter never
+    holds more than that plus one chunk, and every word still counts, the events cut at
+    the chunks' edges too."""
+    count = 3 * StreamMeter.PENDING_BYTES // len(_words(1)[0])
+    body = b"".join(_words(count))
+    size = 1000  # no divisor of an event's length: the reads fall inside events
+    reservation, meter = _metered(user, [body[i : i + size] for i in range(0, len(body), size)])
+    largest = 0
+    for _ in meter:
+        largest = max(largest, meter._kept_size)
+    meter.close()
+    assert StreamMeter.PENDING_BYTES - size < largest <= StreamMeter.PENDING_BYTES + size
+    row = UsageRecord.objects.get(request_id=reservation.id)
+    assert (row.prompt_tokens, row.completion_tokens) == (7, _text_tokens(count))
