@@ -208,6 +208,47 @@ def test_add_nowait_leaves_a_full_batch_to_the_batch_thread():
     assert batches == [[1, 2]] and senders == ["quotas-ledger-batch"]
 
 
+def test_an_urgent_payload_wakes_the_batch_thread_for_the_whole_batch():
+    senders: list[str] = []
+    batches, arrived, collect = collector()
+
+    def send(batch: list[Any]) -> None:
+        senders.append(threading.current_thread().name)
+        collect(batch)
+
+    batcher = Batcher(send, interval=lambda: 3600, size=lambda: 100)
+    batcher.add({"n": 1})
+    assert not arrived.wait(0.3)  # the next tick is an hour away
+    batcher.add({"n": 2}, urgent=True)  # no copy anywhere else: it must not wait
+    assert arrived.wait(5)
+    assert batches == [[1, 2]] and senders == ["quotas-ledger-batch"]
+    arrived.clear()
+    batcher.add_nowait({"n": 3}, urgent=True)
+    assert arrived.wait(5)
+    assert batches == [[1, 2], [3]] and senders == ["quotas-ledger-batch"] * 2
+
+
+def test_a_record_redis_did_not_take_is_sent_at_once_the_others_at_the_tick(
+    user, quota_config, dead_cache
+):
+    """A settle Redis took has its record in the outbox too, so the record waits for the
+    batch's tick; one made while Redis was unreachable exists only in this process, so it
+    is sent (with the batch) at once, not a tick later."""
+    batcher = ledger_engine.ledger_batcher()
+    batches, arrived, collect = collector()
+    sent = mock.patch.object(batcher, "_send", lambda batch: collect([{"n": 0}] * len(batch)))
+    with sent:
+        served = serve(user, 2, total_tokens=10)
+        assert not arrived.wait(0.3)  # in the outbox: the batch waits for its tick
+        stranded = services.reserve(user, 100)
+        quota_config(CACHE_ALIAS=dead_cache, LEDGER_BATCH_SECONDS=3600)  # Redis unreachable
+        outcome = services.settle(stranded, total_tokens=40)
+        assert outcome.remaining is None  # Redis never heard of it: the ledger only
+        assert arrived.wait(5)
+    assert batches == [[0, 0, 0]]  # the two that could wait went with it
+    assert [s.actual_tokens for s in served] == [10, 10]
+
+
 def test_a_failing_send_is_logged_not_raised(caplog):
     def send(batch: list[Any]) -> None:
         raise RuntimeError("down")

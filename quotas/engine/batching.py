@@ -11,7 +11,8 @@ the cost of one task per batch rather than one per request.
 One daemon thread per process and kind sends the batch every ``LEDGER_BATCH_SECONDS`` (or
 ``SETTLE_BATCH_SECONDS``); a batch of ``LEDGER_BATCH_SIZE`` is sent at once by the thread
 that filled it (filled from an event loop, ``add_nowait``: by the background thread, woken
-for it); what is left at exit is sent by an ``atexit`` hook, which first waits (up to
+for it), and so is a batch holding an *urgent* payload, one with no copy anywhere else (a
+ledger record made while Redis was unreachable), by the background thread; what is left at exit is sent by an ``atexit`` hook, which first waits (up to
 ``EXIT_WAIT_SECONDS``) for a batch another thread is still sending: the background thread is
 a daemon, stopped where it stands once the hooks have run, so a batch it had taken but not
 yet sent would otherwise be lost (records made without Redis have no outbox copy). The
@@ -67,14 +68,19 @@ class Batcher(Generic[Payload]):
         # lock (another thread may have held it at the fork), and starts its own thread.
         os.register_at_fork(after_in_child=self._after_fork)
 
-    def add(self, payload: Payload) -> None:
+    def add(self, payload: Payload, *, urgent: bool = False) -> None:
+        """Queue ``payload`` for the next batch; a batch it fills is sent now, in this
+        thread. ``urgent``: the batch must not wait for the next tick (the payload has no
+        other copy anywhere), so the background thread is woken to send it at once."""
         if self._append(payload):
             self.flush()
+        elif urgent:
+            self._wake.set()
 
-    def add_nowait(self, payload: Payload) -> None:
-        """``add`` that never sends in the caller's thread (for an event loop): a full batch
-        wakes the background thread, which sends it at once."""
-        if self._append(payload):
+    def add_nowait(self, payload: Payload, *, urgent: bool = False) -> None:
+        """``add`` that never sends in the caller's thread (for an event loop): a full batch,
+        or an ``urgent`` payload, wakes the background thread, which sends it at once."""
+        if self._append(payload) or urgent:
             self._wake.set()
 
     def _append(self, payload: Payload) -> bool:

@@ -57,18 +57,23 @@ def usage_payload(
     }
 
 
-def send_to_ledger(payload: dict[str, Any], *, nowait: bool = False) -> None:
+def send_to_ledger(
+    payload: dict[str, Any], *, nowait: bool = False, in_outbox: bool = False
+) -> None:
     """Send a ledger record to the Celery worker: in this process's next batch (every
     ``LEDGER_BATCH_SECONDS``), or alone after the current transaction commits when that is 0.
     Rows are written directly when the broker cannot take the task, so no usage is lost.
     ``nowait`` (batching on only): a batch this record fills is sent by the batch's own
-    thread, never by the caller's (an event loop's)."""
+    thread, never by the caller's (an event loop's). ``in_outbox``: the settle script also
+    put this record in the user's Redis outbox, so it may wait for the batch's next tick; a
+    record only this process holds (made while Redis was unreachable) wakes the batch's
+    thread to send it at once, so a process killed later does not take it along."""
     backlog_watch().start()  # no Redis call: a flag check once its thread runs
     if quota_settings.LEDGER_BATCH_SECONDS > 0:
         if nowait:
-            ledger_batcher().add_nowait(payload)
+            ledger_batcher().add_nowait(payload, urgent=not in_outbox)
         else:
-            ledger_batcher().add(payload)
+            ledger_batcher().add(payload, urgent=not in_outbox)
     else:
         transaction.on_commit(lambda: _enqueue_or_write([payload]))
 

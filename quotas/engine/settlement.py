@@ -215,6 +215,8 @@ def _finish_settle(
                 cost=outcome.cost,
             ),
             nowait=on_loop,
+            # Redis took the settle: its script put the record in the outbox too.
+            in_outbox=not isinstance(result, StoreUnavailable),
         )
         usage_settled.send(
             sender=Reservation,
