@@ -101,7 +101,7 @@ QUOTAS = {
     "WINDOW_SECONDS": int(os.environ.get("QUOTAS_WINDOW_SECONDS", "3600")),
     "BUCKET_SECONDS": float(os.environ.get("QUOTAS_BUCKET_SECONDS", "60")),
     "FAILURE_POLICY": os.environ.get("QUOTAS_FAILURE_POLICY", "open"),
-    "LEDGER_BATCH_SECONDS": float(os.environ.get("QUOTAS_LEDGER_BATCH_SECONDS", "0.05")),
+    "LEDGER_BATCH_SECONDS": float(os.environ.get("QUOTAS_LEDGER_BATCH_SECONDS", "0.5")),
     "SETTLE_BATCH_SECONDS": float(os.environ.get("QUOTAS_SETTLE_BATCH_SECONDS", "0")),
     "SETTLE_AFTER_RESPONSE": os.environ.get("QUOTAS_SETTLE_AFTER_RESPONSE", "0") == "1",
     # The provider side (quotas.llm, used when the gateway forwards to an upstream).

@@ -64,8 +64,9 @@ DEFAULTS: dict[str, Any] = {
     # every request of it is a 429 until the count falls (0: no such limit). See attempts.py.
     "REJECTED_PER_MINUTE": 30,
     # Ledger records are sent to the Celery worker in batches: one task per process every
-    # this many seconds (0: one task per request, after the transaction commits) ...
-    "LEDGER_BATCH_SECONDS": 0.05,
+    # this many seconds (0: one task per request, after the transaction commits); a record
+    # made while Redis was unreachable (no outbox copy) is sent at once ...
+    "LEDGER_BATCH_SECONDS": 0.5,
     # ... or as soon as this many records are waiting.
     "LEDGER_BATCH_SIZE": 200,
     # QuotaMiddleware settles in the request (0), or hands its settles to a per-process batch
