@@ -159,12 +159,14 @@ def test_asettle_hands_the_ledger_record_to_the_batch_on_the_loop_unless_a_recei
     batcher = ledger_engine.ledger_batcher()
     batcher._pending.clear()
     added_on: list[str] = []
+    urgent: list[bool] = []
     add_nowait, add = batcher.add_nowait, batcher.add
 
     def spy(real: Any) -> Any:
-        def call(payload: Any) -> None:
+        def call(payload: Any, **options: Any) -> None:
             added_on.append(threading.current_thread().name)
-            real(payload)
+            urgent.append(options.get("urgent", False))
+            real(payload, **options)
 
         return call
 
@@ -187,6 +189,7 @@ def test_asettle_hands_the_ledger_record_to_the_batch_on_the_loop_unless_a_recei
         usage_settled.disconnect(users_in_receiver)
     assert len(added_on) == 1
     assert (added_on[0] == loop_thread) is not receiver
+    assert urgent == [False]  # Redis took the settle: the outbox has the record, it may wait
     assert seen == ([0] if receiver else [])
     assert services.flush_ledger_batch() == 1
     assert UsageRecord.objects.get().actual_tokens == 40
