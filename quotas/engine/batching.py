@@ -12,12 +12,13 @@ One daemon thread per process and kind sends the batch every ``LEDGER_BATCH_SECO
 ``SETTLE_BATCH_SECONDS``); a batch of ``LEDGER_BATCH_SIZE`` is sent at once by the thread
 that filled it (filled from an event loop, ``add_nowait``: by the background thread, woken
 for it), and so is a batch holding an *urgent* payload, one with no copy anywhere else (a
-ledger record made while Redis was unreachable), by the background thread; what is left at exit is sent by an ``atexit`` hook, which first waits (up to
-``EXIT_WAIT_SECONDS``) for a batch another thread is still sending: the background thread is
-a daemon, stopped where it stands once the hooks have run, so a batch it had taken but not
-yet sent would otherwise be lost (records made without Redis have no outbox copy). The
-thread is started on first use in each process, so a forking server (gunicorn, Celery's
-prefork pool) gets one per worker.
+ledger record made while Redis was unreachable), by the background thread; what is left at
+exit is sent by an ``atexit`` hook, which first waits (up to ``EXIT_WAIT_SECONDS``) for a
+batch another thread is still sending: the background thread is a daemon, stopped where it
+stands once the hooks have run, so a batch it had taken but not yet sent would otherwise be
+lost (records made without Redis have no outbox copy). The thread is started on first use
+in each process, so a forking server (gunicorn, Celery's prefork pool) gets one per
+worker.
 """
 
 from __future__ import annotations
