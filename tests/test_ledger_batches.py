@@ -184,6 +184,18 @@ def collector() -> tuple[list[list[int]], threading.Event, Any]:
     return batches, arrived, send
 
 
+def thread_collector() -> tuple[list[list[int]], threading.Event, list[str], Any]:
+    """``collector``, also noting which thread sent each batch."""
+    senders: list[str] = []
+    batches, arrived, collect = collector()
+
+    def send(batch: list[Any]) -> None:
+        senders.append(threading.current_thread().name)
+        collect(batch)
+
+    return batches, arrived, senders, send
+
+
 def test_the_batcher_thread_sends_every_interval():
     batches, arrived, send = collector()
     batcher = Batcher(send, interval=lambda: 0.05, size=lambda: 100)
@@ -194,13 +206,7 @@ def test_the_batcher_thread_sends_every_interval():
 
 
 def test_add_nowait_leaves_a_full_batch_to_the_batch_thread():
-    senders: list[str] = []
-    batches, arrived, collect = collector()
-
-    def send(batch: list[Any]) -> None:
-        senders.append(threading.current_thread().name)
-        collect(batch)
-
+    batches, arrived, senders, send = thread_collector()
     batcher = Batcher(send, interval=lambda: 3600, size=lambda: 2)
     batcher.add_nowait({"n": 1})
     batcher.add_nowait({"n": 2})  # full: the thread is woken, the caller sends nothing
@@ -209,13 +215,7 @@ def test_add_nowait_leaves_a_full_batch_to_the_batch_thread():
 
 
 def test_an_urgent_payload_wakes_the_batch_thread_for_the_whole_batch():
-    senders: list[str] = []
-    batches, arrived, collect = collector()
-
-    def send(batch: list[Any]) -> None:
-        senders.append(threading.current_thread().name)
-        collect(batch)
-
+    batches, arrived, senders, send = thread_collector()
     batcher = Batcher(send, interval=lambda: 3600, size=lambda: 100)
     batcher.add({"n": 1})
     assert not arrived.wait(0.3)  # the next tick is an hour away
