@@ -152,6 +152,22 @@ def redis_cpu_seconds() -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` and its live children (a server's
+    workers), read from ``/proc``; a process gone meanwhile counts nothing."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stats[int(entry.name)] = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:  # gone, or not ours to read
+                continue
+    family = [pid, *(child for child, fields in stats.items() if int(fields[1]) == pid)]
+    # utime, stime (fields 14 and 15 of the whole line)
+    return sum((int(stats[p][11]) + int(stats[p][12])) / tick for p in family if p in stats)
+
+
 def postgres_cpu_seconds() -> float | None:
     """CPU seconds used so far by every PostgreSQL server process on this machine (the
     backends and the WAL writer, checkpointer and the rest), read from ``/proc``; ``None``

@@ -287,29 +287,12 @@ def measure_load(
 def cpu_seconds(server: subprocess.Popen[bytes]) -> tuple[float, float, float]:
     """CPU seconds used so far by the server's processes, by Redis, and by this process's
     finished children (the load generators)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in [server.pid, *child_pids(server.pid)]:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:  # gone
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return total, common.redis_cpu_seconds(), children.ru_utime + children.ru_stime
-
-
-def child_pids(parent: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == parent:
-                pids.append(int(entry.name))
-    return pids
+    return (
+        common.process_cpu_seconds(server.pid),
+        common.redis_cpu_seconds(),
+        children.ru_utime + children.ru_stime,
+    )
 
 
 # -- sequential latency -----------------------------------------------------------------------

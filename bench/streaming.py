@@ -50,7 +50,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import common
@@ -99,6 +99,9 @@ class Level:
     streams_per_second: float
     errors: int
     samples: int
+    # The server's CPU (all its processes) over the whole level, per stream it served then:
+    # the cost the load's queueing and the machine's neighbours move least.
+    cpu_per_stream: float = 0.0
 
     @property
     def held(self) -> bool:
@@ -301,10 +304,22 @@ async def _closed_loops(ports: list[int], token: str, clients: int) -> tuple[lis
     return streams, origin
 
 
-def closed_loop_level(ports: list[int], token: str, clients: int) -> tuple[Level, Level]:
+def closed_loop_level(
+    ports: list[int], token: str, clients: int, pids: list[int]
+) -> tuple[Level, Level]:
+    """Both servers' figures at ``clients`` (``pids``: the servers' processes, whose CPU
+    over the level is divided by the streams each served)."""
+    before = [common.process_cpu_seconds(pid) for pid in pids]
     streams, origin = run_loop(_closed_loops(ports, token, clients))
+    spent = [common.process_cpu_seconds(pid) - was for pid, was in zip(pids, before, strict=True)]
     plan = slices()
-    return tuple(_figures(server, clients, streams, origin, plan) for server in (OFF, ON))  # type: ignore[return-value]
+    return tuple(  # type: ignore[return-value]
+        replace(
+            _figures(server, clients, streams, origin, plan),
+            cpu_per_stream=spent[server] / max(sum(s.ok for s in streams if s.server == server), 1),
+        )
+        for server in (OFF, ON)
+    )
 
 
 def _figures(
@@ -376,7 +391,7 @@ def measure(kind: Kind, token: str) -> KindResult:
         idle = idle_ttft(ports, token)
         levels: list[tuple[Level, Level]] = []
         for clients in LEVELS:
-            pair = closed_loop_level(ports, token, clients)
+            pair = closed_loop_level(ports, token, clients, [p.pid for p in processes])
             print(f"  {kind.label}, {clients} clients: off {pair[0]}, on {pair[1]}", flush=True)
             levels.append(pair)
             if not (pair[0].held and pair[1].held):
@@ -451,17 +466,21 @@ def _kind_rows(section: str, kind: Kind, result: KindResult) -> list[Row]:
 
 def _describe(level: Level) -> str:
     failed = f", {level.errors} failed" if level.errors else ""
+    cpu = f", {_ms(level.cpu_per_stream)} CPU a stream" if level.cpu_per_stream else ""
     return (
         f"TTFT p50 {_ms(level.ttft_p50)} p99 {_ms(level.ttft_p99)}, "
-        f"{level.streams_per_second:.1f} streams/s ({level.samples} streams){failed}"
+        f"{level.streams_per_second:.1f} streams/s ({level.samples} streams){failed}{cpu}"
     )
 
 
 def _cost(off: Level, on: Level) -> str:
     rate = on.streams_per_second / off.streams_per_second if off.streams_per_second else 0.0
+    cpu = ""
+    if off.cpu_per_stream and on.cpu_per_stream:
+        cpu = f", CPU a stream {_added(off.cpu_per_stream, on.cpu_per_stream)}"
     return (
         f"TTFT p50 {_added(off.ttft_p50, on.ttft_p50)} p99 {_added(off.ttft_p99, on.ttft_p99)}, "
-        f"streams/s x{rate:.3f}"
+        f"streams/s x{rate:.3f}{cpu}"
     )
 
 
