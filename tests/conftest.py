@@ -34,6 +34,13 @@ def pytest_addoption(parser: Any) -> None:
     )
 
 
+def pytest_configure(config: Any) -> None:
+    # A password hashed at Django's production cost takes about 0.35 s here; no test is about
+    # hashing (they log in with force_login or the test-login view), and the admin tests
+    # made a superuser each: about 16 s of every run of the suite, in each of CI's cells.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 def pytest_generate_tests(metafunc: Any) -> None:
     count = metafunc.config.getoption("repeat")
     if count > 1:
@@ -41,13 +48,21 @@ def pytest_generate_tests(metafunc: Any) -> None:
         metafunc.parametrize("repeat_step", range(count), indirect=True)
 
 
-# The longest test files are collected first, so that the processes of ``make test`` (one
-# file runs whole in one process) start them first and end at about the same time.
+# The longest test files are collected first, then every other file that starts servers or
+# waits in real time (marked integration or slow), then the rest: the processes of ``make
+# test`` (one file runs whole in one process, each taking the next file as it finishes) start
+# the long files first and fill the end with short ones, so both end at about the same time.
 STARTED_FIRST = ("test_bench.py", "test_fuzz_gateway.py", "test_admin_dashboard_scale.py")
+LONG_MARKS = ("integration", "slow")
 
 
 def pytest_collection_modifyitems(items: list[Any]) -> None:
-    items.sort(key=lambda item: item.path.name not in STARTED_FIRST)  # stable: else as found
+    long_files = {
+        item.path for item in items if any(item.get_closest_marker(m) for m in LONG_MARKS)
+    }
+    items.sort(  # stable: else as found
+        key=lambda item: (item.path.name not in STARTED_FIRST, item.path not in long_files)
+    )
 
 
 @pytest.fixture
