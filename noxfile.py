@@ -14,7 +14,7 @@
   contract and HTTP through Django's client).
 
 ``make test`` runs the whole suite in the default cell (Python 3.11, Django 5.2, ``.venv``);
-CI runs it and then every session tagged ``ci`` (``nox -t ci``): three more test cells (each
+CI runs it and then every session tagged ``ci`` (``nox -t ci``): two more test cells (each
 Python and each Django at least once), the minimum and the server cells. ``make matrix`` runs
 those and the remaining test cells (tag ``more``). Versions are
 pinned in ``requirements.txt`` only: each session installs those pins, with the cell's own
@@ -41,8 +41,9 @@ DJANGOS = {"5.2": "3.10", "6.0": "3.12", "6.1": "3.12"}
 DEFAULT_CELL = ("3.11", "5.2")  # what `make test` runs, in .venv, from requirements.txt
 # The cells CI runs after the default one (tag ``ci``): each Python and each Django at least
 # once, the newest pair among them. The others (tag ``more``) run with ``make matrix``; CI
-# leaves them out to stay within its time budget.
-CI_CELLS = {("3.12", "6.0"), ("3.13", "5.2"), ("3.13", "6.1")}
+# leaves them out to stay within its time budget (Python 3.13 on Django 5.2 went too: 3.13
+# runs with Django 6.1, and 5.2 in the default cell).
+CI_CELLS = {("3.12", "6.0"), ("3.13", "6.1")}
 FAST = ("-m", "not integration and not slow")
 # The engine and HTTP tests: the store's scripts, the services, layered limits, reconciliation,
 # and HTTP through Django's client and through real gunicorn and Celery processes, with the
