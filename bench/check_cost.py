@@ -9,6 +9,10 @@ Contenders, each charging 500 tokens (DRF: one request) per call:
 - DRF's ``UserRateThrottle`` and ``AnonRateThrottle`` on the django-redis cache;
 - ``limits``' moving window and sliding window counter on ``RedisStorage``.
 
+And the async API's client CPU per call against its sync twin's, on one event loop (uvloop
+when it is installed, as uvicorn picks): ``services.areserve`` against ``services.reserve``,
+and a ``PING`` through ``redis.asyncio`` (the async store's client) against redis-py's.
+
 Calls are timed in short rounds that rotate over the contenders, so a noisy neighbour slows
 every contender alike. DRF's history list and ``limits``' moving-window list grow with every
 hit; they get a fresh key every round (at most ~100 entries), which flatters them a little.
@@ -18,6 +22,7 @@ Run alone: ``python bench/check_cost.py``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import time
@@ -273,6 +278,7 @@ def rows(contenders: dict[str, Contender]) -> list[Row]:
             )
     out += cpu_rows(contenders)
     out += diagnostic_rows(stats, contenders)
+    out += async_rows()
     return out
 
 
@@ -286,6 +292,84 @@ def cpu_rows(contenders: dict[str, Contender]) -> list[Row]:
     return [
         Row(section, name, f"{us:7.1f}", f"{us / cpu[DRF_USER]:5.2f}x") for name, us in cpu.items()
     ]
+
+
+ASYNC_CALLS = 200
+
+
+def async_rows() -> list[Row]:
+    """The async API's client CPU per call against the sync call's, median of rounds that
+    take turns (this thread's CPU only: the ledger's thread is left out). Informational:
+    what an async view pays per call, on the event loop."""
+    from django_redis import get_redis_connection
+
+    from quotas import services
+    from quotas.engine.aio import aget_store, areserve
+
+    user = common.make_user("cost-async", 10**12)
+    model = f"{common.PREFIX}-cost-async"
+    services.reserve(user, TOKENS, model=model)  # limits loaded, counters built
+    ping = get_redis_connection("default").ping
+    loop = _event_loop()
+
+    async def aping() -> Any:
+        return await aget_store().client.ping()  # type: ignore[union-attr]
+
+    pairs = {
+        "services.areserve against services.reserve (1 limit)": (
+            lambda: services.reserve(user, TOKENS, model=model),
+            lambda: areserve(user, TOKENS, model=model),
+        ),
+        "PING: redis.asyncio against redis-py": (ping, aping),
+    }
+    cpu: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in pairs}
+    try:
+        for _round in range(max(ROUNDS // 4, 3)):
+            for name, (sync_call, async_call) in pairs.items():
+                cpu[name][0].append(_thread_cpu_us(sync_call))
+                cpu[name][1].append(loop.run_until_complete(_athread_cpu_us(async_call)))
+    finally:
+        loop.run_until_complete(_close_async_store())
+        loop.close()
+    section = "Check cost, the async API (client CPU per call, us: async / sync; ratio)"
+    out = []
+    for name, (sync_us, async_us) in cpu.items():
+        mine, theirs = statistics.median(async_us), statistics.median(sync_us)
+        out.append(Row(section, name, f"{mine:7.1f} / {theirs:7.1f}", f"{mine / theirs:5.2f}x"))
+    return out
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _thread_cpu_us(call: Callable[[], Any]) -> float:
+    for _ in range(5):
+        call()
+    started = time.thread_time()
+    for _ in range(ASYNC_CALLS):
+        call()
+    return (time.thread_time() - started) * 1e6 / ASYNC_CALLS
+
+
+async def _athread_cpu_us(call: Callable[[], Any]) -> float:
+    for _ in range(5):
+        await call()
+    started = time.thread_time()
+    for _ in range(ASYNC_CALLS):
+        await call()
+    return (time.thread_time() - started) * 1e6 / ASYNC_CALLS
+
+
+async def _close_async_store() -> None:
+    """Close the async store's connections of the running loop (closed next)."""
+    from quotas.engine.aio import aget_store
+
+    await aget_store().aclose()
 
 
 def diagnostic_rows(stats: dict[str, Stats], contenders: dict[str, Contender]) -> list[Row]:
