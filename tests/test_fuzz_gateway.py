@@ -31,7 +31,10 @@ from tests.gateway_server import MASTERS, running_gateway
 
 URL = "/v1/chat/completions"
 ANSWERS = {200, 400, 413, 429}
-CPU_LIMIT_SECONDS = 1.0
+# What a body up to the size limit may cost: a bound against super-linear work (a quadratic
+# pass over 1 MB would take minutes), with room for a loaded machine (the widest nested
+# body once took 1.002 s of CPU in CI, where it was bounded at 1 s).
+CPU_LIMIT_SECONDS = 2.0
 MEGABYTE = 1_000_000
 
 
@@ -144,7 +147,7 @@ WORST = {
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("name", list(WORST))
-def test_the_worst_bodies_cost_under_a_second(api, name):
+def test_the_worst_bodies_cost_under_two_seconds(api, name):
     raw = WORST[name]()
     assert len(raw) <= MEGABYTE
     took = answer_within_limits(api, raw)
