@@ -22,7 +22,6 @@ Run alone: ``python bench/check_cost.py``.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
 import time
@@ -310,7 +309,7 @@ def async_rows() -> list[Row]:
     model = f"{common.PREFIX}-cost-async"
     services.reserve(user, TOKENS, model=model)  # limits loaded, counters built
     ping = get_redis_connection("default").ping
-    loop = _event_loop()
+    loop = common.new_event_loop()
 
     async def aping() -> Any:
         return await aget_store().client.ping()  # type: ignore[union-attr]
@@ -337,14 +336,6 @@ def async_rows() -> list[Row]:
         mine, theirs = statistics.median(async_us), statistics.median(sync_us)
         out.append(Row(section, name, f"{mine:7.1f} / {theirs:7.1f}", f"{mine / theirs:5.2f}x"))
     return out
-
-
-def _event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def _thread_cpu_us(call: Callable[[], Any]) -> float:

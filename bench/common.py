@@ -7,6 +7,7 @@ against a baseline measured in the same run, so runs on different machines compa
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import secrets
@@ -150,6 +151,15 @@ def redis_cpu_seconds() -> float:
     so a figure is this run's only while nothing else uses it)."""
     info = redis_client().info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop when uvloop is installed (as uvicorn picks), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def process_cpu_seconds(pid: int) -> float:

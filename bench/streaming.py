@@ -195,11 +195,7 @@ def wait_ready(port: int, token: str, process: subprocess.Popen[bytes]) -> None:
 def run_loop(coroutine: Coroutine[Any, Any, Any]) -> Any:
     """Run the load on uvloop when it is installed (a lighter client leaves more CPU to the
     servers), else on asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=common.new_event_loop) as runner:
         return runner.run(coroutine)
 
 
